@@ -1,0 +1,252 @@
+"""``orchestrate``: the one command line of vramsweep.
+
+    orchestrate GRID                 same as `orchestrate run GRID`
+    orchestrate run GRID [--address ADDR] [--resume] [--dry-run] [--retry-failed]
+    orchestrate validate GRID        validate + print the expanded trial table
+    orchestrate search GRID          Optuna budget-constrained search
+    orchestrate collect DIR          all records of a sweep as one table
+    orchestrate report DIR           Pareto analysis + HTML/PNG/Markdown report
+
+Exit status: 0 success, 2 bad input (the message names file, field and value),
+1 failure (including a sweep in which some trial ended with status ``failed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from orchestrator import pareto
+from orchestrator.expansion import expand
+from orchestrator.grid import Grid, GridError, load_grid
+from orchestrator.records import RecordStore, describe_schema
+from orchestrator.report import write_report
+from orchestrator.spec import TrialSpec
+
+log = logging.getLogger(__name__)
+
+SUBCOMMANDS = ("run", "validate", "search", "collect", "report", "schema")
+
+
+class UsageError(Exception):
+    """Bad input that is not a grid error (a missing folder, a bad flag value)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchestrate",
+        description="Sweep backbones x PEFT methods x checkpointing x datasets x seeds "
+        "under a hard memory budget, then analyse the Pareto front.",
+        epilog="Example: orchestrate grid/smoke.yaml   (runs the CPU smoke sweep)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a grid (the default command)")
+    run.add_argument("grid", help="grid YAML file")
+    run.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a sweep: trials that already have a record are skipped "
+        "(always the case; the flag states it)",
+    )
+    run.add_argument("--retry-failed", action="store_true",
+                     help="also re-run trials whose record has status failed")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the trials that would run, run nothing")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    val = sub.add_parser("validate", help="validate a grid and print its expanded trials")
+    val.add_argument("grid", help="grid YAML file")
+
+    search = sub.add_parser("search", help="Optuna search under memory/energy budgets")
+    search.add_argument("grid", help="grid YAML file with a search section")
+
+    collect = sub.add_parser("collect", help="all records of a sweep as one table")
+    collect.add_argument("dir", help="the sweep's output folder")
+    collect.add_argument("--out", help="write the table to this .parquet or .csv file")
+
+    report = sub.add_parser("report", help="Pareto analysis and HTML/PNG/Markdown report")
+    report.add_argument("dir", help="the sweep's output folder")
+
+    sub.add_parser("schema", help="print the record schema (Markdown table)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        argv.insert(0, "run")  # `orchestrate GRID`
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:  # a missing optional CPU kernel package is not the user's concern
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (GridError, UsageError) as exc:
+        print(f"orchestrate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("orchestrate: interrupted; finished trials are recorded, "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user, details with -v
+        if args.verbose:
+            log.exception("failed")
+        print(f"orchestrate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _trial_table(specs: Sequence[TrialSpec]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "trial_id": s.trial_id, "kind": s.kind, "backbone": s.backbone,
+                "method": s.method or s.baseline, "checkpointing": s.checkpointing,
+                "dataset": s.dataset, "budget_mb": s.budget_mb, "seed": s.seed,
+            }
+            for s in specs
+        ]
+    )
+
+
+def _load(path: str) -> tuple[Grid, list[TrialSpec]]:
+    grid = load_grid(path)
+    try:
+        specs = expand(grid)
+    except ValueError as exc:
+        raise GridError(path, "grid", str(exc)) from None
+    if not specs:
+        raise GridError(path, "exclude", "every trial is excluded: nothing to run")
+    return grid, specs
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    grid, specs = _load(args.grid)
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(_trial_table(specs).to_string(index=False))
+    print(f"\n{args.grid}: valid; {len(specs)} trials -> {grid.output}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    grid, specs = _load(args.grid)
+    store = RecordStore(grid.output)
+    done = store.existing_ids()
+    if args.retry_failed:
+        frame = store.collect()
+        done -= set(frame.loc[frame["status"] == "failed", "trial_id"])
+    todo = [s for s in specs if s.trial_id not in done]
+    print(f"{grid.name}: {len(specs)} trials, {len(specs) - len(todo)} already recorded, "
+          f"{len(todo)} to run -> {store.output}")
+    if args.dry_run:
+        if todo:
+            print(_trial_table(todo).to_string(index=False))
+        return 0
+    if todo:
+        from orchestrator.tune_driver import run_sweep
+
+        if not store.is_uri:
+            shutil.copyfile(args.grid, Path(store.output) / "grid.yaml")
+        try:
+            outcome = run_sweep(
+                todo, store, grid.resources, name=grid.name, address=args.address,
+                show_progress=not args.no_progress,
+            )
+        except ValueError as exc:  # resources the cluster cannot provide
+            raise UsageError(str(exc)) from None
+        print(f"ran {outcome.submitted} trials in {outcome.wall_time_s:.1f} s "
+              f"({outcome.crashed} crashed)")
+    frame = store.collect()
+    frame = frame[frame["trial_id"].isin({s.trial_id for s in specs})]
+    _print_front(frame)
+    files = write_report(frame, store, grid.name)
+    print(f"report: {files.html}")
+    failed = int((frame["status"] == "failed").sum())
+    if failed:
+        print(f"{failed} trial(s) failed; see the error column "
+              f"(orchestrate collect {store.output})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    load_grid(args.grid)
+    raise UsageError("`orchestrate search` is not available in this version; "
+                     "use `orchestrate run` on the grid")
+
+
+def _store_of(path: str) -> RecordStore:
+    if "://" not in path and not (Path(path) / "records").is_dir():
+        raise UsageError(f"{path}: no records folder here (expected {path}/records)")
+    return RecordStore(path)
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    store = _store_of(args.dir)
+    frame = store.collect()
+    if args.out:
+        if args.out.endswith(".csv"):
+            frame.to_csv(args.out, index=False)
+        elif args.out.endswith(".parquet"):
+            frame.to_parquet(args.out, index=False)
+        else:
+            raise UsageError(f"--out must end in .parquet or .csv, got {args.out!r}")
+        print(f"wrote {len(frame)} records to {args.out}")
+    cols = ["trial_id", "status", "backbone", "method", "checkpointing", "dataset", "seed",
+            "accuracy", "peak_mem_mb", "train_time_s"]
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(frame[cols].to_string(index=False) if len(frame) else "(no records)")
+    print(f"{len(frame)} records; status: {pareto.status_counts(frame)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    store = _store_of(args.dir)
+    frame = store.collect()
+    if frame.empty:
+        raise UsageError(f"{args.dir}: no records to report on")
+    _print_front(frame)
+    files = write_report(frame, store, Path(args.dir.rstrip("/")).name)
+    print(f"report: {files.html}\n        {files.png}\n        {files.markdown}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(describe_schema())
+    return 0
+
+
+def _print_front(frame: pd.DataFrame) -> None:
+    front = pareto.front_table(frame)
+    print(f"\nPareto front ({', '.join(pareto.objectives_for(frame))}) "
+          f"of {len(frame)} trials, status {pareto.status_counts(frame)}:")
+    with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
+        print(front.to_string(index=False) if not front.empty else "(no ok trial)")
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "search": cmd_search,
+    "collect": cmd_collect,
+    "report": cmd_report,
+    "schema": cmd_schema,
+}

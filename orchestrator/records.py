@@ -1,0 +1,288 @@
+"""TrialRecord, its Arrow schema, and the record store: the only module that writes records.
+
+One record per trial, one Parquet file per record under ``OUTPUT/records/``,
+written atomically (temporary file, fsync, rename), so a crash never leaves half a
+record and a resumed sweep skips every trial id that already has one. Failures are
+records too (status ``failed``, ``oom``, ``over_budget``).
+
+The schema is defined once, here: the columns of the spec (flattened), then the
+fields of ``TrialRecord`` in declaration order, each with a unit in its name and a
+doc string (``describe_schema()`` prints the table that the README shows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.spec import TrainConfig, TrialSpec, canonical_json
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "oom", "over_budget", "failed", "skipped")
+
+_ARROW = {"str": pa.string(), "float": pa.float64(), "int": pa.int64(), "bool": pa.bool_()}
+
+
+def _col(kind: str, doc: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"arrow": kind, "doc": doc})
+
+
+@dataclass
+class TrialRecord:
+    """The outcome of one trial: its spec plus status, metrics, costs and provenance."""
+
+    spec: TrialSpec
+    status: str = _col("str", "ok | oom | over_budget | failed | skipped", "failed")
+    error: str = _col("str", "error text when status is not ok", "")
+    # metrics (held-out split)
+    accuracy: float | None = _col("float", "top-1 accuracy, fraction in [0, 1]")
+    top5_accuracy: float | None = _col("float", "top-5 accuracy (top-k for k < 5 classes)")
+    loss: float | None = _col("float", "mean cross-entropy on the held-out split")
+    train_loss: float | None = _col("float", "mean training loss of the last epoch")
+    # time
+    train_time_s: float | None = _col("float", "wall time of the training loop, s")
+    eval_time_s: float | None = _col("float", "wall time of the evaluation, s")
+    throughput_img_s: float | None = _col("float", "training images/s, first step excluded")
+    steps: int | None = _col("int", "optimizer steps taken")
+    # memory
+    peak_mem_mb: float | None = _col("float", "peak memory by the meter in mem_source, MiB")
+    mem_source: str = _col("str", "cuda_allocator | accounted", "")
+    cap_kind: str = _col("str", "cuda_allocator (hard cap) | accounted (checked on CPU)", "")
+    accounted_peak_mb: float | None = _col("float", "params+grads+optimizer+activations+batch")
+    params_mb: float | None = _col("float", "parameters and buffers, MiB")
+    grads_mb: float | None = _col("float", "gradients of trainable parameters, MiB")
+    optimizer_mb: float | None = _col("float", "optimizer state, MiB")
+    activations_mb: float | None = _col("float", "peak bytes saved for backward, MiB")
+    cuda_max_allocated_mb: float | None = _col("float", "CUDA allocator peak allocated, MiB")
+    cuda_max_reserved_mb: float | None = _col("float", "CUDA allocator peak reserved, MiB")
+    # energy
+    energy_j: float | None = _col("float", "energy of the training loop, J")
+    energy_source: str = _col("str", "meter that produced energy_j; unavailable if none", "")
+    # compute
+    params_total: int | None = _col("int", "parameters of the adapted model")
+    params_trainable: int | None = _col("int", "parameters with requires_grad")
+    macs: int | None = _col("int", "forward multiply-accumulates per image")
+    checkpointed_blocks: int | None = _col("int", "blocks recomputed in backward")
+    total_blocks: int | None = _col("int", "blocks of the backbone")
+    # provenance
+    device: str = _col("str", "device the trial ran on", "")
+    host: str = _col("str", "host name", "")
+    git_sha: str = _col("str", "commit of vramsweep that ran the trial", "")
+    versions: str = _col("str", "JSON: python and package versions", "")
+    started_at: str = _col("str", "UTC ISO-8601 start time", "")
+    ended_at: str = _col("str", "UTC ISO-8601 end time", "")
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {list(STATUSES)}, got {self.status!r}")
+
+    @property
+    def trial_id(self) -> str:
+        return self.spec.trial_id
+
+    def to_row(self) -> dict[str, Any]:
+        """One flat row in schema order."""
+        row = {"trial_id": self.trial_id, "schema_version": SCHEMA_VERSION}
+        row.update(_spec_columns(self.spec))
+        for f in _result_fields():
+            row[f.name] = getattr(self, f.name)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> TrialRecord:
+        values = {f.name: _none_if_nan(row.get(f.name)) for f in _result_fields()}
+        values = {k: v for k, v in values.items() if v is not None}
+        return cls(spec=TrialSpec.from_json(row["spec_json"]), **values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_row(), allow_nan=False, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialRecord:
+        return cls.from_row(json.loads(text))
+
+
+def _none_if_nan(value: Any) -> Any:
+    return None if isinstance(value, float) and value != value else value
+
+
+def _result_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrialRecord) if "arrow" in f.metadata]
+
+
+_ARGS_FIELDS = ("backbone_args", "method_args", "checkpointing_args", "dataset_args", "baseline_args")
+
+
+def _spec_columns(spec: TrialSpec) -> dict[str, Any]:
+    cols: dict[str, Any] = {}
+    for f in dataclasses.fields(TrialSpec):
+        value = getattr(spec, f.name)
+        if f.name == "train":
+            cols.update({f"train_{k}": v for k, v in dataclasses.asdict(value).items()})
+        elif f.name in _ARGS_FIELDS:
+            cols[f.name] = canonical_json(value)
+        else:
+            cols[f.name] = value
+    cols["spec_json"] = spec.to_json()
+    return cols
+
+
+def _spec_schema_fields() -> list[tuple[str, pa.DataType, str]]:
+    py = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+    out = []
+    for f in dataclasses.fields(TrialSpec):
+        if f.name == "train":
+            for t in dataclasses.fields(TrainConfig):
+                default = getattr(TrainConfig(), t.name)
+                out.append((f"train_{t.name}", py[type(default)], f"train.{t.name} of the spec"))
+        elif f.name in _ARGS_FIELDS:
+            out.append((f.name, pa.string(), f"JSON: resolved {f.name.replace('_', ' ')}"))
+        else:
+            default = getattr(TrialSpec(), f.name)
+            out.append((f.name, py[type(default)], f"spec field {f.name}"))
+    out.append(("spec_json", pa.string(), "the TrialSpec as canonical JSON (round-trips)"))
+    return out
+
+
+def schema_fields() -> list[tuple[str, pa.DataType, str]]:
+    """(column, Arrow type, description) for every column, in order."""
+    head = [
+        ("trial_id", pa.string(), "12 hex digits of the SHA-256 of the spec's canonical JSON"),
+        ("schema_version", pa.int64(), f"version of this schema ({SCHEMA_VERSION})"),
+    ]
+    results = [(f.name, _ARROW[f.metadata["arrow"]], f.metadata["doc"]) for f in _result_fields()]
+    return head + _spec_schema_fields() + results
+
+
+def record_schema() -> pa.Schema:
+    return pa.schema(
+        [pa.field(n, t, metadata={"doc": d}) for n, t, d in schema_fields()],
+        metadata={"vramsweep_schema_version": str(SCHEMA_VERSION)},
+    )
+
+
+def describe_schema() -> str:
+    """The schema as a Markdown table."""
+    lines = ["| column | type | meaning |", "|---|---|---|"]
+    lines += [f"| `{n}` | {t} | {d} |" for n, t, d in schema_fields()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- store
+
+
+class RecordStore:
+    """The records of one sweep output folder: atomic writes, listing, collection.
+
+    ``output`` is a local folder (NFS included) or a URI that pyarrow understands
+    (``s3://bucket/prefix``, ``gs://...``); object stores make each put atomic.
+    """
+
+    def __init__(self, output: str | os.PathLike[str]) -> None:
+        self.output = str(output)
+        self.is_uri = "://" in self.output
+        if self.is_uri:
+            import pyarrow.fs as pafs
+
+            self._fs, self._root = pafs.FileSystem.from_uri(self.output)
+        else:
+            self._root = str(Path(self.output).resolve())
+            Path(self.records_dir).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def records_dir(self) -> str:
+        return f"{self._root}/records"
+
+    def path_of(self, trial_id: str) -> str:
+        return f"{self.records_dir}/{trial_id}.parquet"
+
+    def write(self, record: TrialRecord) -> str:
+        """Write ``record`` atomically; an existing record of the same trial is replaced."""
+        table = pa.Table.from_pylist([record.to_row()], schema=record_schema())
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        path = self.path_of(record.trial_id)
+        self.write_bytes_at(path, buf.getvalue())
+        return path
+
+    def write_bytes(self, relpath: str, data: bytes) -> str:
+        """Write a file (report, table) under the output folder, atomically."""
+        path = f"{self._root}/{relpath}"
+        self.write_bytes_at(path, data)
+        return path
+
+    def write_bytes_at(self, path: str, data: bytes) -> None:
+        if self.is_uri:
+            with self._fs.open_output_stream(path) as out:
+                out.write(data)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power loss
+        finally:
+            os.close(dir_fd)
+
+    def record_paths(self) -> list[str]:
+        """Finished record files (temporary files of interrupted writes are ignored)."""
+        if self.is_uri:
+            import pyarrow.fs as pafs
+
+            infos = self._fs.get_file_info(pafs.FileSelector(self.records_dir, allow_not_found=True))
+            names = [i.path for i in infos if i.type == pafs.FileType.File]
+        else:
+            names = [str(p) for p in Path(self.records_dir).glob("*.parquet")]
+        return sorted(n for n in names if not Path(n).name.startswith("."))
+
+    def existing_ids(self) -> set[str]:
+        return {Path(p).stem for p in self.record_paths()}
+
+    def read_table(self) -> pa.Table:
+        """All records as one Arrow table (unreadable files are reported and skipped)."""
+        tables = []
+        for path in self.record_paths():
+            try:
+                if self.is_uri:
+                    tables.append(pq.read_table(path, filesystem=self._fs))
+                else:
+                    tables.append(pq.read_table(path))
+            except (OSError, pa.ArrowInvalid) as exc:
+                log.warning("skipping unreadable record %s: %s", path, exc)
+        schema = record_schema()
+        if not tables:
+            return schema.empty_table()
+        return pa.concat_tables(tables, promote_options="permissive").select(
+            [n for n in schema.names if n in tables[0].column_names]
+        )
+
+    def collect(self) -> Any:
+        """All records as a pandas DataFrame, one row per trial, sorted by trial id."""
+        frame = self.read_table().to_pandas()
+        return frame.sort_values("trial_id", ignore_index=True)
+
+    def read_record(self, trial_id: str) -> TrialRecord:
+        path = self.path_of(trial_id)
+        table = pq.read_table(path, filesystem=self._fs) if self.is_uri else pq.read_table(path)
+        return TrialRecord.from_row(table.to_pylist()[0])

@@ -1,0 +1,148 @@
+"""TrialSpec: the one object that describes a trial, from grid expansion to its record.
+
+A spec is frozen, round-trips through JSON unchanged, and carries a ``trial_id``
+that is a short hash of its canonical JSON, so the same trial gets the same id on
+any machine, in any process, in any run. Registry arguments are stored fully
+resolved (defaults filled in by the component's config), so a record says exactly
+what ran.
+
+Example:
+    >>> spec = TrialSpec(backbone="vit_test", method="lora", method_args={"r": 4})
+    >>> TrialSpec.from_json(spec.to_json()) == spec
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TRIAL_KINDS = ("finetune", "baseline")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: the byte-stable form that ids hash."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters shared by every trial of a grid."""
+
+    epochs: int = 3  # passes over the training split
+    batch_size: int = 64
+    lr: float = 1.0e-3  # peak learning rate of the cosine schedule
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
+    warmup_epochs: float = 0.0  # linear warm-up before the cosine decay
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA)
+    eval_batch_size: int = 256
+    device: str = "auto"  # auto = cuda when available, else cpu
+    max_steps: int = 0  # > 0 stops training early: for quick sweeps and tests
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            problems.append(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            problems.append(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            problems.append(
+                f"eval_batch_size must be an integer >= 1, got {self.eval_batch_size!r}"
+            )
+        if not _is_number(self.lr) or self.lr <= 0:
+            problems.append(f"lr must be a number > 0, got {self.lr!r}")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            problems.append(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if not _is_number(self.warmup_epochs) or not 0 <= self.warmup_epochs <= self.epochs:
+            problems.append(
+                f"warmup_epochs must be between 0 and epochs ({self.epochs!r}),"
+                f" got {self.warmup_epochs!r}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {list(DEVICES)}, got {self.device!r}")
+        if not isinstance(self.max_steps, int) or self.max_steps < 0:
+            problems.append(f"max_steps must be an integer >= 0, got {self.max_steps!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything one trial needs; produced by grid expansion (and later by search)."""
+
+    kind: str = "finetune"  # finetune | baseline
+    backbone: str = ""
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    method: str = "full"  # the PEFT method; "" for a baseline
+    method_args: dict[str, Any] = field(default_factory=dict)
+    checkpointing: str = "none"
+    checkpointing_args: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "digits"
+    dataset_args: dict[str, Any] = field(default_factory=dict)
+    budget_mb: float = 2048.0  # hard memory budget of the trial, MiB
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    baseline: str = ""  # baseline registry name when kind == "baseline"
+    baseline_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRIAL_KINDS:
+            raise ValueError(f"kind must be one of {list(TRIAL_KINDS)}, got {self.kind!r}")
+        if isinstance(self.train, dict):  # from JSON
+            object.__setattr__(self, "train", TrainConfig(**self.train))
+        object.__setattr__(self, "budget_mb", float(self.budget_mb))
+
+    # Frozen dataclasses with dict fields cannot use the generated hash.
+    def __hash__(self) -> int:
+        return hash(self.trial_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrialSpec fields {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialSpec:
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def trial_id(self) -> str:
+        """12 hex digits of the SHA-256 of the canonical JSON: stable across processes."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name for tables and progress lines."""
+        if self.kind == "baseline":
+            return f"{self.baseline}/{self.backbone}/{self.dataset}/s{self.seed}"
+        return (
+            f"{self.backbone}/{self.method}/{self.checkpointing}/{self.dataset}"
+            f"/{self.budget_mb:g}MB/s{self.seed}"
+        )

@@ -1,0 +1,188 @@
+"""Ray Tune driver: the only module that talks to Ray Tune.
+
+One Tune trial per TrialSpec, each with explicit resources, at most
+``max_concurrent`` at once. The trial reports its TrialRecord as JSON; a callback
+in this (driver) process writes it through the record store the moment it arrives,
+so the records on disk are always the trials that finished. A trial whose process
+dies without reporting still gets a ``failed`` record with Ray's error text.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune status tables: we draw our own bar
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+
+from orchestrator.grid import Resources  # noqa: E402
+from orchestrator.records import RecordStore, TrialRecord  # noqa: E402
+from orchestrator.spec import TrialSpec  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepOutcome:
+    """What happened to the trials handed to ``run_sweep``."""
+
+    submitted: int
+    recorded: int
+    crashed: int  # trials whose process died before reporting (recorded as failed)
+    wall_time_s: float
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    """Runs inside a Ray worker process: one spec in, one record reported."""
+    from workers.trial import run_trial
+
+    spec = TrialSpec.from_json(config["spec"])
+    record = run_trial(spec, num_threads=config["threads"])
+    tune.report({"record": record.to_json(), "status": record.status})
+
+
+def _trial_name(trial: Any) -> str:
+    spec = TrialSpec.from_json(trial.config["spec"])
+    return f"{spec.trial_id}_{spec.label.replace('/', '_')}"
+
+
+class _Recorder(tune.Callback):
+    """Writes each reported record at once and keeps the progress bar current."""
+
+    def __init__(self, store: RecordStore, total: int, show_progress: bool) -> None:
+        self.store = store
+        self.written: set[str] = set()
+        self.running = 0
+        self.done = 0
+        self.bad = 0
+        self.crashed = 0
+        self.bar = None
+        if show_progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="trial", desc="sweep", dynamic_ncols=True)
+
+    def _refresh(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(running=self.running, not_ok=self.bad, refresh=False)
+            self.bar.n = self.done
+            self.bar.refresh()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running += 1
+        self._refresh()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "record" not in result:
+            return
+        record = TrialRecord.from_json(result["record"])
+        self.store.write(record)
+        self.written.add(record.trial_id)
+        if record.status != "ok":
+            self.bad += 1
+        log.info("%s %s: %s", record.trial_id, record.spec.label, record.status)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running -= 1
+        self.done += 1
+        self._refresh()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running -= 1
+        self.done += 1
+        spec = TrialSpec.from_json(trial.config["spec"])
+        if spec.trial_id not in self.written:
+            error = trial.get_error() or "the trial process ended without reporting a result"
+            self.store.write(TrialRecord(spec=spec, status="failed", error=f"ray: {error}"))
+            self.written.add(spec.trial_id)
+            self.crashed += 1
+            self.bad += 1
+        self._refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def connect(address: str | None = None) -> dict[str, float]:
+    """Start a local Ray (``address=None``) or join a cluster; returns its resources."""
+    if not ray.is_initialized():
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            configure_logging=False,
+        )
+    return ray.cluster_resources()
+
+
+def check_resources(resources: Resources, cluster: dict[str, float]) -> None:
+    """Fail early when no node can ever host a trial (Tune would wait forever)."""
+    if resources.cpus_per_trial > cluster.get("CPU", 0):
+        raise ValueError(
+            f"resources.cpus_per_trial={resources.cpus_per_trial} but the Ray cluster has "
+            f"{cluster.get('CPU', 0):g} CPUs"
+        )
+    if resources.gpus_per_trial > cluster.get("GPU", 0):
+        raise ValueError(
+            f"resources.gpus_per_trial={resources.gpus_per_trial:g} but the Ray cluster has "
+            f"{cluster.get('GPU', 0):g} GPUs"
+        )
+
+
+def run_sweep(
+    specs: Sequence[TrialSpec],
+    store: RecordStore,
+    resources: Resources,
+    *,
+    name: str,
+    address: str | None = None,
+    show_progress: bool = True,
+) -> SweepOutcome:
+    """Run ``specs`` through Ray Tune, writing one record per trial into ``store``."""
+    if not specs:
+        return SweepOutcome(0, 0, 0, 0.0)
+    check_resources(resources, connect(address))
+    storage = store.output + "/_tune" if store.is_uri else str(Path(store.output).resolve() / "_tune")
+    recorder = _Recorder(store, len(specs), show_progress)
+    trainable = tune.with_resources(
+        _trainable, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial}
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={
+            "spec": tune.grid_search([s.to_json() for s in specs]),
+            "threads": resources.cpus_per_trial,
+        },
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=resources.max_concurrent,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage,
+            callbacks=[recorder],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    start = time.perf_counter()
+    try:
+        tuner.fit()
+    finally:
+        recorder.close()
+    return SweepOutcome(
+        submitted=len(specs),
+        recorded=len(recorder.written),
+        crashed=recorder.crashed,
+        wall_time_s=time.perf_counter() - start,
+    )

@@ -1,0 +1,189 @@
+"""Backbone registry: pretrained vision models and their tiny CPU test variants.
+
+Each variant is a short function that fixes the architecture and delegates to one
+builder. Real variants load pretrained weights the ordinary way (timm hub id, or a
+local ``.pth``/``.safetensors`` file given as ``pretrained:`` in the grid, always
+with ``weights_only`` loading); tiny variants (``*_test``) share the same code with
+small dimensions so that every method x checkpointing combination runs on a CPU.
+
+Example:
+    >>> model = create_backbone("vit_test", num_classes=10)
+    >>> input_size(model)
+    32
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.registry import Registry
+
+log = logging.getLogger(__name__)
+
+BACKBONES = Registry("backbone")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Arguments every backbone accepts in a grid (``backbones: {name: {...}}``)."""
+
+    # None: random init; "hub": the timm hub weights of this variant; anything else:
+    # a timm hub id ("hf-hub:org/name") or a local .pth/.bin/.safetensors file.
+    pretrained: str | None = None
+    img_size: int = 0  # input resolution; 0 = the variant's native resolution
+    drop_path_rate: float = 0.0  # stochastic depth
+
+    def __post_init__(self) -> None:
+        if self.img_size < 0 or (self.img_size and self.img_size < 8):
+            raise ValueError(f"img_size must be 0 (native) or >= 8, got {self.img_size}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+
+def create_backbone(
+    name: str, num_classes: int, pretrained: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """Build backbone ``name`` with a fresh ``num_classes`` head.
+
+    ``kwargs`` are the grid's backbone arguments (see ``BackboneConfig``).
+    """
+    args = dict(kwargs, pretrained=pretrained) if pretrained is not None else dict(kwargs)
+    return BACKBONES.build(name, args, num_classes=num_classes)
+
+
+def input_size(model: nn.Module) -> int:
+    """Square input resolution the model expects (timm's ``pretrained_cfg['input_size']``)."""
+    return int(model.pretrained_cfg["input_size"][-1])
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Dotted name of the classification head (trained by every PEFT method)."""
+    return str(model.pretrained_cfg["classifier"])
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _timm_backbone(
+    variant: str,
+    config: BackboneConfig,
+    num_classes: int,
+    native_size: int,
+    takes_img_size: bool = True,
+    **model_args: Any,
+) -> nn.Module:
+    """One timm model, resized input, optional pretrained weights, fresh head.
+
+    ``takes_img_size``: the architecture is built for one resolution (ViT position
+    embeddings); otherwise it accepts any resolution as it is (TinyViT).
+    """
+    import timm
+
+    size = config.img_size or native_size
+    if takes_img_size:
+        model_args["img_size"] = size
+    hub = config.pretrained if _is_hub_ref(config.pretrained) else None
+    try:
+        model = timm.create_model(
+            hub if hub and hub.startswith("hf-hub:") else variant,
+            pretrained=hub is not None,
+            num_classes=num_classes,
+            drop_path_rate=config.drop_path_rate,
+            **model_args,
+        )
+    except (OSError, RuntimeError) as exc:
+        if hub is None:
+            raise
+        raise RuntimeError(
+            f"backbone {variant!r}: could not download pretrained weights {hub!r} ({exc}); "
+            "when offline, give a local file as `pretrained: /path/to/weights.safetensors`"
+        ) from exc
+    if config.pretrained and hub is None:
+        load_pretrained_file(model, Path(config.pretrained))
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, size, size))
+    return model
+
+
+def _is_hub_ref(ref: str | None) -> bool:
+    return bool(ref) and (ref == "hub" or ref.startswith("hf-hub:") or ref.startswith("timm/"))
+
+
+def load_pretrained_file(model: nn.Module, path: Path) -> None:
+    """Load a local checkpoint into ``model`` (strict, except a head of another size).
+
+    ``weights_only`` loading: a checkpoint that needs arbitrary pickled objects is refused.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    own = model.state_dict()
+    head = classifier_name(model)
+    dropped = [
+        k
+        for k, v in state.items()
+        if k.startswith(head + ".") and k in own and own[k].shape != v.shape
+    ]
+    for key in dropped:  # the dataset's head replaces the pretraining head
+        del state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in dropped]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{path}: checkpoint does not match the model; "
+            f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}"
+        )
+    log.info("loaded %s (%d tensors, head re-initialised: %s)", path, len(state), bool(dropped))
+
+
+# ---------------------------------------------------------------- variants
+
+
+@BACKBONES.register(config_cls=BackboneConfig)
+def vit_small_patch16_224(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """ViT-S/16 at 224 px (22M parameters), timm."""
+    return _timm_backbone("vit_small_patch16_224", config, num_classes, 224)
+
+
+@BACKBONES.register(config_cls=BackboneConfig)
+def tiny_vit_5m_224(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """TinyViT-5M at 224 px, timm (windowed attention pads any size that is a multiple of 32)."""
+    return _timm_backbone("tiny_vit_5m_224", config, num_classes, 224, takes_img_size=False)
+
+
+@BACKBONES.register(config_cls=BackboneConfig)
+def vit_test(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """Tiny ViT for CPU tests: 32 px, patch 8, dim 64, depth 4, 2 heads, class token (0.2M).
+
+    Patch tokens are average-pooled (the class token is kept): from random init this
+    learns digits in a few epochs, where token pooling needs several times more.
+    """
+    model_args = dict(patch_size=8, embed_dim=64, depth=4, num_heads=2, global_pool="avg")
+    return _timm_backbone("vit_small_patch16_224", config, num_classes, 32, **model_args)
+
+
+@BACKBONES.register(config_cls=BackboneConfig)
+def tiny_vit_test(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """Tiny TinyViT for CPU tests: 32 px, dims 16-96, depths 1-1-2-1 (0.26M parameters)."""
+    model_args = dict(
+        embed_dims=(16, 32, 64, 96),
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 2, 3),
+        window_sizes=(2, 2, 2, 1),
+    )
+    return _timm_backbone(
+        "tiny_vit_5m_224", config, num_classes, 32, takes_img_size=False, **model_args
+    )

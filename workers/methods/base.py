@@ -1,0 +1,49 @@
+"""What every PEFT method receives and returns; the method registry itself."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from workers.registry import Registry
+
+log = logging.getLogger(__name__)
+
+METHODS = Registry("method")
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Facts about the trial that a method may need."""
+
+    classifier: str  # dotted name of the head; every method trains it (new classes)
+    total_steps: int  # optimizer steps of the trial's schedule (AdaLoRA-style budgets)
+
+
+@dataclass
+class Adapted:
+    """A model after a method was applied.
+
+    ``on_optimizer_step(step)`` is called after every optimizer step, for methods
+    whose structure changes during training (rank or sparsity allocation).
+    """
+
+    model: nn.Module
+    on_optimizer_step: Callable[[int], None] | None = None
+
+
+def is_classifier_param(name: str, classifier: str) -> bool:
+    """True for the parameters of the head (also when a wrapper prefixes names)."""
+    return name.startswith(classifier + ".") or f".{classifier}." in name
+
+
+def apply_method(name: str, args: dict | None, model: nn.Module, ctx: MethodContext) -> Adapted:
+    """Apply registered method ``name`` with grid arguments ``args`` to ``model``."""
+    adapted = METHODS.build(name, args, model, ctx)
+    trainable = sum(p.numel() for p in adapted.model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise RuntimeError(f"method {name!r} left no trainable parameter")
+    return adapted

@@ -1,0 +1,51 @@
+"""LoRA through peft: low-rank adapters on the blocks' attention and MLP projections.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
+https://arxiv.org/abs/2106.09685
+
+peft matches a *list* of target names by suffix, which would also wrap the patch
+embedding's ``proj`` convolution; a regular expression anchored on ``blocks.N.``
+adapts only the transformer blocks' linear layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from workers.methods.base import METHODS, Adapted, MethodContext
+
+# timm ViT: blocks.3.attn.qkv; TinyViT: stages.1.blocks.0.mlp.fc2
+BLOCK_LINEARS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+
+
+@dataclass(frozen=True)
+class LoraArgs:
+    r: int = 8  # rank of the update
+    alpha: float = 16.0  # scaling: the update is multiplied by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
+    target: str = BLOCK_LINEARS  # regular expression over module names (full match)
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@METHODS.register(config_cls=LoraArgs)
+def lora(config: LoraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
+    """LoRA on the blocks' qkv/proj/fc1/fc2 (peft), head trained in full."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_config = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target,
+        modules_to_save=[ctx.classifier],
+    )
+    return Adapted(get_peft_model(model, peft_config))

@@ -1,0 +1,147 @@
+"""Registries of named components (backbones, methods, checkpointing, datasets, ...).
+
+A registry maps a lowercase name to a builder and the dataclass that holds the
+builder's arguments. Grids are validated against registries before anything runs:
+an unknown name fails with the list of valid names, an unknown or ill-typed
+argument fails with the component's valid arguments.
+
+Example:
+    >>> REG = Registry("widget")
+    >>> @dataclass(frozen=True)
+    ... class WidgetConfig:
+    ...     size: int = 3
+    >>> @REG.register(config_cls=WidgetConfig)
+    ... def small(config):
+    ...     return config.size
+    >>> REG.resolve_args("small", {"size": 4})
+    {'size': 4}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class RegistryError(ValueError):
+    """A name or an argument that the registry does not accept."""
+
+
+@dataclass(frozen=True)
+class NoArgs:
+    """Config of a component that takes no arguments."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    builder: Callable[..., Any]
+    config_cls: type
+    doc: str
+
+
+class Registry:
+    """Name -> (builder, config dataclass). Names are lowercase and unique."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(
+        self, name: str | None = None, *, config_cls: type = NoArgs
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: register ``fn`` under ``name`` (default: the function's name)."""
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            key = name or fn.__name__
+            if key != key.lower():
+                raise RegistryError(f"{self.kind} names are lowercase, got {key!r}")
+            if key in self._entries:
+                raise RegistryError(f"{self.kind} {key!r} is already registered")
+            if not dataclasses.is_dataclass(config_cls):
+                raise RegistryError(f"config_cls of {self.kind} {key!r} must be a dataclass")
+            doc = (fn.__doc__ or "").strip().splitlines()
+            self._entries[key] = Entry(key, fn, config_cls, doc[0] if doc else "")
+            return fn
+
+        return decorate
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            valid = ", ".join(self.names()) or "(none registered yet)"
+            raise RegistryError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+
+    def make_config(self, name: str, args: dict[str, Any] | None) -> Any:
+        """The validated config of ``name`` built from ``args`` (defaults filled in)."""
+        entry = self.get(name)
+        args = dict(args or {})
+        fields = {f.name: f for f in dataclasses.fields(entry.config_cls)}
+        unknown = sorted(set(args) - set(fields))
+        if unknown:
+            valid = ", ".join(sorted(fields)) or "(it takes none)"
+            raise RegistryError(
+                f"{self.kind} {name!r}: unknown argument(s) {unknown}; valid: {valid}"
+            )
+        hints = typing.get_type_hints(entry.config_cls)
+        for key, value in args.items():
+            args[key] = _check_type(f"{self.kind} {name!r}: argument {key!r}", value, hints[key])
+        try:
+            return entry.config_cls(**args)
+        except (TypeError, ValueError) as exc:
+            raise RegistryError(f"{self.kind} {name!r}: {exc}") from None
+
+    def resolve_args(self, name: str, args: dict[str, Any] | None) -> dict[str, Any]:
+        """``args`` validated and completed with defaults, as a plain JSON-able dict."""
+        return _jsonable(dataclasses.asdict(self.make_config(name, args)))
+
+    def build(self, name: str, args: dict[str, Any] | None, *pos: Any, **kw: Any) -> Any:
+        """Call the builder of ``name`` with its validated config and extra arguments."""
+        return self.get(name).builder(self.make_config(name, args), *pos, **kw)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _check_type(where: str, value: Any, hint: Any) -> Any:
+    """Check a scalar against its annotation; ints are accepted (and converted) for floats."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return value
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        origin = typing.get_origin(option) or option
+        if origin in (tuple, list) and isinstance(value, list | tuple):
+            return tuple(value)
+        if origin is dict and isinstance(value, dict):
+            return value
+        if option is Any:
+            return value
+    names = " | ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise RegistryError(f"{where} must be {names}, got {value!r}")

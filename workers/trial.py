@@ -1,0 +1,333 @@
+"""run_trial(spec) -> TrialRecord: one fine-tuning trial, measured, never raising.
+
+The loop is deliberately plain (nanoGPT/airbench style): the whole dataset is a
+tensor, the optimizer is AdamW or SGD with a warm-up + cosine schedule, every source
+of randomness is seeded from the spec. Whatever happens inside, the caller gets a
+record: an exception becomes status ``failed`` with its traceback, exceeding the
+memory cap becomes ``oom`` (CUDA) or ``over_budget`` (accounted, CPU).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import random
+import socket
+import subprocess
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator.records import TrialRecord
+from orchestrator.spec import TrialSpec
+from workers import memory
+from workers.backbones import classifier_name, create_backbone, input_size
+from workers.checkpointing import apply_checkpointing, find_blocks
+from workers.datasets import ImageData, batches, load_dataset
+from workers.methods import MethodContext, apply_method
+
+log = logging.getLogger(__name__)
+
+MB = memory.MB
+
+
+def run_trial(
+    spec: TrialSpec,
+    *,
+    num_threads: int | None = None,
+    data: ImageData | None = None,
+) -> TrialRecord:
+    """Train and evaluate ``spec``; every outcome is a record.
+
+    ``num_threads`` caps torch's intra-op threads (a trial must not take the cores of
+    the trials packed beside it); ``data`` skips loading when the caller has it.
+
+    Example:
+        >>> record = run_trial(TrialSpec(backbone="vit_test", dataset="digits"))
+        >>> record.status, record.accuracy  # doctest: +SKIP
+        ('ok', 0.93)
+    """
+    record = TrialRecord(spec=spec, status="failed", started_at=_now(), **_provenance())
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    device = _device(spec)
+    record.device = _device_name(device)
+    try:
+        if spec.kind != "finetune":
+            raise NotImplementedError(f"trial kind {spec.kind!r} has no runner in this worker")
+        _finetune(spec, device, record, data)
+        record.status = "ok"
+    except memory.OverBudget as exc:
+        record.status, record.error = "over_budget", str(exc)
+        record.peak_mem_mb = exc.peak_mb
+    except torch.OutOfMemoryError as exc:
+        record.status, record.error = "oom", str(exc).splitlines()[0]
+        if device.type == "cuda":
+            _fill_cuda_peaks(record, device)
+            torch.cuda.empty_cache()  # leave the worker healthy for the next trial
+    except Exception as exc:  # noqa: BLE001 - a failure is data, not a crash of the sweep
+        record.status = "failed"
+        record.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+        log.warning("trial %s failed: %s", spec.trial_id, exc)
+    record.ended_at = _now()
+    return record
+
+
+# ---------------------------------------------------------------- the trial
+
+
+def _finetune(spec: TrialSpec, device: torch.device, record: TrialRecord, data: ImageData | None) -> None:
+    _seed_everything(spec.seed)
+    data = data if data is not None else load_dataset(spec.dataset, spec.dataset_args)
+    train = spec.train
+    steps_per_epoch = math.ceil(len(data.train_y) / train.batch_size)
+    total_steps = train.epochs * steps_per_epoch
+    if train.max_steps:
+        total_steps = min(total_steps, train.max_steps)
+
+    model = create_backbone(spec.backbone, num_classes=data.num_classes, **spec.backbone_args)
+    size, head = input_size(model), classifier_name(model)
+    adapted = apply_method(
+        spec.method, spec.method_args, model, MethodContext(classifier=head, total_steps=total_steps)
+    )
+    model = adapted.model
+    chosen = apply_checkpointing(spec.checkpointing, spec.checkpointing_args, model)
+    record.checkpointed_blocks, record.total_blocks = len(chosen), len(find_blocks(model))
+    record.params_total = sum(p.numel() for p in model.parameters())
+    record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record.macs = _macs(model, size)
+
+    model.to(device)
+    cap = _apply_cap(spec, device, record)
+    optimizer = _optimizer(spec, model)
+    warmup = round(train.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total_steps))
+    autocast = _autocast(train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
+    meter = memory.ActivationMeter(model)
+    feed = functools.partial(
+        batches, size=size, mean=data.mean, std=data.std, device=device
+    )
+    gen = torch.Generator().manual_seed(spec.seed)
+
+    model.train()
+    step, images_after_first, losses = 0, 0, []
+    _sync(device)
+    t_start = time.perf_counter()
+    t_first = t_start
+    while step < total_steps:
+        losses = []
+        for xb, yb in feed(data.train_x, data.train_y, train.batch_size, generator=gen, drop_last=False):
+            with meter, autocast:
+                loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            if adapted.on_optimizer_step is not None:
+                adapted.on_optimizer_step(step)
+            losses.append(loss.item())
+            if step == 1:
+                _check_accounted(model, optimizer, meter, xb, spec, record, cap)
+                _sync(device)
+                t_first = time.perf_counter()
+            else:
+                images_after_first += len(yb)
+            if step >= total_steps:
+                break
+    _sync(device)
+    t_end = time.perf_counter()
+    record.steps = step
+    record.train_time_s = t_end - t_start
+    record.throughput_img_s = images_after_first / (t_end - t_first) if t_end > t_first else None
+    record.train_loss = float(np.mean(losses)) if losses else None
+    if device.type == "cuda":
+        _fill_cuda_peaks(record, device)
+        record.peak_mem_mb = record.cuda_max_allocated_mb
+
+    t_eval = time.perf_counter()
+    record.accuracy, record.top5_accuracy, record.loss = _evaluate(model, data, feed, spec, autocast)
+    _sync(device)
+    record.eval_time_s = time.perf_counter() - t_eval
+    record.energy_source = "unavailable"
+
+
+def _check_accounted(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meter: memory.ActivationMeter,
+    xb: torch.Tensor,
+    spec: TrialSpec,
+    record: TrialRecord,
+    cap: str,
+) -> None:
+    """Fill the accounted breakdown after the first step; stop an over-budget CPU trial."""
+    acc = memory.account(model, optimizer, meter.peak_bytes, xb.numel() * xb.element_size())
+    record.params_mb = acc.params_bytes / MB
+    record.grads_mb = acc.grads_bytes / MB
+    record.optimizer_mb = acc.optimizer_bytes / MB
+    record.activations_mb = acc.activations_bytes / MB
+    record.accounted_peak_mb = acc.peak_bytes / MB
+    if cap == "accounted":
+        record.peak_mem_mb = record.accounted_peak_mb
+        if record.accounted_peak_mb > spec.budget_mb:
+            raise memory.OverBudget(record.accounted_peak_mb, spec.budget_mb)
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, data: ImageData, feed: Callable[..., Any], spec: TrialSpec, autocast: Any
+) -> tuple[float, float, float]:
+    model.eval()
+    k = min(5, data.num_classes)
+    correct1 = correct5 = 0
+    loss_sum = 0.0
+    for xb, yb in feed(data.test_x, data.test_y, spec.train.eval_batch_size):
+        with autocast:
+            logits = model(xb).float()
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        topk = logits.topk(k, dim=1).indices
+        correct1 += (topk[:, 0] == yb).sum().item()
+        correct5 += (topk == yb[:, None]).any(dim=1).sum().item()
+    n = len(data.test_y)
+    return correct1 / n, correct5 / n, loss_sum / n
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def _device(spec: TrialSpec) -> torch.device:
+    want = spec.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but no CUDA device is visible")
+    return torch.device(want)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _apply_cap(spec: TrialSpec, device: torch.device, record: TrialRecord) -> str:
+    """Install the trial's memory cap; returns which kind applies."""
+    if device.type == "cuda":
+        memory.configure_cuda_allocator()
+        memory.cap_cuda_memory(spec.budget_mb, device)
+        record.cap_kind = record.mem_source = "cuda_allocator"
+        return "cuda_allocator"
+    record.cap_kind = record.mem_source = "accounted"
+    return "accounted"
+
+
+def _fill_cuda_peaks(record: TrialRecord, device: torch.device) -> None:
+    peaks = memory.cuda_peaks(device)
+    record.cuda_max_allocated_mb = peaks["cuda_max_allocated_mb"]
+    record.cuda_max_reserved_mb = peaks["cuda_max_reserved_mb"]
+    record.peak_mem_mb = record.cuda_max_allocated_mb
+
+
+def _optimizer(spec: TrialSpec, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    train = spec.train
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=0.9, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _macs(model: nn.Module, size: int) -> int:
+    """Forward multiply-accumulates for one image (FLOPs / 2) at the input resolution."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@functools.cache
+def _provenance() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("vramsweep", "torch", "torchvision", "timm", "peft", "ray"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = ""
+    return {
+        "host": socket.gethostname(),
+        "git_sha": _git_sha(),
+        "versions": json.dumps(versions, sort_keys=True),
+    }
+
+
+def _git_sha() -> str:
+    """Commit of the checkout this package runs from ('+dirty' when it has local changes)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("VRAMSWEEP_GIT_SHA", "unknown")
+    return sha + ("+dirty" if dirty else "")
