@@ -1,0 +1,46 @@
+"""Shared fixtures: a minimal valid grid, written to a file on demand."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# The smallest grid that trains something real in a couple of seconds on one core.
+TINY_GRID: dict[str, Any] = {
+    "name": "tiny",
+    "output": "out",
+    "budget_mb": 2048,
+    "seeds": [0],
+    "datasets": {"synthetic": {"num_classes": 4, "per_class": 24, "image_size": 16}},
+    "backbones": {"vit_test": {"img_size": 16}},
+    "methods": {"full": {}, "bitfit": {}},
+    "checkpointing": ["none"],
+    "train": {"epochs": 1, "batch_size": 16, "lr": 1.0e-3, "max_steps": 3},
+    "resources": {"cpus_per_trial": 1, "max_concurrent": 2},
+}
+
+
+@pytest.fixture
+def tiny_grid(tmp_path: Path) -> dict[str, Any]:
+    """A fresh copy of TINY_GRID whose output lies under tmp_path."""
+    grid = copy.deepcopy(TINY_GRID)
+    grid["output"] = str(tmp_path / "out")
+    return grid
+
+
+@pytest.fixture
+def write_grid(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+    """Write a grid mapping to a YAML file and return its path."""
+    counter = iter(range(10_000))
+
+    def write(grid: dict[str, Any]) -> Path:
+        path = tmp_path / f"grid{next(counter)}.yaml"
+        path.write_text(yaml.safe_dump(grid, sort_keys=False))
+        return path
+
+    return write
