@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.spec import TrainConfig
+from orchestrator.spec import TrainConfig, is_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,14 @@ class Resources:
     max_concurrent: int = 2  # trials running at once
 
     def __post_init__(self) -> None:
-        if not isinstance(self.cpus_per_trial, int) or self.cpus_per_trial < 1:
+        if not is_int(self.cpus_per_trial) or self.cpus_per_trial < 1:
             raise ValueError(f"cpus_per_trial must be an integer >= 1, got {self.cpus_per_trial!r}")
         gpus = self.gpus_per_trial
-        if not isinstance(gpus, int | float) or isinstance(gpus, bool) or gpus < 0:
+        if not is_number(gpus) or gpus < 0:
             raise ValueError(f"gpus_per_trial must be a number >= 0, got {gpus!r}")
         if gpus > 1 and gpus != int(gpus):
             raise ValueError(f"gpus_per_trial above 1 must be whole, got {gpus!r}")
-        if not isinstance(self.max_concurrent, int) or self.max_concurrent < 1:
+        if not is_int(self.max_concurrent) or self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}")
 
 
@@ -97,6 +97,8 @@ def load_grid(path: str | Path) -> Grid:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise GridError(source, "file", f"cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise GridError(source, "file", f"not UTF-8 text (byte {exc.start})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -135,7 +137,7 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     if not budgets:
         raise fail("budget_mb", "must not be empty")
     for b in budgets:
-        if not _is_number(b) or b <= 0:
+        if not is_number(b) or b <= 0:
             raise fail("budget_mb", f"must be a number of MiB > 0 (or a list of them), got {b!r}")
     _no_duplicates(fail, "budget_mb", budgets)
 
@@ -143,7 +145,7 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     if not seeds:
         raise fail("seeds", "must not be empty")
     for s in seeds:
-        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+        if not is_int(s) or s < 0:
             raise fail("seeds", f"must be integers >= 0, got {s!r}")
     _no_duplicates(fail, "seeds", seeds)
 
@@ -152,12 +154,11 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     methods = _components(fail, "methods", raw["methods"], METHODS)
     checkpointing = _components(fail, "checkpointing", raw.get("checkpointing", ["none"]), CHECKPOINTING)
 
-    train_raw = raw.get("train", {}) or {}
-    train = _dataclass_from(fail, "train", TrainConfig, train_raw)
-    resources = _dataclass_from(fail, "resources", Resources, raw.get("resources", {}) or {})
+    train = _dataclass_from(fail, "train", TrainConfig, _or_empty(raw, "train", {}))
+    resources = _dataclass_from(fail, "resources", Resources, _or_empty(raw, "resources", {}))
 
-    baselines = _baselines(fail, raw.get("baselines", []) or [], BASELINES)
-    search = raw.get("search", {}) or {}
+    baselines = _baselines(fail, _or_empty(raw, "baselines", []), BASELINES)
+    search = _or_empty(raw, "search", {})
     if not isinstance(search, dict):
         raise fail("search", f"must be a mapping, got {search!r}")
 
@@ -176,15 +177,21 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
         search=search,
         source=source,
     )
-    exclude = _exclusions(fail, raw.get("exclude", []) or [], grid)
+    exclude = _exclusions(fail, _or_empty(raw, "exclude", []), grid)
     return dataclasses.replace(grid, exclude=exclude)
 
 
 # ---------------------------------------------------------------- pieces
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _or_empty(raw: dict[str, Any], key: str, empty: Any) -> Any:
+    """The field's value; an absent or null field is the empty default (and only those)."""
+    value = raw.get(key)
+    return empty if value is None else value
+
+
+def _is_hashable_scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float) and not isinstance(value, bool)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -217,7 +224,7 @@ def _components(fail: Any, where: str, value: Any, registry: Any) -> tuple[Compo
         raise fail(where, "must not be empty")
     out = []
     for name, args in items:
-        if not isinstance(name, str) or name not in registry:
+        if not isinstance(name, str) or name not in registry.names():
             valid = ", ".join(registry.names()) or "(none registered yet)"
             raise fail(where, f"unknown {registry.kind} {name!r}; valid: {valid}")
         if args is None:
@@ -262,7 +269,7 @@ def _baselines(fail: Any, value: Any, registry: Any) -> tuple[Component, ...]:
             raise fail(where, f"must be a mapping with a 'name', got {item!r}")
         args = {k: v for k, v in item.items() if k != "name"}
         name = item["name"]
-        if name not in registry:
+        if not isinstance(name, str) or name not in registry.names():
             valid = ", ".join(registry.names()) or "(none registered yet)"
             raise fail(where, f"unknown baseline {name!r}; valid: {valid}")
         try:
@@ -292,6 +299,8 @@ def _exclusions(fail: Any, value: Any, grid: Grid) -> tuple[dict[str, Any], ...]
         for axis, v in item.items():
             if axis not in AXES:
                 raise fail(where, f"unknown axis {axis!r}; valid: {', '.join(AXES)}")
+            if not _is_hashable_scalar(v):
+                raise fail(f"{where}.{axis}", f"must be one value of the axis, got {v!r}")
             if v not in present[axis]:
                 raise fail(
                     where,

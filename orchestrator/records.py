@@ -65,6 +65,7 @@ class TrialRecord:
     grads_mb: float | None = _col("float", "gradients of trainable parameters, MiB")
     optimizer_mb: float | None = _col("float", "optimizer state, MiB")
     activations_mb: float | None = _col("float", "peak bytes saved for backward, MiB")
+    batch_mb: float | None = _col("float", "one input batch on the device, MiB")
     cuda_max_allocated_mb: float | None = _col("float", "CUDA allocator peak allocated, MiB")
     cuda_max_reserved_mb: float | None = _col("float", "CUDA allocator peak reserved, MiB")
     # energy

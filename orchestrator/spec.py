@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,19 +52,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not isinstance(self.epochs, int) or self.epochs < 1:
+        if not is_int(self.epochs) or self.epochs < 1:
             problems.append(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not is_int(self.batch_size) or self.batch_size < 1:
             problems.append(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+        if not is_int(self.eval_batch_size) or self.eval_batch_size < 1:
             problems.append(
                 f"eval_batch_size must be an integer >= 1, got {self.eval_batch_size!r}"
             )
-        if not _is_number(self.lr) or self.lr <= 0:
+        if not is_number(self.lr) or self.lr <= 0:
             problems.append(f"lr must be a number > 0, got {self.lr!r}")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             problems.append(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        if not _is_number(self.warmup_epochs) or not 0 <= self.warmup_epochs <= self.epochs:
+        if not is_number(self.warmup_epochs) or not (
+            self.warmup_epochs >= 0 and (not is_int(self.epochs) or self.warmup_epochs <= self.epochs)
+        ):
             problems.append(
                 f"warmup_epochs must be between 0 and epochs ({self.epochs!r}),"
                 f" got {self.warmup_epochs!r}"
@@ -74,14 +77,19 @@ class TrainConfig:
             problems.append(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {list(DEVICES)}, got {self.device!r}")
-        if not isinstance(self.max_steps, int) or self.max_steps < 0:
+        if not is_int(self.max_steps) or self.max_steps < 0:
             problems.append(f"max_steps must be an integer >= 0, got {self.max_steps!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def is_number(value: Any) -> bool:
+    """A finite int or float (bool, NaN and infinities are not numbers of a grid)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,7 @@ def _check_accounted(
     record.grads_mb = acc.grads_bytes / MB
     record.optimizer_mb = acc.optimizer_bytes / MB
     record.activations_mb = acc.activations_bytes / MB
+    record.batch_mb = acc.batch_bytes / MB
     record.accounted_peak_mb = acc.peak_bytes / MB
     if cap == "accounted":
         record.peak_mem_mb = record.accounted_peak_mb

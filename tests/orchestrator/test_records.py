@@ -1,0 +1,160 @@
+"""Record store: schema, atomic writes, listing, collection."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator import records as records_mod
+from orchestrator.records import RecordStore, TrialRecord, record_schema, schema_fields
+from orchestrator.spec import TrainConfig, TrialSpec
+
+REQUIRED_COLUMNS = (
+    "trial_id kind status error backbone method checkpointing dataset seed budget_mb accuracy "
+    "peak_mem_mb mem_source energy_j energy_source train_time_s params_total params_trainable macs"
+).split()
+
+
+def _record(seed: int = 0, status: str = "ok", accuracy: float | None = 0.5) -> TrialRecord:
+    spec = TrialSpec(
+        backbone="vit_test", method="lora", method_args={"r": 4, "alpha": 8.0},
+        dataset="digits", seed=seed, train=TrainConfig(epochs=2),
+    )
+    return TrialRecord(
+        spec=spec, status=status, accuracy=accuracy, peak_mem_mb=12.5, mem_source="accounted",
+        params_total=1000, params_trainable=10, macs=12345, energy_source="unavailable",
+    )
+
+
+def test_schema_has_the_documented_columns_once() -> None:
+    names = [n for n, _, _ in schema_fields()]
+    assert len(names) == len(set(names))
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    assert missing == []
+    assert record_schema().metadata[b"vramsweep_schema_version"] == str(
+        records_mod.SCHEMA_VERSION
+    ).encode()
+
+
+def test_readme_documents_every_column() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    undocumented = [n for n, _, _ in schema_fields() if f"`{n}`" not in readme]
+    assert undocumented == []
+
+
+def test_record_round_trips_through_parquet(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path)
+    rec = _record()
+    path = store.write(rec)
+    assert Path(path).name == f"{rec.trial_id}.parquet"
+    back = store.read_record(rec.trial_id)
+    assert back.spec == rec.spec
+    assert back.accuracy == 0.5 and back.macs == 12345 and back.status == "ok"
+    table = pq.read_table(path)
+    assert table.schema.equals(record_schema(), check_metadata=False)
+    row = table.to_pylist()[0]
+    assert row["method_args"] == '{"alpha":8.0,"r":4}'
+    assert row["train_epochs"] == 2
+
+
+def test_unknown_status_is_rejected() -> None:
+    with pytest.raises(ValueError, match="status must be one of"):
+        _record(status="done")
+
+
+def test_collect_reads_every_record_sorted(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path)
+    recs = [_record(seed=s, accuracy=s / 10) for s in range(4)]
+    for rec in recs:
+        store.write(rec)
+    frame = store.collect()
+    assert list(frame["trial_id"]) == sorted(r.trial_id for r in recs)
+    assert sorted(frame["accuracy"]) == [0.0, 0.1, 0.2, 0.3]
+    assert store.existing_ids() == {r.trial_id for r in recs}
+
+
+def test_rewrite_replaces_the_record(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path)
+    store.write(_record(status="failed", accuracy=None))
+    store.write(_record(status="ok", accuracy=0.9))
+    frame = store.collect()
+    assert len(frame) == 1 and frame["status"][0] == "ok" and frame["accuracy"][0] == 0.9
+
+
+class _DiskVanished(RuntimeError):
+    pass
+
+
+def test_write_failing_midway_leaves_no_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half the bytes are written when the write dies: nothing readable may appear."""
+    store = RecordStore(tmp_path)
+    original_open = open
+
+    def failing_open(path, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
+        handle = original_open(path, mode, *args, **kwargs)
+        if "w" in mode and str(path).endswith(".tmp"):
+            real_write = handle.write
+
+            def write(data: bytes) -> int:
+                real_write(data[: len(data) // 2])
+                raise _DiskVanished("disk vanished")
+
+            handle.write = write
+        return handle
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(_DiskVanished):
+        store.write(_record())
+    monkeypatch.undo()
+    assert store.existing_ids() == set()
+    assert list(Path(store.records_dir).iterdir()) == []  # the temporary file is cleaned up
+    assert store.collect().empty
+
+
+def test_killed_writer_leaves_only_an_ignored_temp_file(tmp_path: Path) -> None:
+    """SIGKILL in the middle of a write (no cleanup runs): the record does not exist."""
+    script = textwrap.dedent(
+        f"""
+        import os, time
+        from orchestrator.records import RecordStore
+        store = RecordStore({str(tmp_path)!r})
+        target = store.records_dir + "/abcdef012345.parquet"
+        tmp = store.records_dir + "/.abcdef012345.parquet.999.deadbeef.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(b"PAR1" + b"x" * 1000)
+            fh.flush()
+            print("writing", flush=True)
+            time.sleep(60)
+        os.replace(tmp, target)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    store = RecordStore(tmp_path)
+    assert [p.name for p in Path(store.records_dir).iterdir()] == [
+        ".abcdef012345.parquet.999.deadbeef.tmp"
+    ]
+    assert store.existing_ids() == set()
+    assert store.collect().empty
+    store.write(_record())  # the store stays usable
+    assert len(store.collect()) == 1
+
+
+def test_corrupt_record_is_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = RecordStore(tmp_path)
+    store.write(_record(seed=1))
+    Path(store.path_of("0123456789ab")).write_bytes(b"not parquet")
+    frame = store.collect()
+    assert len(frame) == 1
+    assert "unreadable record" in caplog.text
