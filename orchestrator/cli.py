@@ -57,10 +57,14 @@ def _parser() -> argparse.ArgumentParser:
         help="continue a sweep: trials that already have a record are skipped "
         "(always the case; the flag states it)",
     )
-    run.add_argument("--retry-failed", action="store_true",
-                     help="also re-run trials whose record has status failed")
-    run.add_argument("--dry-run", action="store_true",
-                     help="print the trials that would run, run nothing")
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also re-run trials whose record has status failed",
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the trials that would run, run nothing"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     val = sub.add_parser("validate", help="validate a grid and print its expanded trials")
@@ -101,8 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"orchestrate: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("orchestrate: interrupted; finished trials are recorded, "
-              "run the same command again to resume", file=sys.stderr)
+        print(
+            "orchestrate: interrupted; finished trials are recorded, "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
     except Exception as exc:  # noqa: BLE001 - one line for the user, details with -v
         if args.verbose:
@@ -118,9 +125,14 @@ def _trial_table(specs: Sequence[TrialSpec]) -> pd.DataFrame:
     return pd.DataFrame(
         [
             {
-                "trial_id": s.trial_id, "kind": s.kind, "backbone": s.backbone,
-                "method": s.method or s.baseline, "checkpointing": s.checkpointing,
-                "dataset": s.dataset, "budget_mb": s.budget_mb, "seed": s.seed,
+                "trial_id": s.trial_id,
+                "kind": s.kind,
+                "backbone": s.backbone,
+                "method": s.method or s.baseline,
+                "checkpointing": s.checkpointing,
+                "dataset": s.dataset,
+                "budget_mb": s.budget_mb,
+                "seed": s.seed,
             }
             for s in specs
         ]
@@ -154,8 +166,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         frame = store.collect()
         done -= set(frame.loc[frame["status"] == "failed", "trial_id"])
     todo = [s for s in specs if s.trial_id not in done]
-    print(f"{grid.name}: {len(specs)} trials, {len(specs) - len(todo)} already recorded, "
-          f"{len(todo)} to run -> {store.output}")
+    print(
+        f"{grid.name}: {len(specs)} trials, {len(specs) - len(todo)} already recorded, "
+        f"{len(todo)} to run -> {store.output}"
+    )
     if args.dry_run:
         if todo:
             print(_trial_table(todo).to_string(index=False))
@@ -167,13 +181,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             shutil.copyfile(args.grid, Path(store.output) / "grid.yaml")
         try:
             outcome = run_sweep(
-                todo, store, grid.resources, name=grid.name, address=args.address,
+                todo,
+                store,
+                grid.resources,
+                name=grid.name,
+                address=args.address,
                 show_progress=not args.no_progress,
             )
         except ValueError as exc:  # resources the cluster cannot provide
             raise UsageError(str(exc)) from None
-        print(f"ran {outcome.submitted} trials in {outcome.wall_time_s:.1f} s "
-              f"({outcome.crashed} crashed)")
+        print(
+            f"ran {outcome.submitted} trials in {outcome.wall_time_s:.1f} s "
+            f"({outcome.crashed} crashed)"
+        )
     frame = store.collect()
     frame = frame[frame["trial_id"].isin({s.trial_id for s in specs})]
     _print_front(frame)
@@ -181,16 +201,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"report: {files.html}")
     failed = int((frame["status"] == "failed").sum())
     if failed:
-        print(f"{failed} trial(s) failed; see the error column "
-              f"(orchestrate collect {store.output})", file=sys.stderr)
+        print(
+            f"{failed} trial(s) failed; see the error column (orchestrate collect {store.output})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     load_grid(args.grid)
-    raise UsageError("`orchestrate search` is not available in this version; "
-                     "use `orchestrate run` on the grid")
+    raise UsageError(
+        "`orchestrate search` is not available in this version; use `orchestrate run` on the grid"
+    )
 
 
 def _store_of(path: str) -> RecordStore:
@@ -210,8 +233,18 @@ def cmd_collect(args: argparse.Namespace) -> int:
         else:
             raise UsageError(f"--out must end in .parquet or .csv, got {args.out!r}")
         print(f"wrote {len(frame)} records to {args.out}")
-    cols = ["trial_id", "status", "backbone", "method", "checkpointing", "dataset", "seed",
-            "accuracy", "peak_mem_mb", "train_time_s"]
+    cols = [
+        "trial_id",
+        "status",
+        "backbone",
+        "method",
+        "checkpointing",
+        "dataset",
+        "seed",
+        "accuracy",
+        "peak_mem_mb",
+        "train_time_s",
+    ]
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print(frame[cols].to_string(index=False) if len(frame) else "(no records)")
     print(f"{len(frame)} records; status: {pareto.status_counts(frame)}")
@@ -236,8 +269,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def _print_front(frame: pd.DataFrame) -> None:
     front = pareto.front_table(frame)
-    print(f"\nPareto front ({', '.join(pareto.objectives_for(frame))}) "
-          f"of {len(frame)} trials, status {pareto.status_counts(frame)}:")
+    print(
+        f"\nPareto front ({', '.join(pareto.objectives_for(frame))}) "
+        f"of {len(frame)} trials, status {pareto.status_counts(frame)}:"
+    )
     with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
         print(front.to_string(index=False) if not front.empty else "(no ok trial)")
 

@@ -28,8 +28,19 @@ log = logging.getLogger(__name__)
 
 AXES = ("backbone", "method", "checkpointing", "dataset", "seed", "budget_mb")
 TOP_LEVEL = (
-    "name", "output", "budget_mb", "seeds", "datasets", "backbones", "methods",
-    "checkpointing", "train", "exclude", "baselines", "resources", "search",
+    "name",
+    "output",
+    "budget_mb",
+    "seeds",
+    "datasets",
+    "backbones",
+    "methods",
+    "checkpointing",
+    "train",
+    "exclude",
+    "baselines",
+    "resources",
+    "search",
 )
 REQUIRED = ("name", "output", "budget_mb", "seeds", "datasets", "backbones", "methods")
 
@@ -121,7 +132,9 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
         raise fail("file", f"the grid must be a mapping of fields, got {type(raw).__name__}")
     unknown = sorted(set(map(str, raw)) - set(TOP_LEVEL))
     if unknown:
-        raise fail(unknown[0], f"unknown field {unknown[0]!r}; valid fields: {', '.join(TOP_LEVEL)}")
+        raise fail(
+            unknown[0], f"unknown field {unknown[0]!r}; valid fields: {', '.join(TOP_LEVEL)}"
+        )
     for key in REQUIRED:
         if key not in raw:
             raise fail(key, "required field is missing")
@@ -152,7 +165,9 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     datasets = _components(fail, "datasets", raw["datasets"], DATASETS)
     backbones = _components(fail, "backbones", raw["backbones"], BACKBONES)
     methods = _components(fail, "methods", raw["methods"], METHODS)
-    checkpointing = _components(fail, "checkpointing", raw.get("checkpointing", ["none"]), CHECKPOINTING)
+    checkpointing = _components(
+        fail, "checkpointing", raw.get("checkpointing", ["none"]), CHECKPOINTING
+    )
 
     train = _dataclass_from(fail, "train", TrainConfig, _or_empty(raw, "train", {}))
     resources = _dataclass_from(fail, "resources", Resources, _or_empty(raw, "resources", {}))

@@ -78,15 +78,24 @@ def front_table(df: pd.DataFrame, objectives: Mapping[str, str] | None = None) -
     cols = [
         c
         for c in (
-            "trial_id", "backbone", "method", "checkpointing", "dataset", "seed",
-            "accuracy", "peak_mem_mb", "energy_j", "train_time_s", "params_trainable",
+            "trial_id",
+            "backbone",
+            "method",
+            "checkpointing",
+            "dataset",
+            "seed",
+            "accuracy",
+            "peak_mem_mb",
+            "energy_j",
+            "train_time_s",
+            "params_trainable",
         )
         if c in marked.columns
     ]
     front = marked[marked["pareto"]]
-    return front.sort_values(["accuracy", "peak_mem_mb"], ascending=[False, True])[cols].reset_index(
-        drop=True
-    )
+    return front.sort_values(["accuracy", "peak_mem_mb"], ascending=[False, True])[
+        cols
+    ].reset_index(drop=True)
 
 
 def summary_by_config(df: pd.DataFrame) -> pd.DataFrame:

@@ -123,7 +123,13 @@ def _result_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(TrialRecord) if "arrow" in f.metadata]
 
 
-_ARGS_FIELDS = ("backbone_args", "method_args", "checkpointing_args", "dataset_args", "baseline_args")
+_ARGS_FIELDS = (
+    "backbone_args",
+    "method_args",
+    "checkpointing_args",
+    "dataset_args",
+    "baseline_args",
+)
 
 
 def _spec_columns(spec: TrialSpec) -> dict[str, Any]:
@@ -147,12 +153,12 @@ def _spec_schema_fields() -> list[tuple[str, pa.DataType, str]]:
         if f.name == "train":
             for t in dataclasses.fields(TrainConfig):
                 default = getattr(TrainConfig(), t.name)
-                out.append((f"train_{t.name}", py[type(default)], f"train.{t.name} of the spec"))
+                out.append((f"train_{t.name}", py[type(default)], f"grid `train.{t.name}`"))
         elif f.name in _ARGS_FIELDS:
-            out.append((f.name, pa.string(), f"JSON: resolved {f.name.replace('_', ' ')}"))
+            out.append((f.name, pa.string(), f"JSON: resolved {f.metadata['doc']}"))
         else:
             default = getattr(TrialSpec(), f.name)
-            out.append((f.name, py[type(default)], f"spec field {f.name}"))
+            out.append((f.name, py[type(default)], f.metadata["doc"]))
     out.append(("spec_json", pa.string(), "the TrialSpec as canonical JSON (round-trips)"))
     return out
 
@@ -177,7 +183,7 @@ def record_schema() -> pa.Schema:
 def describe_schema() -> str:
     """The schema as a Markdown table."""
     lines = ["| column | type | meaning |", "|---|---|---|"]
-    lines += [f"| `{n}` | {t} | {d} |" for n, t, d in schema_fields()]
+    lines += [f"| `{n}` | {t} | {d.replace('|', chr(92) + '|')} |" for n, t, d in schema_fields()]
     return "\n".join(lines)
 
 
@@ -251,7 +257,9 @@ class RecordStore:
         if self.is_uri:
             import pyarrow.fs as pafs
 
-            infos = self._fs.get_file_info(pafs.FileSelector(self.records_dir, allow_not_found=True))
+            infos = self._fs.get_file_info(
+                pafs.FileSelector(self.records_dir, allow_not_found=True)
+            )
             names = [i.path for i in infos if i.type == pafs.FileType.File]
         else:
             names = [str(p) for p in Path(self.records_dir).glob("*.parquet")]

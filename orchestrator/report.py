@@ -47,14 +47,27 @@ def pareto_plot(df: pd.DataFrame) -> bytes:
             if sel.empty:
                 continue
             ax.scatter(
-                sel["peak_mem_mb"], sel["accuracy"], color=cmap(mi % 10),
-                marker=markers[bi % len(markers)], s=46, alpha=0.85, edgecolor="black",
-                linewidth=0.4, label=f"{method} / {backbone}",
+                sel["peak_mem_mb"],
+                sel["accuracy"],
+                color=cmap(mi % 10),
+                marker=markers[bi % len(markers)],
+                s=46,
+                alpha=0.85,
+                edgecolor="black",
+                linewidth=0.4,
+                label=f"{method} / {backbone}",
             )
     front = ok[ok["pareto"]].sort_values("peak_mem_mb")
     if not front.empty:
-        ax.step(front["peak_mem_mb"], front["accuracy"], where="post", color="black",
-                linewidth=1.2, alpha=0.7, label="Pareto front")
+        ax.step(
+            front["peak_mem_mb"],
+            front["accuracy"],
+            where="post",
+            color="black",
+            linewidth=1.2,
+            alpha=0.7,
+            label="Pareto front",
+        )
     ax.set_xlabel("peak memory (MiB, " + ", ".join(sorted(ok["mem_source"].unique())) + ")")
     ax.set_ylabel("top-1 accuracy")
     ax.grid(True, alpha=0.3)
@@ -87,24 +100,28 @@ def render_markdown(df: pd.DataFrame, title: str) -> str:
     front = pareto.front_table(df)
     summary = pareto.summary_by_config(df)
     counts = ", ".join(f"{k}: {v}" for k, v in pareto.status_counts(df).items())
-    return "\n\n".join(
-        [
-            f"# {title}",
-            f"{len(df)} trials ({counts}).",
-            "## Pareto front (accuracy max, peak memory min)",
-            markdown_table(front) if not front.empty else "(no ok trial)",
-            "## Every configuration (mean over seeds)",
-            markdown_table(summary) if not summary.empty else "(no ok trial)",
-            "![Pareto front](pareto.png)",
-        ]
-    ) + "\n"
+    return (
+        "\n\n".join(
+            [
+                f"# {title}",
+                f"{len(df)} trials ({counts}).",
+                "## Pareto front (accuracy max, peak memory min)",
+                markdown_table(front) if not front.empty else "(no ok trial)",
+                "## Every configuration (mean over seeds)",
+                markdown_table(summary) if not summary.empty else "(no ok trial)",
+                "![Pareto front](pareto.png)",
+            ]
+        )
+        + "\n"
+    )
 
 
 def render_html(df: pd.DataFrame, title: str, png: bytes) -> str:
     front = pareto.front_table(df)
     summary = pareto.summary_by_config(df)
-    not_ok = df[df["status"] != "ok"][["trial_id", "backbone", "method", "checkpointing",
-                                        "status", "error"]]
+    not_ok = df[df["status"] != "ok"][
+        ["trial_id", "backbone", "method", "checkpointing", "status", "error"]
+    ]
     counts = ", ".join(f"{k}: {v}" for k, v in pareto.status_counts(df).items())
     img = base64.b64encode(png).decode("ascii")
     style = (

@@ -65,7 +65,8 @@ class TrainConfig:
         if not is_number(self.weight_decay) or self.weight_decay < 0:
             problems.append(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if not is_number(self.warmup_epochs) or not (
-            self.warmup_epochs >= 0 and (not is_int(self.epochs) or self.warmup_epochs <= self.epochs)
+            self.warmup_epochs >= 0
+            and (not is_int(self.epochs) or self.warmup_epochs <= self.epochs)
         ):
             problems.append(
                 f"warmup_epochs must be between 0 and epochs ({self.epochs!r}),"
@@ -92,24 +93,32 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _doc(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+def _doc_dict(doc: str) -> Any:
+    return field(default_factory=dict, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """Everything one trial needs; produced by grid expansion (and later by search)."""
 
-    kind: str = "finetune"  # finetune | baseline
-    backbone: str = ""
-    backbone_args: dict[str, Any] = field(default_factory=dict)
-    method: str = "full"  # the PEFT method; "" for a baseline
-    method_args: dict[str, Any] = field(default_factory=dict)
-    checkpointing: str = "none"
-    checkpointing_args: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "digits"
-    dataset_args: dict[str, Any] = field(default_factory=dict)
-    budget_mb: float = 2048.0  # hard memory budget of the trial, MiB
+    kind: str = _doc("finetune", "finetune | baseline")
+    backbone: str = _doc("", "backbone registry name")
+    backbone_args: dict[str, Any] = _doc_dict("backbone arguments")
+    method: str = _doc("full", "PEFT method registry name ('' for a baseline)")
+    method_args: dict[str, Any] = _doc_dict("method arguments")
+    checkpointing: str = _doc("none", "checkpointing strategy registry name")
+    checkpointing_args: dict[str, Any] = _doc_dict("checkpointing arguments")
+    dataset: str = _doc("digits", "dataset registry name")
+    dataset_args: dict[str, Any] = _doc_dict("dataset arguments")
+    budget_mb: float = _doc(2048.0, "hard memory budget of the trial, MiB")
     train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
-    baseline: str = ""  # baseline registry name when kind == "baseline"
-    baseline_args: dict[str, Any] = field(default_factory=dict)
+    seed: int = _doc(0, "seed of initialisation, shuffling and augmentation")
+    baseline: str = _doc("", "baseline registry name when kind is baseline")
+    baseline_args: dict[str, Any] = _doc_dict("baseline arguments")
 
     def __post_init__(self) -> None:
         if self.kind not in TRIAL_KINDS:

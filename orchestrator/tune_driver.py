@@ -79,7 +79,9 @@ class _Recorder(tune.Callback):
         self.running += 1
         self._refresh()
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
         if "record" not in result:
             return
         record = TrialRecord.from_json(result["record"])
@@ -151,7 +153,9 @@ def run_sweep(
     if not specs:
         return SweepOutcome(0, 0, 0, 0.0)
     check_resources(resources, connect(address))
-    storage = store.output + "/_tune" if store.is_uri else str(Path(store.output).resolve() / "_tune")
+    storage = (
+        store.output + "/_tune" if store.is_uri else str(Path(store.output).resolve() / "_tune")
+    )
     recorder = _Recorder(store, len(specs), show_progress)
     trainable = tune.with_resources(
         _trainable, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial}
@@ -164,6 +168,9 @@ def run_sweep(
         },
         tune_config=tune.TuneConfig(
             max_concurrent_trials=resources.max_concurrent,
+            # A finished trial's worker process takes the next trial: torch, timm and
+            # peft are imported once per worker, not once per trial.
+            reuse_actors=True,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),

@@ -10,6 +10,8 @@ the backbone's input size and normalised in one batched call (no per-image Pytho
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,17 +47,32 @@ class ImageData:
         for name in ("train_x", "test_x"):
             x = getattr(self, name)
             if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
-                raise ValueError(f"{name} must be uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+                raise ValueError(
+                    f"{name} must be uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}"
+                )
         if len(self.train_x) != len(self.train_y) or len(self.test_x) != len(self.test_y):
             raise ValueError("images and labels differ in length")
 
 
 def load_dataset(name: str, args: dict | None) -> ImageData:
-    """Load registered dataset ``name`` with grid arguments ``args``."""
-    data = DATASETS.build(name, args)
+    """Load registered dataset ``name`` with grid arguments ``args``.
+
+    A worker process that runs several trials decodes each dataset once (the last
+    two are kept); callers must not modify the returned tensors in place.
+    """
+    return _load_cached(name, json.dumps(args or {}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(name: str, args_json: str) -> ImageData:
+    data = DATASETS.build(name, json.loads(args_json))
     log.info(
         "dataset %s: %d train / %d test images, %d classes, stored at %d px",
-        name, len(data.train_y), len(data.test_y), data.num_classes, data.train_x.shape[-1],
+        name,
+        len(data.train_y),
+        len(data.test_y),
+        data.num_classes,
+        data.train_x.shape[-1],
     )
     return data
 
@@ -78,7 +95,11 @@ def batches(
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     stop = len(y) - (len(y) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
+        idx = (
+            order[start : start + batch_size]
+            if order is not None
+            else slice(start, start + batch_size)
+        )
         xb = x[idx].to(device, non_blocking=True).float().div_(255.0)
         if xb.shape[-1] != size or xb.shape[-2] != size:
             xb = F.interpolate(xb, size=(size, size), mode="bilinear", align_corners=False)
@@ -106,8 +127,13 @@ def _from_arrays(images: np.ndarray, labels: np.ndarray, test_fraction: float) -
     mean = tuple(train_f.mean(dim=(0, 2, 3)).tolist())
     std = tuple(train_f.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
     return ImageData(
-        x[train_idx], y[train_idx], x[test_idx], y[test_idx],
-        num_classes=int(labels.max()) + 1, mean=mean, std=std,
+        x[train_idx],
+        y[train_idx],
+        x[test_idx],
+        y[test_idx],
+        num_classes=int(labels.max()) + 1,
+        mean=mean,
+        std=std,
     )
 
 

@@ -89,7 +89,9 @@ def run_trial(
 # ---------------------------------------------------------------- the trial
 
 
-def _finetune(spec: TrialSpec, device: torch.device, record: TrialRecord, data: ImageData | None) -> None:
+def _finetune(
+    spec: TrialSpec, device: torch.device, record: TrialRecord, data: ImageData | None
+) -> None:
     _seed_everything(spec.seed)
     data = data if data is not None else load_dataset(spec.dataset, spec.dataset_args)
     train = spec.train
@@ -101,7 +103,10 @@ def _finetune(spec: TrialSpec, device: torch.device, record: TrialRecord, data: 
     model = create_backbone(spec.backbone, num_classes=data.num_classes, **spec.backbone_args)
     size, head = input_size(model), classifier_name(model)
     adapted = apply_method(
-        spec.method, spec.method_args, model, MethodContext(classifier=head, total_steps=total_steps)
+        spec.method,
+        spec.method_args,
+        model,
+        MethodContext(classifier=head, total_steps=total_steps),
     )
     model = adapted.model
     chosen = apply_checkpointing(spec.checkpointing, spec.checkpointing_args, model)
@@ -118,9 +123,7 @@ def _finetune(spec: TrialSpec, device: torch.device, record: TrialRecord, data: 
     autocast = _autocast(train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
     meter = memory.ActivationMeter(model)
-    feed = functools.partial(
-        batches, size=size, mean=data.mean, std=data.std, device=device
-    )
+    feed = functools.partial(batches, size=size, mean=data.mean, std=data.std, device=device)
     gen = torch.Generator().manual_seed(spec.seed)
 
     model.train()
@@ -130,7 +133,9 @@ def _finetune(spec: TrialSpec, device: torch.device, record: TrialRecord, data: 
     t_first = t_start
     while step < total_steps:
         losses = []
-        for xb, yb in feed(data.train_x, data.train_y, train.batch_size, generator=gen, drop_last=False):
+        for xb, yb in feed(
+            data.train_x, data.train_y, train.batch_size, generator=gen, drop_last=False
+        ):
             with meter, autocast:
                 loss = F.cross_entropy(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
@@ -161,7 +166,9 @@ def _finetune(spec: TrialSpec, device: torch.device, record: TrialRecord, data: 
         record.peak_mem_mb = record.cuda_max_allocated_mb
 
     t_eval = time.perf_counter()
-    record.accuracy, record.top5_accuracy, record.loss = _evaluate(model, data, feed, spec, autocast)
+    record.accuracy, record.top5_accuracy, record.loss = _evaluate(
+        model, data, feed, spec, autocast
+    )
     _sync(device)
     record.eval_time_s = time.perf_counter() - t_eval
     record.energy_source = "unavailable"
@@ -297,7 +304,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 @functools.cache
@@ -323,11 +330,17 @@ def _git_sha() -> str:
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("VRAMSWEEP_GIT_SHA", "unknown")

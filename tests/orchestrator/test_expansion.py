@@ -48,8 +48,9 @@ def test_count_is_the_product_of_the_axes() -> None:
     specs = expand(make_grid())
     assert FULL == 48
     assert len(specs) == FULL
-    combos = {(s.backbone, s.method, s.checkpointing, s.dataset, s.seed, s.budget_mb)
-              for s in specs}
+    combos = {
+        (s.backbone, s.method, s.checkpointing, s.dataset, s.seed, s.budget_mb) for s in specs
+    }
     assert len(combos) == FULL
     assert {s.budget_mb for s in specs} == {1024.0, 2048.0}
     assert all(s.kind == "finetune" for s in specs)

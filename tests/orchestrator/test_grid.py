@@ -62,80 +62,163 @@ def const(value: Any) -> Mutation:
 
 # (mutation, field as printed after the file name, fragments the message must contain)
 MALFORMED: list[Any] = [
-    pytest.param(set_("colour", "red"), "colour",
-                 ("unknown field 'colour'", "valid fields: name, output, budget_mb"),
-                 id="unknown-top-level-key"),
+    pytest.param(
+        set_("colour", "red"),
+        "colour",
+        ("unknown field 'colour'", "valid fields: name, output, budget_mb"),
+        id="unknown-top-level-key",
+    ),
     pytest.param(delete("seeds"), "seeds", ("required field is missing",), id="missing-seeds"),
-    pytest.param(delete("datasets"), "datasets", ("required field is missing",),
-                 id="missing-datasets"),
+    pytest.param(
+        delete("datasets"), "datasets", ("required field is missing",), id="missing-datasets"
+    ),
     pytest.param(set_("name", "my grid"), "name", ("'my grid'",), id="name-with-space"),
-    pytest.param(set_("backbones", {"vit_huge": {}}), "backbones",
-                 ("unknown backbone 'vit_huge'", "vit_test", "tiny_vit_test"),
-                 id="unknown-backbone"),
-    pytest.param(set_("methods", {"adapterx": {}}), "methods",
-                 ("unknown method 'adapterx'", "bitfit, full, lora"), id="unknown-method"),
-    pytest.param(set_("checkpointing", ["everything"]), "checkpointing",
-                 ("unknown checkpointing 'everything'", "none, static"),
-                 id="unknown-checkpointing"),
-    pytest.param(set_("datasets", ["imagenet"]), "datasets",
-                 ("unknown dataset 'imagenet'", "digits, synthetic"), id="unknown-dataset"),
-    pytest.param(set_("methods", {"lora": {"rank": 4}}), "methods.lora",
-                 ("unknown argument(s) ['rank']", "valid: alpha, dropout, r, target"),
-                 id="unknown-method-argument"),
-    pytest.param(set_("methods", {"lora": {"r": "eight"}}), "methods.lora",
-                 ("argument 'r' must be int", "'eight'"), id="wrong-argument-type"),
-    pytest.param(set_("methods", {"lora": {"r": 0}}), "methods.lora",
-                 ("r must be >= 1, got 0",), id="impossible-argument-value"),
-    pytest.param(set_("methods", {"lora": 5}), "methods.lora",
-                 ("arguments must be a mapping, got 5",), id="arguments-not-a-mapping"),
-    pytest.param(set_("checkpointing", {"static": {"every": 0}}), "checkpointing.static",
-                 ("every must be >= 1, got 0",), id="checkpointing-argument-value"),
+    pytest.param(
+        set_("backbones", {"vit_huge": {}}),
+        "backbones",
+        ("unknown backbone 'vit_huge'", "vit_test", "tiny_vit_test"),
+        id="unknown-backbone",
+    ),
+    pytest.param(
+        set_("methods", {"adapterx": {}}),
+        "methods",
+        ("unknown method 'adapterx'", "bitfit, full, lora"),
+        id="unknown-method",
+    ),
+    pytest.param(
+        set_("checkpointing", ["everything"]),
+        "checkpointing",
+        ("unknown checkpointing 'everything'", "none, static"),
+        id="unknown-checkpointing",
+    ),
+    pytest.param(
+        set_("datasets", ["imagenet"]),
+        "datasets",
+        ("unknown dataset 'imagenet'", "digits, synthetic"),
+        id="unknown-dataset",
+    ),
+    pytest.param(
+        set_("methods", {"lora": {"rank": 4}}),
+        "methods.lora",
+        ("unknown argument(s) ['rank']", "valid: alpha, dropout, r, target"),
+        id="unknown-method-argument",
+    ),
+    pytest.param(
+        set_("methods", {"lora": {"r": "eight"}}),
+        "methods.lora",
+        ("argument 'r' must be int", "'eight'"),
+        id="wrong-argument-type",
+    ),
+    pytest.param(
+        set_("methods", {"lora": {"r": 0}}),
+        "methods.lora",
+        ("r must be >= 1, got 0",),
+        id="impossible-argument-value",
+    ),
+    pytest.param(
+        set_("methods", {"lora": 5}),
+        "methods.lora",
+        ("arguments must be a mapping, got 5",),
+        id="arguments-not-a-mapping",
+    ),
+    pytest.param(
+        set_("checkpointing", {"static": {"every": 0}}),
+        "checkpointing.static",
+        ("every must be >= 1, got 0",),
+        id="checkpointing-argument-value",
+    ),
     pytest.param(set_("seeds", []), "seeds", ("must not be empty",), id="empty-seeds"),
-    pytest.param(set_("seeds", [0, -1]), "seeds", ("integers >= 0", "got -1"),
-                 id="negative-seed"),
+    pytest.param(set_("seeds", [0, -1]), "seeds", ("integers >= 0", "got -1"), id="negative-seed"),
     pytest.param(set_("seeds", [0, 1, 0]), "seeds", ("0 appears twice",), id="duplicate-seed"),
     pytest.param(set_("seeds", [0.5]), "seeds", ("got 0.5",), id="float-seed"),
     pytest.param(set_("budget_mb", 0), "budget_mb", ("> 0", "got 0"), id="budget-zero"),
     pytest.param(set_("budget_mb", -512), "budget_mb", ("got -512",), id="budget-negative"),
     pytest.param(set_("budget_mb", "lots"), "budget_mb", ("got 'lots'",), id="budget-string"),
-    pytest.param(set_("budget_mb", [1024, 1024]), "budget_mb", ("1024 appears twice",),
-                 id="budget-duplicate"),
+    pytest.param(
+        set_("budget_mb", [1024, 1024]), "budget_mb", ("1024 appears twice",), id="budget-duplicate"
+    ),
     pytest.param(set_("methods", {}), "methods", ("must not be empty",), id="empty-methods"),
-    pytest.param(set_("backbones", []), "backbones", ("must not be empty",),
-                 id="empty-backbones"),
-    pytest.param(set_("train.epochs", 0), "train",
-                 ("epochs must be an integer >= 1, got 0",), id="train-epochs-zero"),
-    pytest.param(set_("train.lr", -0.01), "train", ("lr must be a number > 0, got -0.01",),
-                 id="train-lr-negative"),
-    pytest.param(set_("train.precision", "fp8"), "train", ("precision must be one of", "'fp8'"),
-                 id="train-precision-fp8"),
-    pytest.param(set_("train.momentum", 0.9), "train",
-                 ("unknown field 'momentum'", "batch_size"), id="train-unknown-key"),
-    pytest.param(set_("train", [1, 2]), "train", ("must be a mapping",),
-                 id="train-not-a-mapping"),
-    pytest.param(set_("resources.max_concurrent", 0), "resources",
-                 ("max_concurrent must be an integer >= 1, got 0",),
-                 id="resources-max-concurrent-zero"),
-    pytest.param(set_("resources.gpus", 1), "resources", ("unknown field 'gpus'",),
-                 id="resources-unknown-key"),
-    pytest.param(set_("exclude", [{"optimizer": "sgd"}]), "exclude[0]",
-                 ("unknown axis 'optimizer'", "backbone, method"), id="exclude-unknown-axis"),
-    pytest.param(set_("exclude", [{"backbone": "tiny_vit_test"}]), "exclude[0]",
-                 ("backbone 'tiny_vit_test' is not in the grid",),
-                 id="exclude-backbone-not-in-grid"),
-    pytest.param(set_("exclude", [{"method": "full"}, {"seed": 7}]), "exclude[1]",
-                 ("seed 7 is not in the grid",), id="exclude-seed-not-in-grid"),
-    pytest.param(set_("exclude", {"method": "full"}), "exclude", ("must be a list",),
-                 id="exclude-not-a-list"),
-    pytest.param(set_("baselines", [{"name": "clip_zero_shot"}]), "baselines[0]",
-                 ("unknown baseline 'clip_zero_shot'",), id="unregistered-baseline"),
-    pytest.param(const(RawText("name: tiny\nseeds: [0, 1\n")), "file", ("not valid YAML",),
-                 id="yaml-syntax-error"),
-    pytest.param(const(["name", "tiny"]), "file", ("must be a mapping of fields, got list",),
-                 id="yaml-list"),
+    pytest.param(set_("backbones", []), "backbones", ("must not be empty",), id="empty-backbones"),
+    pytest.param(
+        set_("train.epochs", 0),
+        "train",
+        ("epochs must be an integer >= 1, got 0",),
+        id="train-epochs-zero",
+    ),
+    pytest.param(
+        set_("train.lr", -0.01),
+        "train",
+        ("lr must be a number > 0, got -0.01",),
+        id="train-lr-negative",
+    ),
+    pytest.param(
+        set_("train.precision", "fp8"),
+        "train",
+        ("precision must be one of", "'fp8'"),
+        id="train-precision-fp8",
+    ),
+    pytest.param(
+        set_("train.momentum", 0.9),
+        "train",
+        ("unknown field 'momentum'", "batch_size"),
+        id="train-unknown-key",
+    ),
+    pytest.param(set_("train", [1, 2]), "train", ("must be a mapping",), id="train-not-a-mapping"),
+    pytest.param(
+        set_("resources.max_concurrent", 0),
+        "resources",
+        ("max_concurrent must be an integer >= 1, got 0",),
+        id="resources-max-concurrent-zero",
+    ),
+    pytest.param(
+        set_("resources.gpus", 1),
+        "resources",
+        ("unknown field 'gpus'",),
+        id="resources-unknown-key",
+    ),
+    pytest.param(
+        set_("exclude", [{"optimizer": "sgd"}]),
+        "exclude[0]",
+        ("unknown axis 'optimizer'", "backbone, method"),
+        id="exclude-unknown-axis",
+    ),
+    pytest.param(
+        set_("exclude", [{"backbone": "tiny_vit_test"}]),
+        "exclude[0]",
+        ("backbone 'tiny_vit_test' is not in the grid",),
+        id="exclude-backbone-not-in-grid",
+    ),
+    pytest.param(
+        set_("exclude", [{"method": "full"}, {"seed": 7}]),
+        "exclude[1]",
+        ("seed 7 is not in the grid",),
+        id="exclude-seed-not-in-grid",
+    ),
+    pytest.param(
+        set_("exclude", {"method": "full"}), "exclude", ("must be a list",), id="exclude-not-a-list"
+    ),
+    pytest.param(
+        set_("baselines", [{"name": "clip_zero_shot"}]),
+        "baselines[0]",
+        ("unknown baseline 'clip_zero_shot'",),
+        id="unregistered-baseline",
+    ),
+    pytest.param(
+        const(RawText("name: tiny\nseeds: [0, 1\n")),
+        "file",
+        ("not valid YAML",),
+        id="yaml-syntax-error",
+    ),
+    pytest.param(
+        const(["name", "tiny"]), "file", ("must be a mapping of fields, got list",), id="yaml-list"
+    ),
     pytest.param(const(MISSING), "file", ("cannot read it",), id="file-does-not-exist"),
-    pytest.param(set_("exclude", [{"backbone": "vit_test"}]), "exclude",
-                 ("every trial is excluded",), id="everything-excluded"),
+    pytest.param(
+        set_("exclude", [{"backbone": "vit_test"}]),
+        "exclude",
+        ("every trial is excluded",),
+        id="everything-excluded",
+    ),
 ]
 
 
@@ -290,8 +373,12 @@ def test_paper_grid_is_valid(in_repo_root: Path) -> None:
     assert specs
     assert len({s.trial_id for s in specs}) == len(specs)
     expected = (
-        len(grid.datasets) * len(grid.backbones) * len(grid.methods)
-        * len(grid.checkpointing) * len(grid.budgets_mb) * len(grid.seeds)
+        len(grid.datasets)
+        * len(grid.backbones)
+        * len(grid.methods)
+        * len(grid.checkpointing)
+        * len(grid.budgets_mb)
+        * len(grid.seeds)
     )
     if not grid.exclude and not grid.baselines:
         assert len(specs) == expected
@@ -344,9 +431,7 @@ def test_infinite_budget_is_rejected_as_budget_mb(
     assert f"{path}: budget_mb: " in err
 
 
-def test_non_utf8_file_is_a_user_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_non_utf8_file_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A grid file that is not UTF-8 should be exit 2 naming the file."""
     path = tmp_path / "latin1.yaml"
     path.write_bytes(b"name: caf\xe9\n")

@@ -34,7 +34,11 @@ def _table(rows: list[tuple]) -> pd.DataFrame:
         # equal on one objective, strictly worse on the other: dominated
         ([[0.9, 10], [0.9, 11]], ["max", "min"], [True, False]),
         # three objectives: the third rescues an otherwise dominated point
-        ([[0.9, 10, 5.0], [0.8, 20, 1.0], [0.8, 20, 6.0]], ["max", "min", "min"], [True, True, False]),
+        (
+            [[0.9, 10, 5.0], [0.8, 20, 1.0], [0.8, 20, 6.0]],
+            ["max", "min", "min"],
+            [True, True, False],
+        ),
         # a single point is the front
         ([[0.1, 999]], ["max", "min"], [True]),
         # both minimised
@@ -65,7 +69,12 @@ def test_front_ignores_failed_and_unmeasured_trials() -> None:
     )
     marked = pareto_front(df)
     assert marked.set_index("trial_id")["pareto"].to_dict() == {
-        "a": True, "b": False, "c": False, "d": True, "e": False, "f": False,
+        "a": True,
+        "b": False,
+        "c": False,
+        "d": True,
+        "e": False,
+        "f": False,
     }
 
 
@@ -80,7 +89,12 @@ def test_energy_joins_only_when_every_ok_trial_has_it() -> None:
 
 def test_front_table_orders_by_accuracy_and_keeps_ties() -> None:
     df = _table(
-        [("a", "ok", 0.7, 10.0), ("b", "ok", 0.9, 40.0), ("c", "ok", 0.9, 40.0), ("d", "ok", 0.5, 50.0)]
+        [
+            ("a", "ok", 0.7, 10.0),
+            ("b", "ok", 0.9, 40.0),
+            ("c", "ok", 0.9, 40.0),
+            ("d", "ok", 0.5, 50.0),
+        ]
     )
     front = front_table(df)
     assert front["trial_id"].tolist() in (["b", "c", "a"], ["c", "b", "a"])

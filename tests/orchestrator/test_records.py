@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -24,12 +23,23 @@ REQUIRED_COLUMNS = (
 
 def _record(seed: int = 0, status: str = "ok", accuracy: float | None = 0.5) -> TrialRecord:
     spec = TrialSpec(
-        backbone="vit_test", method="lora", method_args={"r": 4, "alpha": 8.0},
-        dataset="digits", seed=seed, train=TrainConfig(epochs=2),
+        backbone="vit_test",
+        method="lora",
+        method_args={"r": 4, "alpha": 8.0},
+        dataset="digits",
+        seed=seed,
+        train=TrainConfig(epochs=2),
     )
     return TrialRecord(
-        spec=spec, status=status, accuracy=accuracy, peak_mem_mb=12.5, mem_source="accounted",
-        params_total=1000, params_trainable=10, macs=12345, energy_source="unavailable",
+        spec=spec,
+        status=status,
+        accuracy=accuracy,
+        peak_mem_mb=12.5,
+        mem_source="accounted",
+        params_total=1000,
+        params_trainable=10,
+        macs=12345,
+        energy_source="unavailable",
     )
 
 
@@ -38,9 +48,10 @@ def test_schema_has_the_documented_columns_once() -> None:
     assert len(names) == len(set(names))
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     assert missing == []
-    assert record_schema().metadata[b"vramsweep_schema_version"] == str(
-        records_mod.SCHEMA_VERSION
-    ).encode()
+    assert (
+        record_schema().metadata[b"vramsweep_schema_version"]
+        == str(records_mod.SCHEMA_VERSION).encode()
+    )
 
 
 def test_readme_documents_every_column() -> None:
@@ -151,7 +162,9 @@ def test_killed_writer_leaves_only_an_ignored_temp_file(tmp_path: Path) -> None:
     assert len(store.collect()) == 1
 
 
-def test_corrupt_record_is_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_record_is_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = RecordStore(tmp_path)
     store.write(_record(seed=1))
     Path(store.path_of("0123456789ab")).write_bytes(b"not parquet")

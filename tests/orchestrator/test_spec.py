@@ -85,8 +85,9 @@ def test_equal_specs_have_equal_ids() -> None:
         pytest.param({"method_args": {"r": 8, "alpha": 8.0}}, id="method_args"),
         pytest.param({"budget_mb": 2048}, id="budget_mb"),
         pytest.param({"train": TrainConfig(epochs=2, lr=2e-3)}, id="train-lr"),
-        pytest.param({"train": TrainConfig(epochs=2, lr=1e-3, precision="bf16")},
-                     id="train-precision"),
+        pytest.param(
+            {"train": TrainConfig(epochs=2, lr=1e-3, precision="bf16")}, id="train-precision"
+        ),
         pytest.param({"dataset_args": {"num_classes": 4, "per_class": 25}}, id="dataset_args"),
         pytest.param({"backbone": "tiny_vit_test"}, id="backbone"),
         pytest.param({"checkpointing_args": {"every": 1}}, id="checkpointing_args"),

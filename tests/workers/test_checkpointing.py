@@ -30,7 +30,9 @@ def test_registered_strategies() -> None:
 def test_blocks_found_in_forward_order(backbone: str, n_blocks: int) -> None:
     names = [n for n, _ in find_blocks(create_backbone(backbone, num_classes=4))]
     assert len(names) == n_blocks
-    assert names == sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in n.split(".")])
+    assert names == sorted(
+        names, key=lambda n: [int(t) if t.isdigit() else t for t in n.split(".")]
+    )
 
 
 @pytest.mark.parametrize(("every", "expected"), [(1, 4), (2, 2), (3, 2), (4, 1), (9, 1)])

@@ -33,15 +33,32 @@ def test_batches_resize_normalise_and_cover_the_split(synthetic_data: ImageData)
     d = synthetic_data
     gen = torch.Generator().manual_seed(3)
     seen = []
-    for xb, yb in batches(d.train_x, d.train_y, 10, size=32, mean=d.mean, std=d.std,
-                          device=torch.device("cpu"), generator=gen):
+    for xb, yb in batches(
+        d.train_x,
+        d.train_y,
+        10,
+        size=32,
+        mean=d.mean,
+        std=d.std,
+        device=torch.device("cpu"),
+        generator=gen,
+    ):
         assert xb.shape[1:] == (3, 32, 32) and xb.dtype == torch.float32
         seen.append(yb)
     labels = torch.cat(seen)
     assert sorted(labels.tolist()) == sorted(d.train_y.tolist())
     # with the train split's statistics, the whole split is ~zero-mean per channel
-    full = next(batches(d.train_x, d.train_y, len(d.train_y), size=16, mean=d.mean, std=d.std,
-                        device=torch.device("cpu")))[0]
+    full = next(
+        batches(
+            d.train_x,
+            d.train_y,
+            len(d.train_y),
+            size=16,
+            mean=d.mean,
+            std=d.std,
+            device=torch.device("cpu"),
+        )
+    )[0]
     assert full.mean(dim=(0, 2, 3)).abs().max() < 1e-4
 
 
@@ -50,9 +67,21 @@ def test_shuffle_is_seeded(synthetic_data: ImageData) -> None:
 
     def order(seed: int) -> list[int]:
         gen = torch.Generator().manual_seed(seed)
-        return torch.cat([y for _, y in batches(d.train_x, d.train_y, 8, size=16, mean=d.mean,
-                                                 std=d.std, device=torch.device("cpu"),
-                                                 generator=gen)]).tolist()
+        return torch.cat(
+            [
+                y
+                for _, y in batches(
+                    d.train_x,
+                    d.train_y,
+                    8,
+                    size=16,
+                    mean=d.mean,
+                    std=d.std,
+                    device=torch.device("cpu"),
+                    generator=gen,
+                )
+            ]
+        ).tolist()
 
     assert order(1) == order(1)
     assert order(1) != order(2)
@@ -60,8 +89,19 @@ def test_shuffle_is_seeded(synthetic_data: ImageData) -> None:
 
 def test_drop_last(synthetic_data: ImageData) -> None:
     d = synthetic_data
-    n = sum(len(y) for _, y in batches(d.train_x, d.train_y, 7, size=16, mean=d.mean, std=d.std,
-                                       device=torch.device("cpu"), drop_last=True))
+    n = sum(
+        len(y)
+        for _, y in batches(
+            d.train_x,
+            d.train_y,
+            7,
+            size=16,
+            mean=d.mean,
+            std=d.std,
+            device=torch.device("cpu"),
+            drop_last=True,
+        )
+    )
     assert n == len(d.train_y) // 7 * 7
 
 
@@ -81,5 +121,12 @@ def test_bad_dataset_arguments(name: str, args: dict, fragment: str) -> None:
 
 def test_imagedata_rejects_wrong_layout() -> None:
     with pytest.raises(ValueError, match="uint8"):
-        ImageData(torch.zeros(2, 16, 16, 3), torch.zeros(2), torch.zeros(1, 3, 4, 4, dtype=torch.uint8),
-                  torch.zeros(1), 2, (0.5,) * 3, (0.5,) * 3)
+        ImageData(
+            torch.zeros(2, 16, 16, 3),
+            torch.zeros(2),
+            torch.zeros(1, 3, 4, 4, dtype=torch.uint8),
+            torch.zeros(1),
+            2,
+            (0.5,) * 3,
+            (0.5,) * 3,
+        )

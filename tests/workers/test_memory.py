@@ -53,9 +53,7 @@ def test_account_after_an_adamw_step() -> None:
     assert acc.grads_bytes == trainable_bytes
     # two moments per trainable parameter, plus a scalar step counter per tensor
     assert 2 * trainable_bytes <= acc.optimizer_bytes <= 2 * trainable_bytes + 2 * 8
-    assert acc.peak_bytes == (
-        acc.params_bytes + acc.grads_bytes + acc.optimizer_bytes + 1000 + 24
-    )
+    assert acc.peak_bytes == (acc.params_bytes + acc.grads_bytes + acc.optimizer_bytes + 1000 + 24)
 
 
 def test_cuda_cap_fraction_at_the_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,10 +65,13 @@ def test_cuda_cap_fraction_at_the_boundary(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
     monkeypatch.setattr(
-        torch.cuda, "set_per_process_memory_fraction",
+        torch.cuda,
+        "set_per_process_memory_fraction",
         lambda f, d: calls.__setitem__("fraction", f),
     )
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.__setitem__("reset", d))
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda d: calls.__setitem__("reset", d)
+    )
     assert memory.cap_cuda_memory(2048, torch.device("cuda", 0)) == pytest.approx(0.25)
     assert calls["fraction"] == pytest.approx(0.25) and calls["reset"] == torch.device("cuda", 0)
     assert memory.cap_cuda_memory(64 * 1024, torch.device("cuda", 0)) == 1.0

@@ -62,7 +62,9 @@ def test_lora_wraps_block_linears_only_and_starts_as_identity(backbone: str) -> 
     # every trainable parameter is an adapter or the (saved) head
     assert all(".lora_" in n or "head" in n for n in names)
     wrapped = {n.split(".lora_")[0] for n in lora_params}
-    n_blocks = sum(1 for n, _ in reference.named_modules() if n.endswith(".attn") and "blocks." in n)
+    n_blocks = sum(
+        1 for n, _ in reference.named_modules() if n.endswith(".attn") and "blocks." in n
+    )
     assert len(wrapped) == 4 * n_blocks  # qkv, proj, fc1, fc2 of every attention block
     # B starts at zero: the adapted model computes what the base model computes
     x = torch.randn(3, 3, 32, 32)

@@ -16,8 +16,14 @@ SYNTH = {"num_classes": 4, "per_class": 24, "image_size": 16}
 
 
 def _spec(**kw) -> TrialSpec:  # noqa: ANN003
-    base = dict(backbone="vit_test", method="full", dataset="synthetic", dataset_args=SYNTH,
-                train=QUICK, budget_mb=2048)
+    base = dict(
+        backbone="vit_test",
+        method="full",
+        dataset="synthetic",
+        dataset_args=SYNTH,
+        train=QUICK,
+        budget_mb=2048,
+    )
     return TrialSpec(**(base | kw))
 
 
@@ -51,8 +57,12 @@ def test_every_combination_runs_and_is_measured(
 
 
 def test_full_finetuning_learns_digits() -> None:
-    spec = TrialSpec(backbone="tiny_vit_test", method="full", dataset="digits",
-                     train=TrainConfig(epochs=2, batch_size=32, lr=5e-3, warmup_epochs=0.5))
+    spec = TrialSpec(
+        backbone="tiny_vit_test",
+        method="full",
+        dataset="digits",
+        train=TrainConfig(epochs=2, batch_size=32, lr=5e-3, warmup_epochs=0.5),
+    )
     rec = run_trial(spec, num_threads=2)
     assert rec.status == "ok", rec.error
     assert rec.accuracy > 0.6  # chance is 0.1
@@ -86,14 +96,16 @@ def test_over_budget_is_a_record_not_a_crash(synthetic_data: ImageData) -> None:
 
 
 def test_exception_becomes_a_failed_record(synthetic_data: ImageData) -> None:
-    rec = run_trial(_spec(train=TrainConfig(epochs=1, precision="fp16", max_steps=2)),
-                    data=synthetic_data)
+    rec = run_trial(
+        _spec(train=TrainConfig(epochs=1, precision="fp16", max_steps=2)), data=synthetic_data
+    )
     assert rec.status == "failed"
     assert "fp16 needs a CUDA device" in rec.error and "Traceback" in rec.error
     assert rec.ended_at
 
 
 def test_baseline_kind_without_runner_fails_cleanly(synthetic_data: ImageData) -> None:
-    rec = run_trial(TrialSpec(kind="baseline", baseline="dinov2_knn", dataset="synthetic"),
-                    data=synthetic_data)
+    rec = run_trial(
+        TrialSpec(kind="baseline", baseline="dinov2_knn", dataset="synthetic"), data=synthetic_data
+    )
     assert rec.status == "failed" and "no runner" in rec.error
