@@ -63,9 +63,10 @@ def run_trial(
     record = TrialRecord(spec=spec, status="failed", started_at=_now(), **_provenance())
     if num_threads:
         torch.set_num_threads(num_threads)
-    device = _device(spec)
-    record.device = _device_name(device)
+    device = torch.device("cpu")
     try:
+        device = _device(spec)
+        record.device = _device_name(device)
         if spec.kind != "finetune":
             raise NotImplementedError(f"trial kind {spec.kind!r} has no runner in this worker")
         _finetune(spec, device, record, data)

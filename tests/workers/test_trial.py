@@ -104,6 +104,14 @@ def test_exception_becomes_a_failed_record(synthetic_data: ImageData) -> None:
     assert rec.ended_at
 
 
+def test_missing_cuda_is_a_failed_record(
+    synthetic_data: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    rec = run_trial(_spec(train=TrainConfig(device="cuda", max_steps=1)), data=synthetic_data)
+    assert rec.status == "failed" and "no CUDA device is visible" in rec.error
+
+
 def test_baseline_kind_without_runner_fails_cleanly(synthetic_data: ImageData) -> None:
     rec = run_trial(
         TrialSpec(kind="baseline", baseline="dinov2_knn", dataset="synthetic"), data=synthetic_data
