@@ -233,18 +233,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         else:
             raise UsageError(f"--out must end in .parquet or .csv, got {args.out!r}")
         print(f"wrote {len(frame)} records to {args.out}")
-    cols = [
-        "trial_id",
-        "status",
-        "backbone",
-        "method",
-        "checkpointing",
-        "dataset",
-        "seed",
-        "accuracy",
-        "peak_mem_mb",
-        "train_time_s",
-    ]
+    cols = ["status", *pareto.TRIAL_COLUMNS, "accuracy", "peak_mem_mb", "train_time_s"]
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print(frame[cols].to_string(index=False) if len(frame) else "(no records)")
     print(f"{len(frame)} records; status: {pareto.status_counts(frame)}")

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # Objective -> "max" or "min". Energy joins when every candidate has it measured.
 BASE_OBJECTIVES: dict[str, str] = {"accuracy": "max", "peak_mem_mb": "min"}
 ENERGY_OBJECTIVE: dict[str, str] = {"energy_j": "min"}
+# What names a trial in a table a person reads.
+TRIAL_COLUMNS = ("trial_id", "backbone", "method", "checkpointing", "dataset", "seed")
 
 
 def non_dominated(values: np.ndarray, senses: list[str]) -> np.ndarray:
@@ -78,12 +80,7 @@ def front_table(df: pd.DataFrame, objectives: Mapping[str, str] | None = None) -
     cols = [
         c
         for c in (
-            "trial_id",
-            "backbone",
-            "method",
-            "checkpointing",
-            "dataset",
-            "seed",
+            *TRIAL_COLUMNS,
             "accuracy",
             "peak_mem_mb",
             "energy_j",
