@@ -239,7 +239,7 @@ def _components(fail: Any, where: str, value: Any, registry: Any) -> tuple[Compo
         raise fail(where, "must not be empty")
     out = []
     for name, args in items:
-        if not isinstance(name, str) or name not in registry.names():
+        if name not in registry:
             valid = ", ".join(registry.names()) or "(none registered yet)"
             raise fail(where, f"unknown {registry.kind} {name!r}; valid: {valid}")
         if args is None:
@@ -284,7 +284,7 @@ def _baselines(fail: Any, value: Any, registry: Any) -> tuple[Component, ...]:
             raise fail(where, f"must be a mapping with a 'name', got {item!r}")
         args = {k: v for k, v in item.items() if k != "name"}
         name = item["name"]
-        if not isinstance(name, str) or name not in registry.names():
+        if name not in registry:
             valid = ", ".join(registry.names()) or "(none registered yet)"
             raise fail(where, f"unknown baseline {name!r}; valid: {valid}")
         try:

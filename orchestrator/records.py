@@ -152,13 +152,11 @@ def _spec_schema_fields() -> list[tuple[str, pa.DataType, str]]:
     for f in dataclasses.fields(TrialSpec):
         if f.name == "train":
             for t in dataclasses.fields(TrainConfig):
-                default = getattr(TrainConfig(), t.name)
-                out.append((f"train_{t.name}", py[type(default)], f"grid `train.{t.name}`"))
+                out.append((f"train_{t.name}", py[type(t.default)], f"grid `train.{t.name}`"))
         elif f.name in _ARGS_FIELDS:
             out.append((f.name, pa.string(), f"JSON: resolved {f.metadata['doc']}"))
         else:
-            default = getattr(TrialSpec(), f.name)
-            out.append((f.name, py[type(default)], f.metadata["doc"]))
+            out.append((f.name, py[type(f.default)], f.metadata["doc"]))
     out.append(("spec_json", pa.string(), "the TrialSpec as canonical JSON (round-trips)"))
     return out
 
@@ -183,7 +181,9 @@ def record_schema() -> pa.Schema:
 def describe_schema() -> str:
     """The schema as a Markdown table."""
     lines = ["| column | type | meaning |", "|---|---|---|"]
-    lines += [f"| `{n}` | {t} | {d.replace('|', chr(92) + '|')} |" for n, t, d in schema_fields()]
+    for name, arrow_type, doc in schema_fields():
+        cell = doc.replace("|", "\\|")  # a bare | would end the Markdown cell
+        lines.append(f"| `{name}` | {arrow_type} | {cell} |")
     return "\n".join(lines)
 
 

@@ -64,10 +64,12 @@ class TrainConfig:
             problems.append(f"lr must be a number > 0, got {self.lr!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:
             problems.append(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        if not is_number(self.warmup_epochs) or not (
-            self.warmup_epochs >= 0
-            and (not is_int(self.epochs) or self.warmup_epochs <= self.epochs)
-        ):
+        too_long = (
+            is_int(self.epochs)
+            and is_number(self.warmup_epochs)
+            and (self.warmup_epochs > self.epochs)
+        )
+        if not is_number(self.warmup_epochs) or self.warmup_epochs < 0 or too_long:
             problems.append(
                 f"warmup_epochs must be between 0 and epochs ({self.epochs!r}),"
                 f" got {self.warmup_epochs!r}"
