@@ -193,7 +193,9 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
         source=source,
     )
     exclude = _exclusions(fail, _or_empty(raw, "exclude", []), grid)
-    return dataclasses.replace(grid, exclude=exclude)
+    grid = dataclasses.replace(grid, exclude=exclude)
+    _check_pairs(fail, grid)
+    return grid
 
 
 # ---------------------------------------------------------------- pieces
@@ -292,6 +294,28 @@ def _baselines(fail: Any, value: Any, registry: Any) -> tuple[Component, ...]:
         except ValueError as exc:
             raise fail(where, str(exc)) from None
     return tuple(out)
+
+
+def _check_pairs(fail: Any, grid: Grid) -> None:
+    """Every backbone x method pair that is not excluded must be one that can run."""
+    from workers.methods import check_applicable
+
+    for backbone in grid.backbones:
+        for method in grid.methods:
+            pair = {"backbone": backbone.name, "method": method.name}
+            if any(
+                set(rule) <= set(pair) and all(pair[k] == v for k, v in rule.items())
+                for rule in grid.exclude
+            ):
+                continue
+            try:
+                check_applicable(method.name, backbone.name)
+            except ValueError as exc:
+                raise fail(
+                    "methods",
+                    f"{exc}; remove one of them or add "
+                    f"{{backbone: {backbone.name}, method: {method.name}}} to exclude",
+                ) from None
 
 
 def _exclusions(fail: Any, value: Any, grid: Grid) -> tuple[dict[str, Any], ...]:

@@ -28,6 +28,21 @@ log = logging.getLogger(__name__)
 
 BACKBONES = Registry("backbone")
 
+# Backbone families (each backbone is registered with exactly one as its tag); a
+# method declares the families it applies to.
+TRANSFORMER = "transformer"  # blocks of attention + MLP linear layers over a token grid
+INVERTED_RESIDUAL = "inverted_residual"  # MobileNet-style depthwise/pointwise conv blocks
+MAMBA = "mamba"  # selective state-space blocks
+FAMILIES = (TRANSFORMER, INVERTED_RESIDUAL, MAMBA)
+
+
+def family(name: str) -> str:
+    """The family of registered backbone ``name``."""
+    tags = BACKBONES.get(name).tags & set(FAMILIES)
+    if len(tags) != 1:
+        raise RuntimeError(f"backbone {name!r} must be registered with one family, has {tags}")
+    return next(iter(tags))
+
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -152,19 +167,19 @@ def load_pretrained_file(model: nn.Module, path: Path) -> None:
 # ---------------------------------------------------------------- variants
 
 
-@BACKBONES.register(config_cls=BackboneConfig)
+@BACKBONES.register(config_cls=BackboneConfig, tags=(TRANSFORMER,))
 def vit_small_patch16_224(config: BackboneConfig, num_classes: int) -> nn.Module:
     """ViT-S/16 at 224 px (22M parameters), timm."""
     return _timm_backbone("vit_small_patch16_224", config, num_classes, 224)
 
 
-@BACKBONES.register(config_cls=BackboneConfig)
+@BACKBONES.register(config_cls=BackboneConfig, tags=(TRANSFORMER,))
 def tiny_vit_5m_224(config: BackboneConfig, num_classes: int) -> nn.Module:
     """TinyViT-5M at 224 px, timm (windowed attention pads any size that is a multiple of 32)."""
     return _timm_backbone("tiny_vit_5m_224", config, num_classes, 224, takes_img_size=False)
 
 
-@BACKBONES.register(config_cls=BackboneConfig)
+@BACKBONES.register(config_cls=BackboneConfig, tags=(TRANSFORMER,))
 def vit_test(config: BackboneConfig, num_classes: int) -> nn.Module:
     """Tiny ViT for CPU tests: 32 px, patch 8, dim 64, depth 4, 2 heads, class token (0.2M).
 
@@ -175,7 +190,7 @@ def vit_test(config: BackboneConfig, num_classes: int) -> nn.Module:
     return _timm_backbone("vit_small_patch16_224", config, num_classes, 32, **model_args)
 
 
-@BACKBONES.register(config_cls=BackboneConfig)
+@BACKBONES.register(config_cls=BackboneConfig, tags=(TRANSFORMER,))
 def tiny_vit_test(config: BackboneConfig, num_classes: int) -> nn.Module:
     """Tiny TinyViT for CPU tests: 32 px, dims 16-96, depths 1-1-2-1 (0.26M parameters)."""
     model_args = dict(

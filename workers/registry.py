@@ -45,6 +45,7 @@ class Entry:
     builder: Callable[..., Any]
     config_cls: type
     doc: str
+    tags: frozenset[str] = frozenset()  # e.g. a backbone's family, the families a method fits
 
 
 class Registry:
@@ -55,9 +56,17 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def register(
-        self, name: str | None = None, *, config_cls: type = NoArgs
+        self,
+        name: str | None = None,
+        *,
+        config_cls: type = NoArgs,
+        tags: tuple[str, ...] | frozenset[str] = (),
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: register ``fn`` under ``name`` (default: the function's name)."""
+        """Decorator: register ``fn`` under ``name`` (default: the function's name).
+
+        ``tags`` are free-form labels read by other parts (a backbone's family; the
+        backbone families a method applies to).
+        """
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             key = name or fn.__name__
@@ -68,7 +77,7 @@ class Registry:
             if not dataclasses.is_dataclass(config_cls):
                 raise RegistryError(f"config_cls of {self.kind} {key!r} must be a dataclass")
             doc = (fn.__doc__ or "").strip().splitlines()
-            self._entries[key] = Entry(key, fn, config_cls, doc[0] if doc else "")
+            self._entries[key] = Entry(key, fn, config_cls, doc[0] if doc else "", frozenset(tags))
             return fn
 
         return decorate

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from workers.registry import Registry
+from workers.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,23 @@ class Adapted:
 def is_classifier_param(name: str, classifier: str) -> bool:
     """True for the parameters of the head (also when a wrapper prefixes names)."""
     return name.startswith(classifier + ".") or f".{classifier}." in name
+
+
+def check_applicable(method: str, backbone: str) -> None:
+    """Raise ``RegistryError`` unless ``method`` applies to ``backbone``'s family.
+
+    A method registered without tags applies to every backbone.
+    """
+    from workers.backbones import BACKBONES, family
+
+    fits = METHODS.get(method).tags
+    own = family(backbone)
+    if fits and own not in fits:
+        suitable = [b for b in BACKBONES.names() if family(b) in fits]
+        raise RegistryError(
+            f"method {method!r} does not apply to backbone {backbone!r} ({own}); "
+            f"it applies to {' or '.join(sorted(fits))} backbones: {', '.join(suitable)}"
+        )
 
 
 def apply_method(name: str, args: dict | None, model: nn.Module, ctx: MethodContext) -> Adapted:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from workers.backbones import MAMBA, TRANSFORMER
 from workers.methods.base import METHODS, Adapted, MethodContext
 
 # timm ViT: blocks.3.attn.qkv; TinyViT: stages.1.blocks.0.mlp.fc2
@@ -36,7 +37,7 @@ class LoraArgs:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-@METHODS.register(config_cls=LoraArgs)
+@METHODS.register(config_cls=LoraArgs, tags=(TRANSFORMER, MAMBA))
 def lora(config: LoraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """LoRA on the blocks' qkv/proj/fc1/fc2 (peft), head trained in full."""
     from peft import LoraConfig, get_peft_model

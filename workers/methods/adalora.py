@@ -1,0 +1,1 @@
+"""adalora (being written)."""

@@ -1,0 +1,1 @@
+"""lbp_wht (being written)."""

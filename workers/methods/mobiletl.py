@@ -1,0 +1,1 @@
+"""mobiletl (being written)."""

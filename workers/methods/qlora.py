@@ -1,0 +1,1 @@
+"""qlora (being written)."""

@@ -1,0 +1,1 @@
+"""snella (being written)."""
