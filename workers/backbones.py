@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,21 +92,27 @@ def _timm_backbone(
     num_classes: int,
     native_size: int,
     takes_img_size: bool = True,
+    model_cls: type[nn.Module] | None = None,
     **model_args: Any,
 ) -> nn.Module:
     """One timm model, resized input, optional pretrained weights, fresh head.
 
     ``takes_img_size``: the architecture is built for one resolution (ViT position
-    embeddings); otherwise it accepts any resolution as it is (TinyViT).
+    embeddings); otherwise it accepts any resolution as it is (TinyViT, MobileNets).
+    ``model_cls``: build this timm model class from ``model_args`` with ``variant``'s
+    pretrained config, for an architecture timm does not register (a tiny test
+    variant); None builds the registered ``variant``.
     """
     import timm
+    from timm.models import build_model_with_cfg
 
     size = config.img_size or native_size
     if takes_img_size:
         model_args["img_size"] = size
     hub = config.pretrained if _is_hub_ref(config.pretrained) else None
+    factory = timm.create_model if model_cls is None else partial(build_model_with_cfg, model_cls)
     try:
-        model = timm.create_model(
+        model = factory(
             hub if hub and hub.startswith("hf-hub:") else variant,
             pretrained=hub is not None,
             num_classes=num_classes,
@@ -201,4 +208,81 @@ def tiny_vit_test(config: BackboneConfig, num_classes: int) -> nn.Module:
     )
     return _timm_backbone(
         "tiny_vit_5m_224", config, num_classes, 32, takes_img_size=False, **model_args
+    )
+
+
+@BACKBONES.register(config_cls=BackboneConfig, tags=(INVERTED_RESIDUAL,))
+def mobilenetv2_100(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """MobileNetV2 1.0 at 224 px (3.5M parameters), timm; any resolution runs as it is."""
+    return _timm_backbone("mobilenetv2_100", config, num_classes, 224, takes_img_size=False)
+
+
+@BACKBONES.register(config_cls=BackboneConfig, tags=(INVERTED_RESIDUAL,))
+def mobilenetv3_large_100(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """MobileNetV3-Large 1.0 at 224 px (5.5M parameters), timm; any resolution runs as it is."""
+    return _timm_backbone("mobilenetv3_large_100", config, num_classes, 224, takes_img_size=False)
+
+
+@BACKBONES.register(config_cls=BackboneConfig, tags=(INVERTED_RESIDUAL,))
+def mobilenetv2_test(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """Tiny MobileNetV2 for CPU tests: 32 px, widths 8-48, 8 blocks, 128 head features.
+
+    timm's MobileNetV2 class and block strings (BatchNorm + ReLU6 inverted residuals,
+    a depthwise-separable first block); timm fixes V2's head at 1280 features, too
+    many for a tiny model, hence the class built from its arguments.
+    """
+    from timm.models import EfficientNet
+    from timm.models._efficientnet_builder import decode_arch_def
+
+    arch = [
+        ["ds_r1_k3_s1_c8"],
+        ["ir_r2_k3_s2_e6_c16"],
+        ["ir_r2_k3_s2_e6_c24"],
+        ["ir_r2_k3_s2_e6_c32"],
+        ["ir_r1_k3_s1_e6_c48"],
+    ]
+    model_args = dict(
+        block_args=decode_arch_def(arch), stem_size=8, num_features=128, act_layer=nn.ReLU6
+    )
+    return _timm_backbone(
+        "mobilenetv2_100", config, num_classes, 32, False, EfficientNet, **model_args
+    )
+
+
+@BACKBONES.register(config_cls=BackboneConfig, tags=(INVERTED_RESIDUAL,))
+def mobilenetv3_test(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """Tiny MobileNetV3 for CPU tests: 32 px, widths 8-40, 8 blocks, 128 head features.
+
+    timm's MobileNetV3 class with V3-Large's block kinds: ReLU blocks, then hard-swish
+    blocks, squeeze-excite (ReLU, hard-sigmoid gate) in some of both, a final 1x1
+    ConvBnAct and a conv head, as timm's own generator builds them.
+    """
+    from timm.layers import get_act_layer
+    from timm.models import MobileNetV3
+    from timm.models._efficientnet_blocks import SqueezeExcite
+    from timm.models._efficientnet_builder import decode_arch_def, round_channels
+
+    arch = [
+        ["ds_r1_k3_s1_e1_c8_nre"],  # relu
+        ["ir_r2_k3_s2_e4_c16_nre"],  # relu
+        ["ir_r1_k5_s2_e3_c24_se0.25_nre"],  # relu + squeeze-excite
+        ["ir_r2_k3_s2_e4_c32"],  # hard-swish
+        ["ir_r2_k3_s1_e6_c40_se0.25"],  # hard-swish + squeeze-excite
+        ["cn_r1_k1_s1_c96"],  # hard-swish
+    ]
+    se_layer = partial(
+        SqueezeExcite,
+        gate_layer="hard_sigmoid",
+        force_act_layer=nn.ReLU,
+        rd_round_fn=round_channels,
+    )
+    model_args = dict(
+        block_args=decode_arch_def(arch),
+        stem_size=8,
+        num_features=128,
+        act_layer=get_act_layer("hard_swish"),
+        se_layer=se_layer,
+    )
+    return _timm_backbone(
+        "mobilenetv3_large_100", config, num_classes, 32, False, MobileNetV3, **model_args
     )

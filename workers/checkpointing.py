@@ -32,7 +32,7 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if _BLOCK_NAME.search(n)]
 
 
-class _KeepForRecompute(torch.autograd.Function):
+class KeepForRecompute(torch.autograd.Function):
     """Identity that saves its input for backward.
 
     A checkpointed block keeps its input alive (it is needed for the recompute) but
@@ -60,8 +60,12 @@ def checkpoint_block(block: nn.Module) -> None:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not (torch.is_grad_enabled() and block.training):
             return plain_forward(x, *args, **kwargs)
+        if not x.requires_grad and not any(p.requires_grad for p in block.parameters()):
+            # a frozen block below every trained parameter builds no graph: checkpointing
+            # it would only keep its input alive
+            return plain_forward(x, *args, **kwargs)
         if x.requires_grad:
-            x = _KeepForRecompute.apply(x)
+            x = KeepForRecompute.apply(x)
         return checkpoint(plain_forward, x, *args, use_reentrant=False, **kwargs)
 
     block.forward = forward

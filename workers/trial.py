@@ -37,7 +37,7 @@ from workers import memory
 from workers.backbones import classifier_name, create_backbone, input_size
 from workers.checkpointing import apply_checkpointing, find_blocks
 from workers.datasets import ImageData, batches, load_dataset
-from workers.methods import MethodContext, apply_method
+from workers.methods import MethodContext, apply_method, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ def _finetune(
     model = adapted.model
     chosen = apply_checkpointing(spec.checkpointing, spec.checkpointing_args, model)
     record.checkpointed_blocks, record.total_blocks = len(chosen), len(find_blocks(model))
-    record.params_total = sum(p.numel() for p in model.parameters())
-    record.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record.params_total = count_parameters(model)
+    record.params_trainable = count_parameters(model, trainable_only=True)
     record.macs = _macs(model, size)
 
     model.to(device)
@@ -139,8 +139,9 @@ def _finetune(
         ):
             with meter, autocast:
                 loss = F.cross_entropy(model(xb), yb)
+                objective = loss + adapted.regularizer() if adapted.regularizer else loss
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

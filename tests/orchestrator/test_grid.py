@@ -82,7 +82,7 @@ MALFORMED: list[Any] = [
     pytest.param(
         set_("methods", {"adapterx": {}}),
         "methods",
-        ("unknown method 'adapterx'", "bitfit, full, lora"),
+        ("unknown method 'adapterx'", "adalora, bitfit, full, lbp_wht, lora, mobiletl, qlora, snella"),
         id="unknown-method",
     ),
     pytest.param(
@@ -439,3 +439,48 @@ def test_non_utf8_file_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFix
     _, err = capsys.readouterr()
     assert code == 2
     assert f"{path}: file: " in err
+
+
+# ---------------------------------------------------------------- method x backbone
+
+
+def test_method_that_does_not_fit_a_backbone_fails_validation(
+    tiny_grid: dict[str, Any],
+    write_grid: Callable[[dict[str, Any]], Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tiny_grid["backbones"] = {"vit_test": {}, "mobilenetv2_test": {}}
+    tiny_grid["methods"] = {"lora": {}, "mobiletl": {}}
+    path = write_grid(tiny_grid)
+    code = main(["validate", str(path)])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert f"{path}: methods:" in err
+    assert "'mobiletl' does not apply to backbone 'vit_test'" in err
+    assert "{backbone: vit_test, method: mobiletl} to exclude" in err
+
+
+def test_excluding_the_unfit_pairs_makes_the_grid_valid(tiny_grid: dict[str, Any]) -> None:
+    tiny_grid["backbones"] = {"vit_test": {}, "mobilenetv2_test": {}}
+    tiny_grid["methods"] = {"lora": {}, "mobiletl": {}, "full": {}}
+    tiny_grid["exclude"] = [
+        {"backbone": "vit_test", "method": "mobiletl"},
+        {"method": "lora", "backbone": "mobilenetv2_test"},
+    ]
+    specs = expand(parse_grid(tiny_grid))
+    pairs = {(s.backbone, s.method) for s in specs}
+    assert pairs == {
+        ("vit_test", "lora"),
+        ("vit_test", "full"),
+        ("mobilenetv2_test", "mobiletl"),
+        ("mobilenetv2_test", "full"),
+    }
+
+
+def test_exclusion_narrower_than_the_pair_does_not_excuse_it(tiny_grid: dict[str, Any]) -> None:
+    tiny_grid["backbones"] = {"mobilenetv2_test": {}}
+    tiny_grid["methods"] = {"lora": {}}
+    tiny_grid["seeds"] = [0, 1]
+    tiny_grid["exclude"] = [{"backbone": "mobilenetv2_test", "method": "lora", "seed": 0}]
+    with pytest.raises(GridError, match="'lora' does not apply to backbone 'mobilenetv2_test'"):
+        parse_grid(tiny_grid)

@@ -7,6 +7,7 @@ import pytest
 from workers.datasets import ImageData, load_dataset
 
 TINY_BACKBONES = ["vit_test", "tiny_vit_test"]
+TINY_CNN_BACKBONES = ["mobilenetv2_test", "mobilenetv3_test"]  # inverted residual family
 
 
 @pytest.fixture(scope="session")

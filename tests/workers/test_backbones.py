@@ -8,12 +8,27 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from workers.backbones import BACKBONES, classifier_name, create_backbone, input_size
+from tests.workers.conftest import TINY_CNN_BACKBONES
+from workers.backbones import (
+    BACKBONES,
+    INVERTED_RESIDUAL,
+    classifier_name,
+    create_backbone,
+    family,
+    input_size,
+)
 from workers.registry import RegistryError
 
-# Parameter counts at 1000 classes as published for the pretrained models.
-PUBLISHED_PARAMS = {"vit_small_patch16_224": 22_050_664, "tiny_vit_5m_224": 5_392_764}
+# Parameter counts at 1000 classes as published for the pretrained models (the
+# MobileNets' as timm builds them: 3.5M and 5.5M in the papers).
+PUBLISHED_PARAMS = {
+    "vit_small_patch16_224": 22_050_664,
+    "tiny_vit_5m_224": 5_392_764,
+    "mobilenetv2_100": 3_504_872,
+    "mobilenetv3_large_100": 5_483_032,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
@@ -29,6 +44,42 @@ def test_tiny_variants_classify_at_their_resolution(name: str, head: str) -> Non
     assert input_size(model) == 32 and classifier_name(model) == head
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     assert sum(p.numel() for p in model.parameters()) < 500_000
+
+
+@pytest.mark.parametrize("name", TINY_CNN_BACKBONES)
+def test_tiny_mobilenets_classify_at_their_resolution(name: str) -> None:
+    model = create_backbone(name, num_classes=7)
+    assert input_size(model) == 32 and classifier_name(model) == "classifier"
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert sum(p.numel() for p in model.parameters()) < 300_000
+    assert family(name) == INVERTED_RESIDUAL
+
+
+@pytest.mark.parametrize(
+    ("name", "acts"),
+    [
+        ("mobilenetv2_test", {nn.ReLU6}),
+        ("mobilenetv3_test", {nn.ReLU, nn.Hardswish, nn.Hardsigmoid}),
+    ],
+)
+def test_tiny_mobilenets_use_timms_inverted_residual_blocks(name: str, acts: set) -> None:
+    from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
+
+    model = create_backbone(name, num_classes=3)
+    kinds = {type(m) for m in model.modules()}
+    assert InvertedResidual in kinds and any(issubclass(k, nn.BatchNorm2d) for k in kinds)
+    assert {k for k in kinds if k in {nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid}} == acts
+    assert (SqueezeExcite in kinds) == (name == "mobilenetv3_test")
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "mobilenetv3_large_100"])
+def test_real_mobilenets_take_any_resolution(name: str) -> None:
+    model = create_backbone(name, num_classes=3, img_size=64)
+    assert input_size(model) == 64 and classifier_name(model) == "classifier"
+    assert family(name) == INVERTED_RESIDUAL
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
 
 def test_img_size_argument_resizes_the_vit() -> None:

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.workers.conftest import TINY_BACKBONES
+from tests.workers.conftest import TINY_BACKBONES, TINY_CNN_BACKBONES
 from workers.backbones import classifier_name, create_backbone
 from workers.checkpointing import CHECKPOINTING, apply_checkpointing, find_blocks
 from workers.memory import ActivationMeter
-from workers.methods import MethodContext, apply_method
+from workers.methods import MethodContext, apply_method, check_applicable
+from workers.registry import RegistryError
 
 
 def _model(backbone: str, method: str, strategy: str, args: dict | None = None):  # noqa: ANN202
@@ -26,7 +27,10 @@ def test_registered_strategies() -> None:
     assert {"none", "static"} <= set(CHECKPOINTING.names())
 
 
-@pytest.mark.parametrize(("backbone", "n_blocks"), [("vit_test", 4), ("tiny_vit_test", 5)])
+@pytest.mark.parametrize(
+    ("backbone", "n_blocks"),
+    [("vit_test", 4), ("tiny_vit_test", 5), ("mobilenetv2_test", 5), ("mobilenetv3_test", 6)],
+)
 def test_blocks_found_in_forward_order(backbone: str, n_blocks: int) -> None:
     names = [n for n, _ in find_blocks(create_backbone(backbone, num_classes=4))]
     assert len(names) == n_blocks
@@ -52,8 +56,22 @@ def _loss_and_grads(model, x, y):  # noqa: ANN001, ANN202
     return loss.item(), grads, meter.peak_bytes
 
 
-@pytest.mark.parametrize("backbone", TINY_BACKBONES)
-@pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
+def _applicable(methods: list[str]) -> list[tuple[str, str]]:
+    """(backbone, method) pairs of the tiny backbones, where the method applies."""
+    pairs = []
+    for backbone in TINY_BACKBONES + TINY_CNN_BACKBONES:
+        for method in methods:
+            try:
+                check_applicable(method, backbone)
+            except RegistryError:
+                continue
+            pairs.append((backbone, method))
+    return pairs
+
+
+# MobileNet stages (timm's blocks.<i>) hold BatchNorm in training mode: the recompute
+# sees the same batch, so the statistics and with them the gradients are the same
+@pytest.mark.parametrize(("backbone", "method"), _applicable(["full", "lora", "bitfit"]))
 def test_static_checkpointing_is_exact_and_saves_activations(backbone: str, method: str) -> None:
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
     plain, _ = _model(backbone, method, "none")

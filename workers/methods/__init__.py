@@ -16,6 +16,14 @@ from workers.methods.base import (
     MethodContext,
     apply_method,
     check_applicable,
+    count_parameters,
 )
 
-__all__ = ["METHODS", "Adapted", "MethodContext", "apply_method", "check_applicable"]
+__all__ = [
+    "METHODS",
+    "Adapted",
+    "MethodContext",
+    "apply_method",
+    "check_applicable",
+    "count_parameters",
+]

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from workers.registry import Registry, RegistryError
@@ -27,17 +28,31 @@ class MethodContext:
 class Adapted:
     """A model after a method was applied.
 
-    ``on_optimizer_step(step)`` is called after every optimizer step, for methods
-    whose structure changes during training (rank or sparsity allocation).
+    ``on_optimizer_step(step)`` is called after every optimizer step (steps count
+    from 1, gradients still in ``.grad``), for methods whose structure changes during
+    training (rank or sparsity allocation). ``regularizer()``, when set, is added to
+    the task loss of every training step.
     """
 
     model: nn.Module
     on_optimizer_step: Callable[[int], None] | None = None
+    regularizer: Callable[[], torch.Tensor] | None = None
 
 
 def is_classifier_param(name: str, classifier: str) -> bool:
     """True for the parameters of the head (also when a wrapper prefixes names)."""
     return name.startswith(classifier + ".") or f".{classifier}." in name
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of model parameters, counting a packed 4-bit weight by its logical shape."""
+    total = 0
+    for param in model.parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        state = getattr(param, "quant_state", None)  # bitsandbytes Params4bit
+        total += int(torch.Size(state.shape).numel()) if state is not None else param.numel()
+    return total
 
 
 def check_applicable(method: str, backbone: str) -> None:
@@ -60,7 +75,6 @@ def check_applicable(method: str, backbone: str) -> None:
 def apply_method(name: str, args: dict | None, model: nn.Module, ctx: MethodContext) -> Adapted:
     """Apply registered method ``name`` with grid arguments ``args`` to ``model``."""
     adapted = METHODS.build(name, args, model, ctx)
-    trainable = sum(p.numel() for p in adapted.model.parameters() if p.requires_grad)
-    if trainable == 0:
+    if count_parameters(adapted.model, trainable_only=True) == 0:
         raise RuntimeError(f"method {name!r} left no trainable parameter")
     return adapted
