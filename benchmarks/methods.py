@@ -29,6 +29,9 @@ from workers.methods import METHODS, MethodContext, apply_method, check_applicab
 from workers.registry import RegistryError
 
 BACKBONES = ["vit_test", "tiny_vit_test", "mobilenetv2_test", "mobilenetv3_test"]
+# Defaults, except SNELLA at LoRA's rank (its paper default r=32 is half the width of
+# the tiny models' layers)
+ARGS = {"snella": {"r": 8}}
 
 
 def measure(backbone: str, method: str, steps: int, batch: int) -> dict[str, float]:
@@ -36,7 +39,7 @@ def measure(backbone: str, method: str, steps: int, batch: int) -> dict[str, flo
     model = create_backbone(backbone, num_classes=10)
     size = input_size(model)
     ctx = MethodContext(classifier=classifier_name(model), total_steps=steps + 3)
-    adapted = apply_method(method, None, model, ctx)
+    adapted = apply_method(method, ARGS.get(method), model, ctx)
     model = adapted.model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -71,7 +74,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="batch size")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"batch {args.batch}, {args.steps} timed steps after 3 warm-up steps, 1 thread\n")
+    print(f"batch {args.batch}, {args.steps} timed steps after 3 warm-up steps, 1 thread")
+    print(f"method arguments: defaults, except {ARGS}\n")
     print(
         "| backbone | method | trainable params | optimizer state (KiB) "
         "| saved activations (KiB) | step time vs full |"

@@ -17,8 +17,8 @@ from orchestrator.spec import TrialSpec
 log = logging.getLogger(__name__)
 
 
-def _excluded(spec: TrialSpec, rules: tuple[dict[str, Any], ...]) -> bool:
-    return any(all(getattr(spec, axis) == value for axis, value in rule.items()) for rule in rules)
+def _excluded(spec: TrialSpec, rules: tuple[dict[str, tuple[Any, ...]], ...]) -> bool:
+    return any(all(getattr(spec, axis) in vals for axis, vals in rule.items()) for rule in rules)
 
 
 def expand(grid: Grid) -> list[TrialSpec]:

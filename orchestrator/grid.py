@@ -94,7 +94,7 @@ class Grid:
     methods: tuple[Component, ...]
     checkpointing: tuple[Component, ...]
     train: TrainConfig
-    exclude: tuple[dict[str, Any], ...] = ()
+    exclude: tuple[dict[str, tuple[Any, ...]], ...] = ()  # axis -> any of these values
     baselines: tuple[Component, ...] = ()
     resources: Resources = field(default_factory=Resources)
     search: dict[str, Any] = field(default_factory=dict)
@@ -304,7 +304,7 @@ def _check_pairs(fail: Any, grid: Grid) -> None:
         for method in grid.methods:
             pair = {"backbone": backbone.name, "method": method.name}
             if any(
-                set(rule) <= set(pair) and all(pair[k] == v for k, v in rule.items())
+                set(rule) <= set(pair) and all(pair[k] in v for k, v in rule.items())
                 for rule in grid.exclude
             ):
                 continue
@@ -318,8 +318,9 @@ def _check_pairs(fail: Any, grid: Grid) -> None:
                 ) from None
 
 
-def _exclusions(fail: Any, value: Any, grid: Grid) -> tuple[dict[str, Any], ...]:
-    """Each exclusion is a partial assignment of axes; every value must exist in the grid."""
+def _exclusions(fail: Any, value: Any, grid: Grid) -> tuple[dict[str, tuple[Any, ...]], ...]:
+    """Each exclusion maps axes to one value or a list of values (any of them matches);
+    every value must exist in the grid. Stored as axis -> tuple of values."""
     if not isinstance(value, list):
         raise fail("exclude", f"must be a list of partial specs, got {value!r}")
     present = {
@@ -335,15 +336,21 @@ def _exclusions(fail: Any, value: Any, grid: Grid) -> tuple[dict[str, Any], ...]
         where = f"exclude[{i}]"
         if not isinstance(item, dict) or not item:
             raise fail(where, f"must be a non-empty mapping of axis -> value, got {item!r}")
+        rule = {}
         for axis, v in item.items():
             if axis not in AXES:
                 raise fail(where, f"unknown axis {axis!r}; valid: {', '.join(AXES)}")
-            if not _is_hashable_scalar(v):
-                raise fail(f"{where}.{axis}", f"must be one value of the axis, got {v!r}")
-            if v not in present[axis]:
+            values = v if isinstance(v, list) else [v]
+            if not values or not all(_is_hashable_scalar(x) for x in values):
                 raise fail(
-                    where,
-                    f"{axis} {v!r} is not in the grid, so the exclusion would match nothing",
+                    f"{where}.{axis}", f"must be a value of the axis or a list of them, got {v!r}"
                 )
-        out.append(dict(item))
+            for x in values:
+                if x not in present[axis]:
+                    raise fail(
+                        where,
+                        f"{axis} {x!r} is not in the grid, so the exclusion would match nothing",
+                    )
+            rule[axis] = tuple(values)
+        out.append(rule)
     return tuple(out)

@@ -82,7 +82,10 @@ MALFORMED: list[Any] = [
     pytest.param(
         set_("methods", {"adapterx": {}}),
         "methods",
-        ("unknown method 'adapterx'", "adalora, bitfit, full, lbp_wht, lora, mobiletl, qlora, snella"),
+        (
+            "unknown method 'adapterx'",
+            "adalora, bitfit, full, lbp_wht, lora, mobiletl, qlora, snella",
+        ),
         id="unknown-method",
     ),
     pytest.param(
@@ -365,6 +368,23 @@ def test_smoke_grid_is_valid_and_has_12_trials(in_repo_root: Path) -> None:
     assert {s.method for s in specs} == {"full", "lora", "bitfit"}
 
 
+def test_methods_grid_runs_every_method_where_it_applies(in_repo_root: Path) -> None:
+    """grid/methods.yaml: every method on exactly the tiny backbones it applies to."""
+    from workers.methods import METHODS, check_applicable
+
+    specs = expand(load_grid("grid/methods.yaml"))
+    assert {s.method for s in specs} == set(METHODS.names())
+    pairs = {(s.backbone, s.method) for s in specs}
+    for backbone in {s.backbone for s in specs}:
+        for method in METHODS.names():
+            try:
+                check_applicable(method, backbone)
+                fits = True
+            except ValueError:
+                fits = False
+            assert ((backbone, method) in pairs) == fits, (backbone, method)
+
+
 def test_paper_grid_is_valid(in_repo_root: Path) -> None:
     """grid/paper.yaml validates and expands to a non-empty set of unique trials."""
     grid = load_grid("grid/paper.yaml")
@@ -394,13 +414,29 @@ def test_exclude_with_list_value_is_a_user_error(
     write_grid: Callable[[dict[str, Any]], Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`exclude: [{backbone: [a]}]` should be exit 2 naming exclude[0]."""
-    tiny_grid["exclude"] = [{"backbone": ["vit_test"]}]
+    """`exclude: [{backbone: [{...}]}]` (a list of mappings) is exit 2 naming the axis."""
+    tiny_grid["exclude"] = [{"backbone": [{"name": "vit_test"}]}]
     path = write_grid(tiny_grid)
     code = main(["validate", str(path)])
     _, err = capsys.readouterr()
     assert code == 2
-    assert f"{path}: exclude[0]" in err and "vit_test" in err
+    assert f"{path}: exclude[0].backbone" in err and "vit_test" in err
+
+
+def test_exclude_list_value_matches_any_of_its_values(tiny_grid: dict[str, Any]) -> None:
+    tiny_grid["backbones"] = ["vit_test", "tiny_vit_test"]
+    tiny_grid["methods"] = ["full", "bitfit", "lora"]
+    tiny_grid["exclude"] = [{"backbone": ["vit_test"], "method": ["bitfit", "lora"]}]
+    pairs = [(s.backbone, s.method) for s in expand(parse_grid(tiny_grid))]
+    assert sorted(pairs) == sorted(
+        [("vit_test", "full")] + [("tiny_vit_test", m) for m in ("full", "bitfit", "lora")]
+    )
+
+
+def test_exclude_list_with_a_value_not_in_the_grid_is_an_error(tiny_grid: dict[str, Any]) -> None:
+    tiny_grid["exclude"] = [{"method": ["full", "adalora"]}]
+    with pytest.raises(GridError, match="method 'adalora' is not in the grid"):
+        parse_grid(tiny_grid)
 
 
 def test_train_epochs_string_names_the_field(

@@ -358,6 +358,7 @@ def test_adalora_regulariser_penalises_non_orthogonal_factors() -> None:
         ("lora", {"r": 0}, "r must be >= 1"),
         ("lora", {"rank": 4}, "unknown argument"),
         ("lora", {"r": "eight"}, "must be int"),
+        ("lora", {"target": "blocks.(qkv"}, "not a valid regular expression"),
         ("bitfit", {"train_norm": "yes"}, "must be bool"),
         ("full", {"lr": 1}, "it takes none"),
         ("adalora", {"target_r": 16}, "target_r must be in"),

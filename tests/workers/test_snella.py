@@ -144,7 +144,7 @@ def test_kernel_merges_to_a_matrix_of_rank_above_r(r: int) -> None:
 
 
 def test_schedule_warmup_cubic_decrease_and_final_phase() -> None:
-    config = SnellaArgs(initial_keep=0.9, final_keep=0.3, warmup_frac=0.1, final_frac=0.2)
+    config = SnellaArgs(initial_keep=0.9, final_keep=0.3, warmup_fraction=0.1, final_fraction=0.2)
     at = [keep_schedule(s, 100, config) for s in range(101)]
     assert at[0] == at[10] == 0.9  # warm-up: steps 0..10
     assert at[45] == pytest.approx(0.3 + 0.6 * (1 - 35 / 70) ** 3)  # cubic over steps 10..80
@@ -266,7 +266,7 @@ def test_composes_with_gradient_checkpointing() -> None:
         ({"initial_keep": 0.0}, "initial_keep must be in"),
         ({"final_keep": 1.5}, "final_keep must be in"),
         ({"initial_keep": 0.3, "final_keep": 0.5}, "must not exceed initial_keep"),
-        ({"warmup_frac": 0.6, "final_frac": 0.4}, "warmup_frac \\+ final_frac"),
+        ({"warmup_fraction": 0.6, "final_fraction": 0.4}, "warmup_fraction \\+ final_fraction"),
         ({"beta1": 1.0}, "beta1 must be in"),
         ({"target": "blocks.(["}, "not a regular expression"),
         ({"rank": 4}, "unknown argument"),

@@ -10,6 +10,7 @@ adapts only the transformer blocks' linear layers.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -35,6 +36,10 @@ class LoraArgs:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        try:
+            re.compile(self.target)
+        except re.error as exc:
+            raise ValueError(f"target is not a valid regular expression: {exc}") from None
 
 
 @METHODS.register(config_cls=LoraArgs, tags=(TRANSFORMER, MAMBA))

@@ -75,8 +75,8 @@ class SnellaArgs:
     kernel: str = "mixed"  # how factor rows merge, one of KERNELS
     initial_keep: float = 0.99  # fraction of the merged entries kept at the start
     final_keep: float = 0.2  # global fraction kept once the cubic decrease ends
-    warmup_frac: float = 0.0  # leading fraction of the steps at initial_keep, no competition
-    final_frac: float = 0.0  # trailing fraction of the steps at final_keep
+    warmup_fraction: float = 0.0  # leading fraction of the steps at initial_keep, no competition
+    final_fraction: float = 0.0  # trailing fraction of the steps at final_keep
     beta1: float = 0.85  # EMA factor of the sensitivity |p * grad|
     beta2: float = 0.85  # EMA factor of the uncertainty |sensitivity - its EMA|
     target: str = BLOCK_LINEARS  # regular expression over linear layers' names (full match)
@@ -98,13 +98,14 @@ class SnellaArgs:
             raise ValueError(
                 f"final_keep ({self.final_keep}) must not exceed initial_keep ({self.initial_keep})"
             )
-        for name in ("warmup_frac", "final_frac"):
+        for name in ("warmup_fraction", "final_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if self.warmup_frac + self.final_frac >= 1.0:
+        if self.warmup_fraction + self.final_fraction >= 1.0:
             raise ValueError(
-                f"warmup_frac + final_frac must be < 1, got {self.warmup_frac} + {self.final_frac}"
+                "warmup_fraction + final_fraction must be < 1, got "
+                f"{self.warmup_fraction} + {self.final_fraction}"
             )
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
@@ -216,7 +217,7 @@ def _uniform(shape: tuple[int, int], like: dict) -> torch.Tensor:
 
 def phase_steps(total_steps: int, config: SnellaArgs) -> tuple[int, int]:
     """(warm-up steps, final-phase steps) of a ``total_steps`` schedule."""
-    return round(config.warmup_frac * total_steps), round(config.final_frac * total_steps)
+    return round(config.warmup_fraction * total_steps), round(config.final_fraction * total_steps)
 
 
 def keep_schedule(step: int, total_steps: int, config: SnellaArgs) -> float:
