@@ -29,7 +29,7 @@ from orchestrator.spec import TrainConfig, TrialSpec, canonical_json
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("ok", "oom", "over_budget", "failed", "skipped")
 
 _ARROW = {"str": pa.string(), "float": pa.float64(), "int": pa.int64(), "bool": pa.bool_()}
@@ -68,6 +68,13 @@ class TrialRecord:
     batch_mb: float | None = _col("float", "one input batch on the device, MiB")
     cuda_max_allocated_mb: float | None = _col("float", "CUDA allocator peak allocated, MiB")
     cuda_max_reserved_mb: float | None = _col("float", "CUDA allocator peak reserved, MiB")
+    cuda_max_requested_mb: float | None = _col(
+        "float", "CUDA peak of bytes requested (before the allocator's rounding), MiB"
+    )
+    nvml_process_mb: float | None = _col(
+        "float", "device memory NVML attributes to the trial's process (CUDA context included)"
+    )
+    mem_meters: str = _col("str", "meters that produced the memory figures, comma-separated", "")
     # energy
     energy_j: float | None = _col("float", "energy of the training loop, J")
     energy_source: str = _col("str", "meter that produced energy_j; unavailable if none", "")
@@ -75,8 +82,18 @@ class TrialRecord:
     params_total: int | None = _col("int", "parameters of the adapted model")
     params_trainable: int | None = _col("int", "parameters with requires_grad")
     macs: int | None = _col("int", "forward multiply-accumulates per image")
-    checkpointed_blocks: int | None = _col("int", "blocks recomputed in backward")
+    checkpointed_blocks: int | None = _col("int", "blocks recomputed (wholly or selectively)")
     total_blocks: int | None = _col("int", "blocks of the backbone")
+    ckpt_plan: str = _col(
+        "str", "JSON: checkpointing mode of every block (save/selective/recompute)", ""
+    )
+    ckpt_predicted_peak_mb: float | None = _col(
+        "float", "accounted peak the checkpointing plan predicted, MiB"
+    )
+    ckpt_recompute_ms: float | None = _col(
+        "float", "recompute time per step the plan predicted, ms"
+    )
+    ckpt_replans: int | None = _col("int", "re-plans after an over-budget step or an OOM")
     # provenance
     device: str = _col("str", "device the trial ran on", "")
     host: str = _col("str", "host name", "")
@@ -282,8 +299,9 @@ class RecordStore:
         schema = record_schema()
         if not tables:
             return schema.empty_table()
+        present = set().union(*(t.column_names for t in tables))
         return pa.concat_tables(tables, promote_options="permissive").select(
-            [n for n in schema.names if n in tables[0].column_names]
+            [n for n in schema.names if n in present]
         )
 
     def collect(self) -> Any:

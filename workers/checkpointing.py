@@ -1,30 +1,77 @@
-"""Gradient-checkpointing strategies: which blocks recompute their forward in backward.
+"""Gradient-checkpointing strategies: per block, what to keep for backward and what to recompute.
 
 A backbone's *blocks* are its modules named ``...blocks.<i>`` in forward order (ViT:
-``blocks.3``; TinyViT: ``stages.1.blocks.0``). A strategy picks a subset; each chosen
-block's ``forward`` is replaced, on that instance only, by a non-reentrant
-``torch.utils.checkpoint`` call, so module names (and with them adapters and state
-dicts) are untouched and the strategy composes with every PEFT method.
+``blocks.3``; TinyViT: ``stages.1.blocks.0``; MobileNet: the stage ``blocks.2``): one
+block-sequence interface for every backbone. Each block runs in one of three modes:
+
+- ``save``: plain autograd, every activation kept;
+- ``selective``: non-reentrant checkpoint with a selective policy: outputs of the
+  expensive ops (matmuls, convolutions, attention kernels) are kept, the cheap
+  memory-heavy ops (norms, activations, softmax, adds) are recomputed in backward;
+- ``recompute``: non-reentrant checkpoint of the whole block: only its input is kept.
+
+The mode is installed by replacing ``forward`` on the block instance, so module names
+(and with them adapters and state dicts) are untouched and every PEFT method composes.
+RNG state is restored for the recompute (``preserve_rng_state``), so dropout and
+drop_path see the same draws and the gradients are those of plain autograd.
+
+Strategies (the registry) choose the modes: ``none``, ``static`` (every k-th block
+recomputed) and ``adaptive``, which profiles every block on the first batch and lets
+the exact planner of ``workers.checkpoint_plan`` pick, per block, the mode that fits
+the trial's memory budget at the least recompute time.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
+from workers import checkpoint_plan
+from workers.memory import ActivationMeter
 from workers.registry import NoArgs, Registry
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTING = Registry("checkpointing")
+MODES = ("save", "selective", "recompute")
+PROFILED = "profiled"  # tag of a strategy that needs the block profile to choose
 
 _BLOCK_NAME = re.compile(r"(^|\.)blocks\.\d+$")
+
+_aten = torch.ops.aten
+# Ops whose outputs the selective mode keeps: the expensive ones. Everything else
+# (norms, activations, softmax, adds, views) is recomputed from them in backward.
+EXPENSIVE_OPS = frozenset(
+    op
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "convolution",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if hasattr(_aten, name)
+    for op in (getattr(_aten, name).default,)
+)
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -51,41 +98,332 @@ class KeepForRecompute(torch.autograd.Function):
         return grad
 
 
+def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    if op in EXPENSIVE_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+
+
+def _run(block: nn.Module, plain: Callable[..., Any], mode: str, x: Any, *args: Any, **kw: Any):  # noqa: ANN202
+    if mode == "save" or not (torch.is_grad_enabled() and block.training):
+        return plain(x, *args, **kw)
+    if not (isinstance(x, torch.Tensor) and x.requires_grad) and not any(
+        p.requires_grad for p in block.parameters()
+    ):
+        # a frozen block below every trained parameter builds no graph: checkpointing
+        # it would only keep its input alive
+        return plain(x, *args, **kw)
+    if isinstance(x, torch.Tensor) and x.requires_grad:
+        x = KeepForRecompute.apply(x)
+    if mode == "selective":
+        # respect_saved_tensors_hooks: what the policy keeps is seen by memory meters
+        return checkpoint(
+            plain,
+            x,
+            *args,
+            use_reentrant=False,
+            context_fn=_SELECTIVE_CONTEXT,
+            respect_saved_tensors_hooks=True,
+            **kw,
+        )
+    return checkpoint(plain, x, *args, use_reentrant=False, **kw)
+
+
+def set_mode(block: nn.Module, mode: str) -> None:
+    """Run ``block`` in ``mode`` (one of ``MODES``) from its next forward on."""
+    if mode not in MODES:
+        raise ValueError(f"unknown checkpointing mode {mode!r}; valid: {', '.join(MODES)}")
+    if not hasattr(block, "_vramsweep_mode"):
+        plain = block.forward
+
+        def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+            return _run(block, plain, block._vramsweep_mode, x, *args, **kwargs)
+
+        block.forward = forward
+        block._vramsweep_plain_forward = plain
+    block._vramsweep_mode = mode
+
+
+def mode_of(block: nn.Module) -> str:
+    return getattr(block, "_vramsweep_mode", "save")
+
+
 def checkpoint_block(block: nn.Module) -> None:
-    """Make ``block`` recompute its forward during backward (idempotent)."""
-    if getattr(block, "_vramsweep_checkpointed", False):
-        return
-    plain_forward = block.forward
-
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and block.training):
-            return plain_forward(x, *args, **kwargs)
-        if not x.requires_grad and not any(p.requires_grad for p in block.parameters()):
-            # a frozen block below every trained parameter builds no graph: checkpointing
-            # it would only keep its input alive
-            return plain_forward(x, *args, **kwargs)
-        if x.requires_grad:
-            x = KeepForRecompute.apply(x)
-        return checkpoint(plain_forward, x, *args, use_reentrant=False, **kwargs)
-
-    block.forward = forward
-    block._vramsweep_checkpointed = True
+    """Make ``block`` recompute its whole forward during backward (idempotent)."""
+    set_mode(block, "recompute")
 
 
-def apply_checkpointing(name: str, args: dict | None, model: nn.Module) -> list[str]:
-    """Apply strategy ``name`` to ``model``; returns the names of the checkpointed blocks."""
-    chosen = CHECKPOINTING.build(name, args, model)
+def block_modes(model: nn.Module) -> dict[str, str]:
+    """The current mode of every block, in forward order."""
+    return {name: mode_of(block) for name, block in find_blocks(model)}
+
+
+# ---------------------------------------------------------------- profiling
+
+
+@dataclass(frozen=True)
+class BlockProfile:
+    """What one block costs in each mode, measured on one batch (bytes, seconds)."""
+
+    name: str
+    input_bytes: int  # the block's input, kept by the checkpointed modes
+    gap_bytes: int  # saved between the previous block and this one (downsampling, ...)
+    saved_bytes: int  # saved for backward in plain autograd (``save``)
+    selective_bytes: int  # kept by the selective policy (besides the input)
+    forward_s: float  # one forward with autograd recording: the cost of ``recompute``
+    cheap_s: float  # the part of forward_s spent in recomputed ops: cost of ``selective``
+    frozen: bool = False  # builds no graph (input and parameters need no gradient)
+
+    def options(self) -> tuple[checkpoint_plan.Option, ...]:
+        """The planner's view: kept bytes, backward peak, recompute time per mode.
+
+        While a checkpointed block's backward runs, its activations are re-materialised
+        next to what it kept: peak = saved + input for both checkpointed modes.
+        """
+        gap = self.gap_bytes  # alive from before this block until after its backward
+        if self.frozen:
+            return (checkpoint_plan.Option("save", gap, gap),)
+        peak = gap + self.saved_bytes + self.input_bytes
+        return (
+            checkpoint_plan.Option("save", gap + self.saved_bytes, gap + self.saved_bytes),
+            checkpoint_plan.Option(
+                "selective", gap + self.input_bytes + self.selective_bytes, peak, self.cheap_s
+            ),
+            checkpoint_plan.Option("recompute", gap + self.input_bytes, peak, self.forward_s),
+        )
+
+    def peak_in(self, mode: str) -> int:
+        """Bytes alive for this block while its backward runs, in ``mode``."""
+        if self.frozen:
+            return 0
+        if mode == "save":
+            return self.saved_bytes
+        return self.saved_bytes + self.input_bytes
+
+
+HEAD = "(after the blocks)"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every block's costs, and the bytes saved outside the blocks: before the first
+    block (``prefix_bytes``: the stem, alive through every block's backward), between
+    blocks (each block's ``gap_bytes``) and after the last (``tail_bytes``: final
+    norm and head, freed before the blocks' backward starts)."""
+
+    blocks: tuple[BlockProfile, ...]
+    prefix_bytes: int
+    tail_bytes: int
+
+    @property
+    def outside_bytes(self) -> int:
+        return self.prefix_bytes + self.tail_bytes + sum(b.gap_bytes for b in self.blocks)
+
+    def costs(self) -> list[checkpoint_plan.BlockCost]:
+        """The chain the planner sees (the stem's bytes excluded: a constant); the head
+        is a last pseudo-block whose only option keeps ``tail_bytes``."""
+        tail = checkpoint_plan.Option("save", self.tail_bytes, self.tail_bytes)
+        return [checkpoint_plan.BlockCost(b.name, b.options()) for b in self.blocks] + [
+            checkpoint_plan.BlockCost(HEAD, (tail,))
+        ]
+
+    @property
+    def unconstrained_bytes(self) -> int:
+        """Activation bytes of a step with every block in ``save`` mode."""
+        return self.outside_bytes + sum(b.saved_bytes for b in self.blocks)
+
+
+class _OpTimer(TorchDispatchMode):
+    """Wall time of every op of a forward, split into kept (expensive) and recomputed."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.expensive_s = 0.0
+        self.cheap_s = 0.0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        _sync(self.device)
+        elapsed = time.perf_counter() - t0
+        if func in EXPENSIVE_OPS:
+            self.expensive_s += elapsed
+        else:
+            self.cheap_s += elapsed
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_blocks(
+    model: nn.Module,
+    forward: Callable[[], torch.Tensor],
+    repeats: int = 3,
+    context: Callable[[], Any] | None = None,
+) -> Profile:
+    """Measure every block of ``model`` on the batch that ``forward()`` runs.
+
+    The model first runs with every block recomputed (the least memory a step can
+    take), to capture each block's input and the bytes saved outside the blocks.
+    Each block then runs alone: plain (bytes saved, forward time), under the selective
+    policy (bytes kept) and under an op timer (share of recomputed ops). Only one
+    block's activations exist at a time. RNG state and buffers (BatchNorm running
+    statistics) are restored afterwards, so profiling does not change the trial.
+    """
+    blocks = find_blocks(model)
+    previous = {name: mode_of(block) for name, block in blocks}
+    rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    inputs: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    def capture(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            inputs[name] = (x.detach(), bool(x.requires_grad))
+
+        return hook
+
+    hooks = [b.register_forward_pre_hook(capture(n)) for n, b in blocks]
+    try:
+        for _, block in blocks:
+            set_mode(block, "recompute")
+        meter = ActivationMeter(model, blocks)
+        try:
+            with meter:
+                forward()  # output dropped: its graph is freed at once
+        finally:
+            meter.remove()
+        for h in hooks:
+            h.remove()
+        hooks = []
+        device = next(model.parameters()).device
+        profiles = []
+        kept_before = 0  # what the blocks so far kept (recompute mode: their inputs)
+        previous_entry = 0
+        prefix = 0
+        for i, (name, block) in enumerate(blocks):
+            x, needs_grad = inputs[name]
+            entry = meter.entry_bytes.get(name, previous_entry)
+            if i == 0:
+                prefix, gap = entry, 0
+            else:
+                gap = max(0, entry - previous_entry - kept_before)
+            with context() if context else nullcontext():
+                one = _profile_one(name, block, x, needs_grad, gap, device, repeats)
+            profiles.append(one)
+            kept_before = 0 if one.frozen else one.input_bytes
+            previous_entry = entry
+        tail = max(0, meter.peak_bytes - previous_entry - kept_before)
+    finally:
+        for h in hooks:
+            h.remove()
+        for name, block in blocks:
+            set_mode(block, previous[name])
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+    return Profile(tuple(profiles), prefix, tail)
+
+
+def _profile_one(
+    name: str,
+    block: nn.Module,
+    x: torch.Tensor,
+    needs_grad: bool,
+    gap: int,
+    device: torch.device,
+    repeats: int,
+) -> BlockProfile:
+    plain = block._vramsweep_plain_forward
+    trains = any(p.requires_grad for p in block.parameters())
+    if not needs_grad and not trains:
+        return BlockProfile(name, 0, gap, 0, 0, 0.0, 0.0, frozen=True)
+    x = x.detach().requires_grad_(needs_grad)
+    input_bytes = x.numel() * x.element_size()
+
+    meter = ActivationMeter(block)
+    with meter:
+        out = plain(x)
+    del out
+    saved = meter.peak_bytes
+
+    meter = ActivationMeter(block)
+    with meter:
+        out = checkpoint(
+            plain,
+            x,
+            use_reentrant=False,
+            context_fn=_SELECTIVE_CONTEXT,
+            respect_saved_tensors_hooks=True,
+        )
+    del out
+    selective = max(0, meter.peak_bytes - (input_bytes if needs_grad else 0))
+
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = plain(x)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        del out
+    forward_s = sorted(times)[len(times) // 2]
+    timer = _OpTimer(device)
+    with timer:
+        del_out = plain(x)
+    del del_out
+    total = timer.expensive_s + timer.cheap_s
+    cheap_s = forward_s * (timer.cheap_s / total) if total > 0 else 0.0
+    return BlockProfile(name, input_bytes, gap, saved, selective, forward_s, cheap_s)
+
+
+# ---------------------------------------------------------------- strategies
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What an adaptive strategy plans against (bytes)."""
+
+    activation_bytes: int  # budget minus weights, grads, optimizer, batch, margin
+    profile: Profile
+
+
+def apply_checkpointing(
+    name: str, args: dict | None, model: nn.Module, budget: Budget | None = None
+) -> list[str]:
+    """Apply strategy ``name`` to ``model``; returns the names of the checkpointed blocks.
+
+    A profiled strategy (``adaptive``) needs ``budget``; the others ignore it.
+    """
+    modes = CHECKPOINTING.build(name, args, model, budget)
     blocks = dict(find_blocks(model))
-    for block_name in chosen:
-        checkpoint_block(blocks[block_name])
+    for block_name, block in blocks.items():
+        set_mode(block, modes.get(block_name, "save"))
+    chosen = [n for n, m in modes.items() if m != "save"]
     log.info("checkpointing %s: %d of %d blocks", name, len(chosen), len(blocks))
     return chosen
 
 
+def needs_profile(name: str) -> bool:
+    return PROFILED in CHECKPOINTING.get(name).tags
+
+
 @CHECKPOINTING.register(config_cls=NoArgs)
-def none(config: NoArgs, model: nn.Module) -> list[str]:
+def none(config: NoArgs, model: nn.Module, budget: Budget | None) -> dict[str, str]:
     """No checkpointing: every activation is kept for backward."""
-    return []
+    return {}
 
 
 @dataclass(frozen=True)
@@ -98,6 +436,138 @@ class StaticConfig:
 
 
 @CHECKPOINTING.register(config_cls=StaticConfig)
-def static(config: StaticConfig, model: nn.Module) -> list[str]:
-    """Checkpoint every k-th block, whatever the budget."""
-    return [n for i, (n, _) in enumerate(find_blocks(model)) if i % config.every == 0]
+def static(config: StaticConfig, model: nn.Module, budget: Budget | None) -> dict[str, str]:
+    """Recompute every k-th block, whatever the budget."""
+    return {n: "recompute" for i, (n, _) in enumerate(find_blocks(model)) if i % config.every == 0}
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    margin_mb: float = 0.0  # workspace reserved beside the accounted memory, MiB
+    max_replans: int = 3  # re-plans (over the budget or out of memory) before giving up
+    selective: bool = True  # offer the selective mode (False: whole blocks only)
+
+    def __post_init__(self) -> None:
+        if self.margin_mb < 0:
+            raise ValueError(f"margin_mb must be >= 0, got {self.margin_mb}")
+        if self.max_replans < 0:
+            raise ValueError(f"max_replans must be >= 0, got {self.max_replans}")
+
+
+@CHECKPOINTING.register(config_cls=AdaptiveConfig, tags=(PROFILED,))
+def adaptive(config: AdaptiveConfig, model: nn.Module, budget: Budget | None) -> dict[str, str]:
+    """The least recompute time whose activation peak fits the budget (exact planner)."""
+    if budget is None:
+        raise ValueError("adaptive checkpointing plans on a profile: pass a Budget")
+    return {n: m for n, m in zip_plan(plan_blocks(budget, config.selective)) if n != HEAD}
+
+
+def plan_blocks(budget: Budget, selective: bool = True) -> checkpoint_plan.Plan:
+    """The exact plan of ``budget`` (raises ``checkpoint_plan.Infeasible``)."""
+    costs = budget.profile.costs()
+    if not selective:
+        costs = [
+            checkpoint_plan.BlockCost(c.name, tuple(o for o in c.options if o.kind != "selective"))
+            for c in costs
+        ]
+    return checkpoint_plan.plan(costs, max(0, budget.activation_bytes))
+
+
+def zip_plan(plan: checkpoint_plan.Plan) -> list[tuple[str, str]]:
+    return list(zip(plan.names, plan.choices, strict=True))
+
+
+# ---------------------------------------------------------------- one trial's checkpointing
+
+
+class Checkpointer:
+    """The checkpointing of one trial: applies the strategy, and for a profiled one
+    (``adaptive``) plans on the first batch and re-plans when a step goes over.
+
+    Every strategy but ``none`` is profiled on the first batch, so that the accounted
+    activation peak includes the re-materialisation of a recomputed block in backward.
+    """
+
+    def __init__(self, name: str, args: dict | None, model: nn.Module) -> None:
+        self.name = name
+        self.config = CHECKPOINTING.make_config(name, args)
+        self.model = model
+        self.adaptive = needs_profile(name)
+        self.profile: Profile | None = None
+        self.plan: checkpoint_plan.Plan | None = None
+        self.activation_budget: int | None = None
+        self.replans = 0
+        if not self.adaptive:
+            apply_checkpointing(name, args, model)
+
+    @property
+    def wants_profile(self) -> bool:
+        return self.profile is None and self.name != "none"
+
+    def prepare(
+        self,
+        forward: Callable[[], torch.Tensor],
+        budget_bytes: int,
+        static_bytes: int,
+        context: Callable[[], Any] | None = None,
+    ) -> None:
+        """Profile on the first batch; an adaptive strategy plans for ``budget_bytes``.
+
+        Raises ``checkpoint_plan.Infeasible`` when even the cheapest plan does not fit.
+        """
+        self.profile = profile_blocks(self.model, forward, context=context)
+        if self.adaptive:
+            margin = int(self.config.margin_mb * (1 << 20))
+            self.activation_budget = (
+                budget_bytes - static_bytes - self.profile.prefix_bytes - margin
+            )
+            self._apply()
+
+    def _apply(self) -> None:
+        assert self.profile is not None and self.activation_budget is not None
+        budget = Budget(self.activation_budget, self.profile)
+        self.plan = plan_blocks(budget, self.config.selective)
+        blocks = dict(find_blocks(self.model))
+        for name, mode in zip_plan(self.plan):
+            if name in blocks:
+                set_mode(blocks[name], mode)
+        log.info(
+            "adaptive plan (activation budget %.1f MiB): %s",
+            self.activation_budget / (1 << 20),
+            self.plan.blocks_by_kind(),
+        )
+
+    def replan(self, tighter_by_bytes: int) -> bool:
+        """Plan again for a budget ``tighter_by_bytes`` smaller; False if not possible."""
+        if not self.adaptive or self.replans >= self.config.max_replans:
+            return False
+        assert self.activation_budget is not None
+        self.replans += 1
+        self.activation_budget -= max(1, tighter_by_bytes)
+        try:
+            self._apply()
+        except checkpoint_plan.Infeasible:
+            return False
+        return True
+
+    def activation_peak(self, meter: ActivationMeter) -> int:
+        """Accounted activation peak of the last step: the bytes saved by its forward,
+        or, if larger, what is alive while a checkpointed block's backward runs (the
+        bytes saved before the block, measured, plus its re-materialisation, profiled)."""
+        peak = meter.peak_bytes
+        if self.profile is None:
+            return peak
+        modes = block_modes(self.model)
+        for block in self.profile.blocks:
+            mode = modes.get(block.name, "save")
+            if mode != "save" and block.name in meter.entry_bytes:
+                peak = max(peak, meter.entry_bytes[block.name] + block.peak_in(mode))
+        return peak
+
+    def predicted_activation_bytes(self) -> int | None:
+        if self.plan is None or self.profile is None:
+            return None
+        return self.profile.prefix_bytes + self.plan.peak_bytes
+
+    def checkpointed(self) -> list[str]:
+        return [n for n, m in block_modes(self.model).items() if m != "save"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,12 +55,32 @@ class ActivationMeter:
         ...     loss = model(x).sum()
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, blocks: Sequence[tuple[str, nn.Module]] = ()) -> None:
         self._exclude = {_storage_key(p) for p in model.parameters()}
         self.peak_bytes = 0
         self._seen: set[tuple[int, int]] = set()
         self._bytes = 0
         self._hooks: Any = None
+        self._active = False
+        # bytes saved before each of ``blocks`` started, in the last forward: what is
+        # still alive while that block's backward runs
+        self.entry_bytes: dict[str, int] = {}
+        self._handles = [
+            block.register_forward_pre_hook(self._entry_hook(name)) for name, block in blocks
+        ]
+
+    def remove(self) -> None:
+        """Detach the block hooks (a meter that is not used again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _entry_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            if self._active:
+                self.entry_bytes[name] = self._bytes
+
+        return hook
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
@@ -71,12 +92,14 @@ class ActivationMeter:
     def __enter__(self) -> ActivationMeter:
         self._seen.clear()
         self._bytes = 0
+        self._active = True
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._hooks.__exit__(*exc)
+        self._active = False
         self.peak_bytes = max(self.peak_bytes, self._bytes)
         self._seen.clear()
 
@@ -126,6 +149,20 @@ def account(
     )
 
 
+def predicted_static_bytes(model: nn.Module, optimizer: str, batch_bytes: int) -> int:
+    """Accounted bytes of a step besides activations, before the optimizer exists:
+    parameters and buffers, one gradient per trainable parameter, the optimizer state
+    (AdamW: two moments; SGD with momentum: one) and the input batch."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    states = {"adamw": 2, "sgd": 1}[optimizer]
+    return (
+        _nbytes([*model.parameters(), *model.buffers()])
+        + trainable
+        + states * trainable
+        + batch_bytes
+    )
+
+
 # ---------------------------------------------------------------- CUDA boundary
 
 
@@ -150,7 +187,38 @@ def cap_cuda_memory(budget_mb: float, device: torch.device) -> float:
 def cuda_peaks(device: torch.device) -> dict[str, float]:
     """Allocator peaks of ``device`` in MB since the last reset."""
     torch.cuda.synchronize(device)
+    stats = torch.cuda.memory_stats(device)
     return {
         "cuda_max_allocated_mb": torch.cuda.max_memory_allocated(device) / MB,
         "cuda_max_reserved_mb": torch.cuda.max_memory_reserved(device) / MB,
+        # what the program asked for, before the allocator rounded it up
+        "cuda_max_requested_mb": stats.get("requested_bytes.all.peak", 0) / MB,
     }
+
+
+def nvml_process_mb(device: torch.device, pid: int | None = None) -> float | None:
+    """Device memory NVML attributes to this process (CUDA context included), MiB.
+
+    None where NVML is missing, fails, or does not list the process (e.g. inside a
+    container without the host PID namespace).
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pid = os.getpid() if pid is None else pid
+    try:
+        pynvml.nvmlInit()
+        try:
+            props = torch.cuda.get_device_properties(device)
+            bus_id = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+            handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory is not None:
+                    return proc.usedGpuMemory / MB
+            return None
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError as exc:
+        log.info("NVML unavailable: %s", exc)
+        return None

@@ -35,7 +35,8 @@ from orchestrator.records import TrialRecord
 from orchestrator.spec import TrialSpec
 from workers import memory
 from workers.backbones import classifier_name, create_backbone, input_size
-from workers.checkpointing import apply_checkpointing, find_blocks
+from workers.checkpoint_plan import Infeasible
+from workers.checkpointing import Checkpointer, block_modes, find_blocks
 from workers.datasets import ImageData, batches, load_dataset
 from workers.methods import MethodContext, apply_method, count_parameters
 
@@ -110,8 +111,9 @@ def _finetune(
         MethodContext(classifier=head, total_steps=total_steps),
     )
     model = adapted.model
-    chosen = apply_checkpointing(spec.checkpointing, spec.checkpointing_args, model)
-    record.checkpointed_blocks, record.total_blocks = len(chosen), len(find_blocks(model))
+    ckpt = Checkpointer(spec.checkpointing, spec.checkpointing_args, model)
+    blocks = find_blocks(model)
+    record.total_blocks = len(blocks)
     record.params_total = count_parameters(model)
     record.params_trainable = count_parameters(model, trainable_only=True)
     record.macs = _macs(model, size)
@@ -123,12 +125,22 @@ def _finetune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total_steps))
     autocast = _autocast(train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
-    meter = memory.ActivationMeter(model)
+    meter = memory.ActivationMeter(model, blocks)
     feed = functools.partial(batches, size=size, mean=data.mean, std=data.std, device=device)
     gen = torch.Generator().manual_seed(spec.seed)
 
+    def train_step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with meter, autocast:
+            loss = F.cross_entropy(model(xb), yb)
+            objective = loss + adapted.regularizer() if adapted.regularizer else loss
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(objective).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+
     model.train()
-    step, images_after_first, losses = 0, 0, []
+    step, images_after_first, losses, recheck = 0, 0, [], False
     _sync(device)
     t_start = time.perf_counter()
     t_first = t_start
@@ -137,26 +149,25 @@ def _finetune(
         for xb, yb in feed(
             data.train_x, data.train_y, train.batch_size, generator=gen, drop_last=False
         ):
-            with meter, autocast:
-                loss = F.cross_entropy(model(xb), yb)
-                objective = loss + adapted.regularizer() if adapted.regularizer else loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(objective).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            if step == 0 and ckpt.wants_profile:
+                _prepare_checkpointing(ckpt, model, xb, yb, spec, autocast)
+            loss = _step_with_replans(train_step, xb, yb, ckpt, optimizer, device)
             scheduler.step()
             step += 1
             if adapted.on_optimizer_step is not None:
                 adapted.on_optimizer_step(step)
             losses.append(loss.item())
+            if step == 1 or recheck:
+                recheck = not _check_accounted(model, optimizer, meter, xb, spec, record, cap, ckpt)
             if step == 1:
-                _check_accounted(model, optimizer, meter, xb, spec, record, cap)
                 _sync(device)
                 t_first = time.perf_counter()
             else:
                 images_after_first += len(yb)
             if step >= total_steps:
                 break
+    record.checkpointed_blocks = len(ckpt.checkpointed())
+    _fill_plan(record, ckpt)
     _sync(device)
     t_end = time.perf_counter()
     record.steps = step
@@ -176,6 +187,54 @@ def _finetune(
     record.energy_source = "unavailable"
 
 
+def _prepare_checkpointing(
+    ckpt: Checkpointer,
+    model: nn.Module,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    spec: TrialSpec,
+    autocast: Any,
+) -> None:
+    """Profile the blocks on the first batch; an adaptive strategy plans its budget."""
+    static = memory.predicted_static_bytes(
+        model, spec.train.optimizer, xb.numel() * xb.element_size()
+    )
+
+    def forward() -> torch.Tensor:
+        with autocast:
+            return F.cross_entropy(model(xb), yb)
+
+    try:
+        ckpt.prepare(forward, int(spec.budget_mb * MB), static, context=lambda: autocast)
+    except Infeasible as exc:
+        assert ckpt.profile is not None
+        least = static + ckpt.profile.prefix_bytes + exc.min_peak_bytes
+        raise memory.OverBudget(least / MB, spec.budget_mb) from None
+
+
+def _step_with_replans(
+    train_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    ckpt: Checkpointer,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> torch.Tensor:
+    """One step; out of device memory, an adaptive plan is tightened (by a quarter of
+    its activation budget) and the step retried, a bounded number of times."""
+    while True:
+        try:
+            return train_step(xb, yb)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            budget = ckpt.activation_budget or 0
+            if not ckpt.replan(max(1, budget // 4)):
+                raise
+            log.warning("out of memory: re-planned checkpointing (%d)", ckpt.replans)
+
+
 def _check_accounted(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -184,19 +243,41 @@ def _check_accounted(
     spec: TrialSpec,
     record: TrialRecord,
     cap: str,
-) -> None:
-    """Fill the accounted breakdown after the first step; stop an over-budget CPU trial."""
-    acc = memory.account(model, optimizer, meter.peak_bytes, xb.numel() * xb.element_size())
+    ckpt: Checkpointer,
+) -> bool:
+    """Fill the accounted breakdown of the last step; True if it fits the budget.
+
+    A CPU trial over its budget re-plans an adaptive strategy (False: check the next
+    step again) or stops as over budget."""
+    activations = ckpt.activation_peak(meter)
+    acc = memory.account(model, optimizer, activations, xb.numel() * xb.element_size())
     record.params_mb = acc.params_bytes / MB
     record.grads_mb = acc.grads_bytes / MB
     record.optimizer_mb = acc.optimizer_bytes / MB
     record.activations_mb = acc.activations_bytes / MB
     record.batch_mb = acc.batch_bytes / MB
     record.accounted_peak_mb = acc.peak_bytes / MB
-    if cap == "accounted":
-        record.peak_mem_mb = record.accounted_peak_mb
-        if record.accounted_peak_mb > spec.budget_mb:
-            raise memory.OverBudget(record.accounted_peak_mb, spec.budget_mb)
+    if cap != "accounted":
+        return True
+    record.peak_mem_mb = record.accounted_peak_mb
+    over = acc.peak_bytes - int(spec.budget_mb * MB)
+    if over <= 0:
+        return True
+    if ckpt.replan(over):  # the next step runs the tighter plan and is checked again
+        log.warning("accounted peak over budget by %.2f MiB: re-planned", over / MB)
+        return False
+    raise memory.OverBudget(record.accounted_peak_mb, spec.budget_mb)
+
+
+def _fill_plan(record: TrialRecord, ckpt: Checkpointer) -> None:
+    record.ckpt_plan = json.dumps(block_modes(ckpt.model))
+    record.ckpt_replans = ckpt.replans
+    predicted = ckpt.predicted_activation_bytes()
+    if predicted is not None and record.accounted_peak_mb is not None:
+        fixed = record.accounted_peak_mb - (record.activations_mb or 0.0)
+        record.ckpt_predicted_peak_mb = fixed + predicted / MB
+    if ckpt.plan is not None:
+        record.ckpt_recompute_ms = ckpt.plan.recompute_s * 1000.0
 
 
 @torch.no_grad()
@@ -243,7 +324,7 @@ def _apply_cap(spec: TrialSpec, device: torch.device, record: TrialRecord) -> st
         memory.cap_cuda_memory(spec.budget_mb, device)
         record.cap_kind = record.mem_source = "cuda_allocator"
         return "cuda_allocator"
-    record.cap_kind = record.mem_source = "accounted"
+    record.cap_kind = record.mem_source = record.mem_meters = "accounted"
     return "accounted"
 
 
@@ -251,7 +332,11 @@ def _fill_cuda_peaks(record: TrialRecord, device: torch.device) -> None:
     peaks = memory.cuda_peaks(device)
     record.cuda_max_allocated_mb = peaks["cuda_max_allocated_mb"]
     record.cuda_max_reserved_mb = peaks["cuda_max_reserved_mb"]
+    record.cuda_max_requested_mb = peaks["cuda_max_requested_mb"]
     record.peak_mem_mb = record.cuda_max_allocated_mb
+    record.nvml_process_mb = memory.nvml_process_mb(device)
+    meters = ["accounted", "cuda_allocator"] + (["nvml"] if record.nvml_process_mb else [])
+    record.mem_meters = ",".join(meters)
 
 
 def _optimizer(spec: TrialSpec, model: nn.Module) -> torch.optim.Optimizer:
