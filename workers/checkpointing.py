@@ -172,7 +172,8 @@ class BlockProfile:
     input_bytes: int  # the block's input, kept by the checkpointed modes
     gap_bytes: int  # saved between the previous block and this one (downsampling, ...)
     saved_bytes: int  # saved for backward in plain autograd (``save``)
-    selective_bytes: int  # kept by the selective policy (besides the input)
+    selective_bytes: int | None  # kept by the selective policy (besides the input);
+    # None: the block mutates a kept output in place, so the mode does not apply
     forward_s: float  # one forward with autograd recording: the cost of ``recompute``
     cheap_s: float  # the part of forward_s spent in recomputed ops: cost of ``selective``
     frozen: bool = False  # builds no graph (input and parameters need no gradient)
@@ -187,12 +188,17 @@ class BlockProfile:
         if self.frozen:
             return (checkpoint_plan.Option("save", gap, gap),)
         peak = gap + self.saved_bytes + self.input_bytes
+        save = checkpoint_plan.Option("save", gap + self.saved_bytes, gap + self.saved_bytes)
+        whole = checkpoint_plan.Option("recompute", gap + self.input_bytes, peak, self.forward_s)
+        if self.selective_bytes is None or self.selective_bytes >= self.saved_bytes:
+            # not applicable, or dominated: with frozen weights plain autograd may keep
+            # less than the policy (a frozen matmul keeps no input for a weight grad)
+            return (save, whole)
+        kept = gap + self.input_bytes + self.selective_bytes
         return (
-            checkpoint_plan.Option("save", gap + self.saved_bytes, gap + self.saved_bytes),
-            checkpoint_plan.Option(
-                "selective", gap + self.input_bytes + self.selective_bytes, peak, self.cheap_s
-            ),
-            checkpoint_plan.Option("recompute", gap + self.input_bytes, peak, self.forward_s),
+            save,
+            checkpoint_plan.Option("selective", kept, max(peak, kept), self.cheap_s),
+            whole,
         )
 
     def peak_in(self, mode: str) -> int:
@@ -368,8 +374,15 @@ def _profile_one(
             context_fn=_SELECTIVE_CONTEXT,
             respect_saved_tensors_hooks=True,
         )
+    selective: int | None = max(0, meter.peak_bytes - (input_bytes if needs_grad else 0))
+    wrt = [x] if needs_grad else [p for p in block.parameters() if p.requires_grad]
+    try:  # a backward through the recompute (into no .grad) proves the mode applies
+        torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
+    except RuntimeError as exc:
+        # an in-place op (e.g. a squeeze-excite's ReLU) overwrote a kept output
+        log.info("block %s: no selective mode (%s)", name, str(exc).splitlines()[0])
+        selective = None
     del out
-    selective = max(0, meter.peak_bytes - (input_bytes if needs_grad else 0))
 
     times = []
     for _ in range(repeats):

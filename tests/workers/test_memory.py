@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -84,3 +85,68 @@ def test_allocator_config_respects_the_user(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")
     memory.configure_cuda_allocator()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64"
+
+
+class _FakeNvml:
+    """The few pynvml calls the meter makes, over one fake GPU with two processes."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, pid: int, fail: bool = False) -> None:
+        self.pid, self.fail, self.bus_ids, self.shutdowns = pid, fail, [], 0
+
+    def nvmlInit(self) -> None:  # noqa: N802
+        if self.fail:
+            raise self.NVMLError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self) -> None:  # noqa: N802
+        self.shutdowns += 1
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus_id: str) -> str:  # noqa: N802
+        self.bus_ids.append(bus_id)
+        return "handle"
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: str) -> list:  # noqa: N802
+        proc = type("Proc", (), {})
+        other, mine = proc(), proc()
+        other.pid, other.usedGpuMemory = self.pid + 1, 999 * 1024**2
+        mine.pid, mine.usedGpuMemory = self.pid, 612 * 1024**2
+        return [other, mine]
+
+
+def test_nvml_process_memory_at_the_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Props:
+        pci_domain_id, pci_bus_id, pci_device_id = 0, 0x3B, 0
+
+    fake = _FakeNvml(pid=4242)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
+    device = torch.device("cuda", 0)
+    assert memory.nvml_process_mb(device, pid=4242) == pytest.approx(612.0)
+    assert fake.bus_ids == ["00000000:3B:00.0"] and fake.shutdowns == 1
+    assert memory.nvml_process_mb(device, pid=1) is None  # not listed: no figure
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml(pid=4242, fail=True))
+    assert memory.nvml_process_mb(device, pid=4242) is None  # no driver: no figure
+
+
+def test_nvml_without_a_gpu_gives_no_figure() -> None:
+    """The real pynvml without a driver must not raise (CI machines have no GPU)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: this checks the driverless case")
+    assert memory.nvml_process_mb(torch.device("cuda", 0)) is None
+
+
+def test_cuda_peaks_read_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 300 * 1024**2)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 320 * 1024**2)
+    monkeypatch.setattr(
+        torch.cuda, "memory_stats", lambda d: {"requested_bytes.all.peak": 290 * 1024**2}
+    )
+    peaks = memory.cuda_peaks(torch.device("cuda", 0))
+    assert peaks == {
+        "cuda_max_allocated_mb": 300.0,
+        "cuda_max_reserved_mb": 320.0,
+        "cuda_max_requested_mb": 290.0,
+    }

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from orchestrator.spec import TrainConfig, TrialSpec
 from tests.workers.conftest import TINY_BACKBONES, TINY_CNN_BACKBONES
+from workers import trial as trial_module
+from workers.checkpointing import Checkpointer
 from workers.datasets import ImageData
 from workers.methods import METHODS, check_applicable
 from workers.registry import RegistryError
@@ -42,7 +45,7 @@ def _applicable() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(("backbone", "method"), _applicable())
-@pytest.mark.parametrize("checkpointing", ["none", "static"])
+@pytest.mark.parametrize("checkpointing", ["none", "static", "adaptive"])
 def test_every_combination_runs_and_is_measured(
     backbone: str, method: str, checkpointing: str, synthetic_data: ImageData
 ) -> None:
@@ -130,3 +133,86 @@ def test_baseline_kind_without_runner_fails_cleanly(synthetic_data: ImageData) -
         TrialSpec(kind="baseline", baseline="dinov2_knn", dataset="synthetic"), data=synthetic_data
     )
     assert rec.status == "failed" and "no runner" in rec.error
+
+
+# ---------------------------------------------------------------- adaptive checkpointing
+
+
+def test_adaptive_plan_is_in_the_record_and_predicts_the_peak(synthetic_data: ImageData) -> None:
+    plain = run_trial(_spec(), data=synthetic_data)
+    budget = plain.accounted_peak_mb - 0.5 * plain.activations_mb  # half the activations
+    rec = run_trial(_spec(checkpointing="adaptive", budget_mb=budget), data=synthetic_data)
+    assert rec.status == "ok", rec.error
+    plan = json.loads(rec.ckpt_plan)
+    assert list(plan) == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    assert set(plan.values()) - {"save"}  # something is recomputed
+    assert rec.checkpointed_blocks == sum(m != "save" for m in plan.values())
+    assert rec.accounted_peak_mb <= budget
+    assert rec.ckpt_predicted_peak_mb == pytest.approx(rec.accounted_peak_mb, rel=0.01)
+    assert rec.ckpt_recompute_ms > 0 and rec.ckpt_replans == 0
+    assert rec.train_loss == pytest.approx(plain.train_loss, rel=1e-5)  # same numbers
+
+
+def test_adaptive_below_the_least_feasible_budget_is_over_budget(
+    synthetic_data: ImageData,
+) -> None:
+    rec = run_trial(_spec(checkpointing="adaptive", budget_mb=0.5), data=synthetic_data)
+    assert rec.status == "over_budget"
+    assert rec.peak_mem_mb > 0.5  # the least the cheapest plan needs
+    assert "exceeds the budget of 0.5 MB" in rec.error
+
+
+def test_injected_oom_is_recovered_by_replanning(
+    synthetic_data: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = run_trial(_spec(), data=synthetic_data)
+    calls = {"n": 0}
+    real = trial_module.F.cross_entropy
+
+    def flaky(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first training step (the first call profiles)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trial_module.F, "cross_entropy", flaky)
+    budget = plain.accounted_peak_mb + 0.1  # everything fits: the plan saves every block
+    rec = run_trial(_spec(checkpointing="adaptive", budget_mb=budget), data=synthetic_data)
+    assert calls["n"] > 2
+    assert rec.status == "ok", rec.error
+    assert rec.ckpt_replans == 1
+    assert set(json.loads(rec.ckpt_plan).values()) - {"save"}  # the tighter plan recomputes
+    assert rec.steps == 3
+
+
+def test_oom_without_an_adaptive_plan_is_an_oom_record(
+    synthetic_data: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def oom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(trial_module.F, "cross_entropy", oom)
+    rec = run_trial(_spec(checkpointing="static"), data=synthetic_data)
+    assert rec.status == "oom" and "out of memory" in rec.error
+
+
+def test_measured_peak_over_budget_replans_on_cpu(
+    synthetic_data: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first step measures more than the plan predicted: re-plan, check again."""
+    plain = run_trial(_spec(), data=synthetic_data)
+    real = Checkpointer.activation_peak
+    calls = {"n": 0}
+
+    def first_step_heavier(self, meter):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        return real(self, meter) + (3 * 1024 * 1024 if calls["n"] == 1 else 0)
+
+    monkeypatch.setattr(Checkpointer, "activation_peak", first_step_heavier)
+    rec = run_trial(
+        _spec(checkpointing="adaptive", budget_mb=plain.accounted_peak_mb + 0.1),
+        data=synthetic_data,
+    )
+    assert rec.status == "ok", rec.error
+    assert rec.ckpt_replans == 1 and calls["n"] >= 2
+    assert rec.accounted_peak_mb <= plain.accounted_peak_mb + 0.1  # the checked step fits
