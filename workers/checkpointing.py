@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
@@ -174,8 +173,8 @@ class BlockProfile:
     saved_bytes: int  # saved for backward in plain autograd (``save``)
     selective_bytes: int | None  # kept by the selective policy (besides the input);
     # None: the block mutates a kept output in place, so the mode does not apply
-    forward_s: float  # one forward with autograd recording: the cost of ``recompute``
-    cheap_s: float  # the part of forward_s spent in recomputed ops: cost of ``selective``
+    forward_s: float  # extra seconds per step of ``recompute`` (measured vs ``save``)
+    cheap_s: float  # extra seconds per step of ``selective`` (measured vs ``save``)
     frozen: bool = False  # builds no graph (input and parameters need no gradient)
 
     def options(self) -> tuple[checkpoint_plan.Option, ...]:
@@ -242,28 +241,6 @@ class Profile:
         return self.outside_bytes + sum(b.saved_bytes for b in self.blocks)
 
 
-class _OpTimer(TorchDispatchMode):
-    """Wall time of every op of a forward, split into kept (expensive) and recomputed."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__()
-        self.device = device
-        self.expensive_s = 0.0
-        self.cheap_s = 0.0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        _sync(self.device)
-        t0 = time.perf_counter()
-        out = func(*args, **(kwargs or {}))
-        _sync(self.device)
-        elapsed = time.perf_counter() - t0
-        if func in EXPENSIVE_OPS:
-            self.expensive_s += elapsed
-        else:
-            self.cheap_s += elapsed
-        return out
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -272,17 +249,20 @@ def _sync(device: torch.device) -> None:
 def profile_blocks(
     model: nn.Module,
     forward: Callable[[], torch.Tensor],
-    repeats: int = 3,
+    repeats: int = 5,
     context: Callable[[], Any] | None = None,
+    timed: bool = True,
 ) -> Profile:
     """Measure every block of ``model`` on the batch that ``forward()`` runs.
 
     The model first runs with every block recomputed (the least memory a step can
     take), to capture each block's input and the bytes saved outside the blocks.
-    Each block then runs alone: plain (bytes saved, forward time), under the selective
-    policy (bytes kept) and under an op timer (share of recomputed ops). Only one
-    block's activations exist at a time. RNG state and buffers (BatchNorm running
+    Each block then runs alone: plain (bytes saved) and under the selective policy
+    (bytes kept), then forward + backward in each mode, timed (the extra time of a
+    mode over plain autograd is its cost). Only one block's activations exist at a
+    time. RNG state and buffers (BatchNorm running
     statistics) are restored afterwards, so profiling does not change the trial.
+    ``timed=False`` measures bytes only.
     """
     blocks = find_blocks(model)
     previous = {name: mode_of(block) for name, block in blocks}
@@ -324,7 +304,7 @@ def profile_blocks(
             else:
                 gap = max(0, entry - previous_entry - kept_before)
             with context() if context else nullcontext():
-                one = _profile_one(name, block, x, needs_grad, gap, device, repeats)
+                one = _profile_one(name, block, x, needs_grad, gap, device, repeats if timed else 0)
             profiles.append(one)
             kept_before = 0 if one.frozen else one.input_bytes
             previous_entry = entry
@@ -384,22 +364,41 @@ def _profile_one(
         selective = None
     del out
 
-    times = []
+    # Costs are measured, not modelled: forward + backward of the block alone in each
+    # mode (gradients returned, never accumulated into .grad), minus the plain one.
+    # This includes what a model of the ops would miss (the selective mode's dispatch
+    # overhead, the recompute's re-saving).
+    wrt = [x] if needs_grad else [p for p in block.parameters() if p.requires_grad]
+    modes = ["save", "recompute"] + ([] if selective is None else ["selective"])
+    elapsed = {m: [] for m in modes}
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = plain(x)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        del out
-    forward_s = sorted(times)[len(times) // 2]
-    timer = _OpTimer(device)
-    with timer:
-        del_out = plain(x)
-    del del_out
-    total = timer.expensive_s + timer.cheap_s
-    cheap_s = forward_s * (timer.cheap_s / total) if total > 0 else 0.0
+        for mode in modes:  # interleaved, so that drift hits every mode alike
+            elapsed[mode].append(_fwd_bwd_time(block, plain, mode, x, wrt, device))
+    if not repeats:  # bytes only (a strategy that does not plan needs no times)
+        return BlockProfile(name, input_bytes, gap, saved, selective, 0.0, 0.0)
+    median = {m: sorted(t)[len(t) // 2] for m, t in elapsed.items()}
+    # floors against timing noise: a recompute re-runs at least a forward (a third of
+    # forward + backward), a selective recompute at least something
+    plain_s = median["save"]
+    forward_s = max(median["recompute"] - plain_s, plain_s / 3)
+    cheap_s = max(median["selective"] - plain_s, plain_s / 100) if selective is not None else 0.0
     return BlockProfile(name, input_bytes, gap, saved, selective, forward_s, cheap_s)
+
+
+def _fwd_bwd_time(
+    block: nn.Module,
+    plain: Callable[..., Any],
+    mode: str,
+    x: torch.Tensor,
+    wrt: list[torch.Tensor],
+    device: torch.device,
+) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = _run(block, plain, mode, x)
+    torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------- strategies
@@ -528,7 +527,7 @@ class Checkpointer:
 
         Raises ``checkpoint_plan.Infeasible`` when even the cheapest plan does not fit.
         """
-        self.profile = profile_blocks(self.model, forward, context=context)
+        self.profile = profile_blocks(self.model, forward, context=context, timed=self.adaptive)
         if self.adaptive:
             margin = int(self.config.margin_mb * (1 << 20))
             self.activation_budget = (

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -89,6 +90,31 @@ def test_collect_reads_every_record_sorted(tmp_path: Path) -> None:
     assert list(frame["trial_id"]) == sorted(r.trial_id for r in recs)
     assert sorted(frame["accuracy"]) == [0.0, 0.1, 0.2, 0.3]
     assert store.existing_ids() == {r.trial_id for r in recs}
+
+
+def test_version_1_records_collect_beside_version_2(tmp_path: Path) -> None:
+    """A sweep resumed after the schema grew: old files lack the new columns."""
+    store = RecordStore(tmp_path)
+    old, new = _record(seed=0), _record(seed=1)
+    store.write(new)
+    v2_only = [
+        "ckpt_plan",
+        "ckpt_predicted_peak_mb",
+        "ckpt_recompute_ms",
+        "ckpt_replans",
+        "cuda_max_requested_mb",
+        "nvml_process_mb",
+        "mem_meters",
+    ]
+    store.write(old)
+    path = store.path_of(old.trial_id)
+    table = pq.read_table(path)
+    pq.write_table(table.drop_columns(v2_only), path)
+    frame = store.collect().set_index("trial_id")
+    assert set(v2_only) <= set(frame.columns)
+    assert pd.isna(frame.loc[old.trial_id, "ckpt_plan"])
+    assert frame.loc[new.trial_id, "ckpt_plan"] == new.ckpt_plan
+    assert frame.loc[old.trial_id, "accuracy"] == old.accuracy
 
 
 def test_rewrite_replaces_the_record(tmp_path: Path) -> None:

@@ -1,0 +1,162 @@
+"""Checkpointing under an activation budget: accounted peak and step time, side by side.
+
+For a tiny and a small ViT on CPU, profiles the blocks once, then for each budget
+(a fraction of the unconstrained activation bytes) prints:
+
+- the accounted activation peak of ``adaptive`` (measured: bytes saved by the forward,
+  and the re-materialisation of a recomputed block during its backward) and its plan
+  (blocks kept / selective / recomputed);
+- the step time (forward + backward + AdamW step, median after warm-up) of
+  ``adaptive`` and of ``static`` (every block recomputed) relative to ``none``,
+  measured in the same run, interleaved so that machine noise hits all alike;
+- the Griewank-Walther (revolve) lower bound for a chain of that many blocks: the
+  least step time of any schedule that stores block inputs in the budget and
+  re-runs blocks, from ``revolve_forward_steps`` and the profiled block times.
+
+    .venv/bin/python benchmarks/checkpointing.py [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from workers.backbones import create_backbone
+from workers.checkpoint_plan import Infeasible, revolve_forward_steps
+from workers.checkpointing import (
+    Checkpointer,
+    apply_checkpointing,
+    block_modes,
+    find_blocks,
+    profile_blocks,
+    set_mode,
+)
+from workers.memory import ActivationMeter
+
+MIB = 1 << 20
+MODELS = [  # (label, backbone, backbone args, batch)
+    ("tiny ViT (vit_test, 32 px)", "vit_test", {}, 64),
+    ("ViT-S/16 (96 px, 36 tokens)", "vit_small_patch16_224", {"img_size": 96}, 16),
+]
+FRACTIONS = (1.0, 0.75, 0.6, 0.5, 0.4, 0.3)
+
+
+def _step_time(model, x, y, optimizer, steps: int) -> float:  # noqa: ANN001
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i >= 2:  # warm-up excluded
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak(model, x, y, ckpt: Checkpointer) -> int:  # noqa: ANN001
+    meter = ActivationMeter(model, find_blocks(model))
+    with meter:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    meter.remove()
+    model.zero_grad(set_to_none=True)
+    return ckpt.activation_peak(meter)
+
+
+def _revolve_ratio(profile, budget: int, t_none: float) -> float | None:  # noqa: ANN001
+    """Least step time / none's of a schedule that keeps block inputs and one tape."""
+    blocks = profile.blocks
+    tape = max(b.saved_bytes + b.input_bytes for b in blocks)
+    slot = max(b.input_bytes for b in blocks)
+    slots = (budget - profile.outside_bytes - tape) // slot
+    if slots < 1:
+        return None
+    n = len(blocks)
+    forward = statistics.mean(b.forward_s for b in blocks)
+    return 1.0 + revolve_forward_steps(n, min(int(slots), n)) * forward / t_none
+
+
+def bench(label: str, backbone: str, args: dict, batch: int, steps: int) -> None:
+    torch.manual_seed(0)
+    model = create_backbone(backbone, num_classes=10, **args).train()
+    size = model.pretrained_cfg["input_size"][-1]
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    profile = profile_blocks(model, lambda: F.cross_entropy(model(x), y))
+    unconstrained = profile.unconstrained_bytes
+    print(
+        f"\n{label}: {len(profile.blocks)} blocks, batch {batch}, unconstrained activations "
+        f"{unconstrained / MIB:.1f} MiB"
+    )
+
+    apply_checkpointing("none", None, model)
+    t_none = _step_time(model, x, y, optimizer, steps)
+    static = Checkpointer("static", {}, model)
+    static.profile = profile
+    static_peak = _peak(model, x, y, static)
+    t_static = _step_time(model, x, y, optimizer, steps)
+    apply_checkpointing("none", None, model)
+    print(
+        f"none: {t_none * 1e3:.0f} ms/step; static: peak {static_peak / MIB:.2f} MiB "
+        f"({static_peak / unconstrained:.2f}), {t_static / t_none:.2f}x"
+    )
+    print(
+        "| budget (fraction) | adaptive peak MiB | plan save/selective/recompute "
+        "| adaptive step vs none | static step vs none | revolve bound |"
+    )
+    print("|---|---:|---|---:|---:|---:|")
+    for fraction in FRACTIONS:
+        budget = int(fraction * unconstrained)
+        ckpt = Checkpointer("adaptive", {}, model)
+        ckpt.profile = profile
+        ckpt.activation_budget = budget - profile.prefix_bytes
+        try:
+            ckpt._apply()
+        except Infeasible as exc:
+            least = (exc.min_peak_bytes + profile.prefix_bytes) / unconstrained
+            print(f"| {fraction:.2f} | infeasible (least {least:.2f}) | | | | |")
+            continue
+        peak = _peak(model, x, y, ckpt)
+        modes = list(block_modes(model).values())
+        counts = "/".join(str(modes.count(m)) for m in ("save", "selective", "recompute"))
+        # interleave: none, adaptive, none, static, so drift hits all alike
+        saved = block_modes(model)
+        apply_checkpointing("none", None, model)
+        t0 = _step_time(model, x, y, optimizer, steps)
+        for name, block in find_blocks(model):
+            set_mode(block, saved[name])
+        t_adaptive = _step_time(model, x, y, optimizer, steps)
+        static_fits = static_peak <= budget
+        if static_fits:
+            apply_checkpointing("static", None, model)
+        t_static_here = _step_time(model, x, y, optimizer, steps) if static_fits else None
+        apply_checkpointing("none", None, model)
+        t1 = _step_time(model, x, y, optimizer, steps)
+        base = (t0 + t1) / 2
+        revolve = _revolve_ratio(profile, budget, base)
+        print(
+            f"| {fraction:.2f} ({budget / MIB:.1f} MiB) | {peak / MIB:.2f} | {counts} "
+            f"| {t_adaptive / base:.2f}x "
+            f"| {f'{t_static_here / base:.2f}x' if t_static_here else 'does not fit'} "
+            f"| {f'{revolve:.2f}x' if revolve else '-'} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--tiny-only", action="store_true", help="skip the small ViT")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print("1 thread; step = forward + backward + AdamW step; ratios measured in this run")
+    for label, backbone, bargs, batch in MODELS[:1] if args.tiny_only else MODELS:
+        bench(label, backbone, bargs, batch, args.steps)
+
+
+if __name__ == "__main__":
+    main()
