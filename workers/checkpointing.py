@@ -106,6 +106,39 @@ def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpoin
 _SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
 
 
+_NORMS_WITH_STATS = (nn.modules.batchnorm._BatchNorm,)
+
+
+def _stats_once(block: nn.Module, plain: Callable[..., Any]) -> Callable[..., Any]:
+    """``plain`` for a checkpoint: the recompute (every call after the first) leaves the
+    BatchNorm running statistics as the forward left them, so that a checkpointed
+    block updates them once per step, as plain autograd does."""
+    norms = [m for m in block.modules() if isinstance(m, _NORMS_WITH_STATS) and m.training]
+    if not norms:
+        return plain
+    calls = [0]
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            return plain(*args, **kwargs)
+        # momentum 0 leaves the running statistics as they are (still normalising with
+        # batch statistics). A Python attribute, not a tensor op: the selective mode
+        # replays the forward's ops and must see the same ones. (num_batches_tracked
+        # still counts the recompute; it only matters for momentum=None, a cumulative
+        # average that timm's backbones do not use.)
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.momentum = 0.0
+        try:
+            return plain(*args, **kwargs)
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
+
+    return run
+
+
 def _run(block: nn.Module, plain: Callable[..., Any], mode: str, x: Any, *args: Any, **kw: Any):  # noqa: ANN202
     if mode == "save" or not (torch.is_grad_enabled() and block.training):
         return plain(x, *args, **kw)
@@ -117,6 +150,7 @@ def _run(block: nn.Module, plain: Callable[..., Any], mode: str, x: Any, *args: 
         return plain(x, *args, **kw)
     if isinstance(x, torch.Tensor) and x.requires_grad:
         x = KeepForRecompute.apply(x)
+    plain = _stats_once(block, plain)
     if mode == "selective":
         # respect_saved_tensors_hooks: what the policy keeps is seen by memory meters
         return checkpoint(
@@ -176,17 +210,25 @@ class BlockProfile:
     forward_s: float  # extra seconds per step of ``recompute`` (measured vs ``save``)
     cheap_s: float  # extra seconds per step of ``selective`` (measured vs ``save``)
     frozen: bool = False  # builds no graph (input and parameters need no gradient)
+    rematerialised: int | None = None  # saved_bytes without the input (None: same)
+
+    @property
+    def checkpointed_peak(self) -> int:
+        """Bytes alive for a checkpointed block while its backward runs: its kept input
+        and its re-materialised activations (the input counted once)."""
+        inner = self.saved_bytes if self.rematerialised is None else self.rematerialised
+        return self.input_bytes + inner
 
     def options(self) -> tuple[checkpoint_plan.Option, ...]:
         """The planner's view: kept bytes, backward peak, recompute time per mode.
 
         While a checkpointed block's backward runs, its activations are re-materialised
-        next to what it kept: peak = saved + input for both checkpointed modes.
+        next to what it kept: peak = input + re-materialised bytes in both modes.
         """
         gap = self.gap_bytes  # alive from before this block until after its backward
         if self.frozen:
             return (checkpoint_plan.Option("save", gap, gap),)
-        peak = gap + self.saved_bytes + self.input_bytes
+        peak = gap + self.checkpointed_peak
         save = checkpoint_plan.Option("save", gap + self.saved_bytes, gap + self.saved_bytes)
         whole = checkpoint_plan.Option("recompute", gap + self.input_bytes, peak, self.forward_s)
         if self.selective_bytes is None or self.selective_bytes >= self.saved_bytes:
@@ -206,7 +248,7 @@ class BlockProfile:
             return 0
         if mode == "save":
             return self.saved_bytes
-        return self.saved_bytes + self.input_bytes
+        return self.checkpointed_peak
 
 
 HEAD = "(after the blocks)"
@@ -266,8 +308,9 @@ def profile_blocks(
     """
     blocks = find_blocks(model)
     previous = {name: mode_of(block) for name, block in blocks}
+    device = next(model.parameters()).device
     rng = torch.random.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     inputs: dict[str, tuple[torch.Tensor, bool]] = {}
 
@@ -291,7 +334,6 @@ def profile_blocks(
         for h in hooks:
             h.remove()
         hooks = []
-        device = next(model.parameters()).device
         profiles = []
         kept_before = 0  # what the blocks so far kept (recompute mode: their inputs)
         previous_entry = 0
@@ -316,7 +358,7 @@ def profile_blocks(
             set_mode(block, previous[name])
         torch.random.set_rng_state(rng)
         if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+            torch.cuda.set_rng_state(cuda_rng, device)
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(buffers[n])
@@ -344,8 +386,14 @@ def _profile_one(
         out = plain(x)
     del out
     saved = meter.peak_bytes
+    meter = ActivationMeter(block, exclude=[x])
+    with meter:
+        out = plain(x)
+    del out
+    # the re-materialised activations of a checkpointed block, its (kept) input aside
+    rematerialised = meter.peak_bytes
 
-    meter = ActivationMeter(block)
+    meter = ActivationMeter(block, exclude=[x])
     with meter:
         out = checkpoint(
             plain,
@@ -354,7 +402,7 @@ def _profile_one(
             context_fn=_SELECTIVE_CONTEXT,
             respect_saved_tensors_hooks=True,
         )
-    selective: int | None = max(0, meter.peak_bytes - (input_bytes if needs_grad else 0))
+    selective: int | None = meter.peak_bytes
     wrt = [x] if needs_grad else [p for p in block.parameters() if p.requires_grad]
     try:  # a backward through the recompute (into no .grad) proves the mode applies
         torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
@@ -375,14 +423,18 @@ def _profile_one(
         for mode in modes:  # interleaved, so that drift hits every mode alike
             elapsed[mode].append(_fwd_bwd_time(block, plain, mode, x, wrt, device))
     if not repeats:  # bytes only (a strategy that does not plan needs no times)
-        return BlockProfile(name, input_bytes, gap, saved, selective, 0.0, 0.0)
+        return BlockProfile(
+            name, input_bytes, gap, saved, selective, 0.0, 0.0, rematerialised=rematerialised
+        )
     median = {m: sorted(t)[len(t) // 2] for m, t in elapsed.items()}
     # floors against timing noise: a recompute re-runs at least a forward (a third of
     # forward + backward), a selective recompute at least something
     plain_s = median["save"]
     forward_s = max(median["recompute"] - plain_s, plain_s / 3)
     cheap_s = max(median["selective"] - plain_s, plain_s / 100) if selective is not None else 0.0
-    return BlockProfile(name, input_bytes, gap, saved, selective, forward_s, cheap_s)
+    return BlockProfile(
+        name, input_bytes, gap, saved, selective, forward_s, cheap_s, rematerialised=rematerialised
+    )
 
 
 def _fwd_bwd_time(
@@ -555,18 +607,24 @@ class Checkpointer:
             return False
         assert self.activation_budget is not None
         self.replans += 1
-        self.activation_budget -= max(1, tighter_by_bytes)
+        before = self.plan
+        current = (
+            self.activation_budget
+            if before is None
+            else min(self.activation_budget, before.peak_bytes)
+        )
+        self.activation_budget = current - max(1, tighter_by_bytes)
         try:
             self._apply()
         except checkpoint_plan.Infeasible:
             return False
-        return True
+        return before is None or self.plan.choices != before.choices
 
     def activation_peak(self, meter: ActivationMeter) -> int:
         """Accounted activation peak of the last step: the bytes saved by its forward,
         or, if larger, what is alive while a checkpointed block's backward runs (the
         bytes saved before the block, measured, plus its re-materialisation, profiled)."""
-        peak = meter.peak_bytes
+        peak = meter.last_bytes
         if self.profile is None:
             return peak
         modes = block_modes(self.model)

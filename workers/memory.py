@@ -55,9 +55,15 @@ class ActivationMeter:
         ...     loss = model(x).sum()
     """
 
-    def __init__(self, model: nn.Module, blocks: Sequence[tuple[str, nn.Module]] = ()) -> None:
-        self._exclude = {_storage_key(p) for p in model.parameters()}
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: Sequence[tuple[str, nn.Module]] = (),
+        exclude: Sequence[torch.Tensor] = (),
+    ) -> None:
+        self._exclude = {_storage_key(t) for t in [*model.parameters(), *exclude]}
         self.peak_bytes = 0
+        self.last_bytes = 0  # the last forward's (a re-planned step is judged on its own)
         self._seen: set[tuple[int, int]] = set()
         self._bytes = 0
         self._hooks: Any = None
@@ -101,6 +107,7 @@ class ActivationMeter:
         self._hooks.__exit__(*exc)
         self._active = False
         self.peak_bytes = max(self.peak_bytes, self._bytes)
+        self.last_bytes = self._bytes
         self._seen.clear()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import gc
 import json
 import logging
 import math
@@ -67,6 +68,8 @@ def run_trial(
     device = torch.device("cpu")
     try:
         device = _device(spec)
+        if device.type == "cuda":
+            memory.configure_cuda_allocator()  # before this process's first allocation
         record.device = _device_name(device)
         if spec.kind != "finetune":
             raise NotImplementedError(f"trial kind {spec.kind!r} has no runner in this worker")
@@ -79,11 +82,15 @@ def run_trial(
         record.status, record.error = "oom", str(exc).splitlines()[0]
         if device.type == "cuda":
             _fill_cuda_peaks(record, device)
-            torch.cuda.empty_cache()  # leave the worker healthy for the next trial
     except Exception as exc:  # noqa: BLE001 - a failure is data, not a crash of the sweep
         record.status = "failed"
         record.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
         log.warning("trial %s failed: %s", spec.trial_id, exc)
+    if device.type == "cuda":
+        # leave the worker healthy for the next trial: the model (its blocks' patched
+        # forwards are reference cycles) and any failed step's tensors go now
+        gc.collect()
+        torch.cuda.empty_cache()
     record.ended_at = _now()
     return record
 
@@ -129,14 +136,12 @@ def _finetune(
     feed = functools.partial(batches, size=size, mean=data.mean, std=data.std, device=device)
     gen = torch.Generator().manual_seed(spec.seed)
 
-    def train_step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def forward_backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         with meter, autocast:
             loss = F.cross_entropy(model(xb), yb)
             objective = loss + adapted.regularizer() if adapted.regularizer else loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(objective).backward()
-        scaler.step(optimizer)
-        scaler.update()
         return loss
 
     model.train()
@@ -144,33 +149,42 @@ def _finetune(
     _sync(device)
     t_start = time.perf_counter()
     t_first = t_start
-    while step < total_steps:
-        losses = []
-        for xb, yb in feed(
-            data.train_x, data.train_y, train.batch_size, generator=gen, drop_last=False
-        ):
-            if step == 0 and ckpt.wants_profile:
-                _prepare_checkpointing(ckpt, model, xb, yb, spec, autocast)
-            loss = _step_with_replans(train_step, xb, yb, ckpt, optimizer, device)
-            scheduler.step()
-            step += 1
-            if adapted.on_optimizer_step is not None:
-                adapted.on_optimizer_step(step)
-            losses.append(loss.item())
-            if step == 1 or recheck:
-                recheck = not _check_accounted(model, optimizer, meter, xb, spec, record, cap, ckpt)
-            if step == 1:
-                _sync(device)
-                t_first = time.perf_counter()
-            else:
-                images_after_first += len(yb)
-            if step >= total_steps:
-                break
-    record.checkpointed_blocks = len(ckpt.checkpointed())
-    _fill_plan(record, ckpt)
+    try:
+        while step < total_steps:
+            losses = []
+            for xb, yb in feed(
+                data.train_x, data.train_y, train.batch_size, generator=gen, drop_last=False
+            ):
+                if step == 0 and ckpt.wants_profile:
+                    _prepare_checkpointing(ckpt, model, xb, yb, spec, autocast)
+                loss, replanned = _step_with_replans(
+                    forward_backward, xb, yb, ckpt, model, optimizer, device
+                )
+                # the optimizer step is not retried: an OOM there is the trial's record
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                if adapted.on_optimizer_step is not None:
+                    adapted.on_optimizer_step(step)
+                losses.append(loss.item())
+                if step == 1 or recheck or replanned:
+                    recheck = not _check_accounted(
+                        model, optimizer, meter, xb, spec, record, cap, ckpt
+                    )
+                if step == 1:
+                    _sync(device)
+                    t_first = time.perf_counter()
+                else:
+                    images_after_first += len(yb)
+                if step >= total_steps:
+                    break
+    finally:  # also on an oom / over_budget record: what ran, and under which plan
+        record.steps = step
+        record.checkpointed_blocks = len(ckpt.checkpointed())
+        _fill_plan(record, ckpt)
     _sync(device)
     t_end = time.perf_counter()
-    record.steps = step
     record.train_time_s = t_end - t_start
     record.throughput_img_s = images_after_first / (t_end - t_first) if t_end > t_first else None
     record.train_loss = float(np.mean(losses)) if losses else None
@@ -208,31 +222,47 @@ def _prepare_checkpointing(
         ckpt.prepare(forward, int(spec.budget_mb * MB), static, context=lambda: autocast)
     except Infeasible as exc:
         assert ckpt.profile is not None
-        least = static + ckpt.profile.prefix_bytes + exc.min_peak_bytes
+        margin = int(ckpt.config.margin_mb * MB)
+        least = static + ckpt.profile.prefix_bytes + margin + exc.min_peak_bytes
         raise memory.OverBudget(least / MB, spec.budget_mb) from None
 
 
 def _step_with_replans(
-    train_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    forward_backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     xb: torch.Tensor,
     yb: torch.Tensor,
     ckpt: Checkpointer,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-) -> torch.Tensor:
-    """One step; out of device memory, an adaptive plan is tightened (by a quarter of
-    its activation budget) and the step retried, a bounded number of times."""
+) -> tuple[torch.Tensor, bool]:
+    """Forward and backward of one step; out of device memory, an adaptive plan is
+    tightened (a quarter below its peak) and the step retried, a bounded number of
+    times, from the same RNG state and BatchNorm statistics. Returns the loss and
+    whether the plan changed."""
+    rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    stats = [b.detach().clone() for b in model.buffers()] if ckpt.adaptive else []
+    replanned = False
     while True:
         try:
-            return train_step(xb, yb)
+            return forward_backward(xb, yb), replanned
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
+                gc.collect()
                 torch.cuda.empty_cache()
-            budget = ckpt.activation_budget or 0
-            if not ckpt.replan(max(1, budget // 4)):
+            peak = ckpt.plan.peak_bytes if ckpt.plan is not None else 0
+            if not ckpt.replan(max(1, peak // 4)):
                 raise
+            replanned = True
             log.warning("out of memory: re-planned checkpointing (%d)", ckpt.replans)
+            torch.random.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, device)
+            with torch.no_grad():
+                for buffer, value in zip(model.buffers(), stats, strict=True):
+                    buffer.copy_(value)
 
 
 def _check_accounted(
@@ -320,7 +350,6 @@ def _device_name(device: torch.device) -> str:
 def _apply_cap(spec: TrialSpec, device: torch.device, record: TrialRecord) -> str:
     """Install the trial's memory cap; returns which kind applies."""
     if device.type == "cuda":
-        memory.configure_cuda_allocator()
         memory.cap_cuda_memory(spec.budget_mb, device)
         record.cap_kind = record.mem_source = "cuda_allocator"
         return "cuda_allocator"

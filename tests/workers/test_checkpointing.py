@@ -249,3 +249,21 @@ def test_checkpointer_records_modes_per_block() -> None:
     assert list(modes) == [n for n, _ in find_blocks(model)]
     assert set(modes.values()) <= set(MODES) and set(modes.values()) != {"save"}
     assert ckpt.checkpointed() == [n for n, m in modes.items() if m != "save"]
+
+
+@pytest.mark.parametrize("mode", ["selective", "recompute"])
+@pytest.mark.parametrize("backbone", ["tiny_vit_test", "mobilenetv2_test"])
+def test_recompute_updates_batchnorm_statistics_once(backbone: str, mode: str) -> None:
+    """The recompute in backward must not move BatchNorm's running statistics again."""
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    plain, checkpointed = _drop_path_model(backbone), _drop_path_model(backbone)
+    for _, block in find_blocks(checkpointed):
+        set_mode(block, mode)
+    for model in (plain, checkpointed):
+        torch.manual_seed(5)
+        F.cross_entropy(model(x), y).backward()
+    stats = {n: b for n, b in plain.named_buffers() if "running" in n}
+    assert stats
+    for name, value in checkpointed.named_buffers():
+        if name in stats:
+            torch.testing.assert_close(value, stats[name], atol=1e-6, rtol=1e-5)

@@ -150,3 +150,23 @@ def test_cuda_peaks_read_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
         "cuda_max_reserved_mb": 320.0,
         "cuda_max_requested_mb": 290.0,
     }
+
+
+def test_last_bytes_follow_the_last_forward_and_peak_the_largest() -> None:
+    lin = nn.Linear(16, 16)
+    meter = memory.ActivationMeter(lin)
+    with meter:
+        lin(torch.randn(64, 16, requires_grad=True))
+    with meter:
+        lin(torch.randn(4, 16, requires_grad=True))
+    assert meter.last_bytes == 4 * 16 * 4
+    assert meter.peak_bytes == 64 * 16 * 4
+
+
+def test_excluded_tensor_is_not_counted() -> None:
+    lin = nn.Linear(16, 16)
+    x = torch.randn(8, 16, requires_grad=True)
+    meter = memory.ActivationMeter(lin, exclude=[x])
+    with meter:
+        lin(x)
+    assert meter.peak_bytes == 0
