@@ -640,4 +640,7 @@ class Checkpointer:
         return self.profile.prefix_bytes + self.plan.peak_bytes
 
     def checkpointed(self) -> list[str]:
-        return [n for n, m in block_modes(self.model).items() if m != "save"]
+        """Blocks that recompute in backward (a frozen block that builds no graph
+        recomputes nothing, whatever its mode)."""
+        frozen = {b.name for b in self.profile.blocks if b.frozen} if self.profile else set()
+        return [n for n, m in block_modes(self.model).items() if m != "save" and n not in frozen]
