@@ -5,7 +5,9 @@ resolution; batches are cut from them on the trial's device, converted, resized 
 the backbone's input size and normalised in one batched call (no per-image Python).
 
 ``digits`` (scikit-learn's bundled 8x8 digits) is the offline default;
-``synthetic`` is generated and exists for tests and overhead measurements.
+``synthetic`` is generated and exists for tests and overhead measurements;
+``cifar100`` and ``dtd`` read the official files from a local folder (``root:`` in
+the grid) and fetch them with torchvision only when asked to (``download: true``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Iterator
+import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +30,9 @@ from workers.registry import Registry
 log = logging.getLogger(__name__)
 
 DATASETS = Registry("dataset")
+
+# Where cifar100 and dtd look for their files unless the grid gives ``root:``.
+DEFAULT_ROOT = "~/.cache/vramsweep/data"
 
 # The split of every dataset is fixed (not the trial's seed): all trials of a sweep,
 # whatever their seed, are evaluated on the same held-out images.
@@ -123,18 +131,53 @@ def _from_arrays(images: np.ndarray, labels: np.ndarray, test_fraction: float) -
     train_idx, test_idx = _stratified_split(labels, test_fraction)
     x = torch.from_numpy(np.ascontiguousarray(images))
     y = torch.from_numpy(labels.astype(np.int64))
-    train_f = x[train_idx].float().div(255.0)
-    mean = tuple(train_f.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(train_f.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return ImageData(
-        x[train_idx],
-        y[train_idx],
-        x[test_idx],
-        y[test_idx],
-        num_classes=int(labels.max()) + 1,
-        mean=mean,
-        std=std,
+    return _with_train_stats(
+        x[train_idx], y[train_idx], x[test_idx], y[test_idx], int(labels.max()) + 1
     )
+
+
+def _with_train_stats(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+) -> ImageData:
+    """ImageData whose normalisation statistics come from the train split only."""
+    # float64 sums over chunks: exact enough for 50k images without a float copy of them all
+    n_pixels = train_x.shape[0] * train_x.shape[2] * train_x.shape[3]
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    for chunk in train_x.split(4096):
+        f = chunk.double().div(255.0)
+        total += f.sum(dim=(0, 2, 3))
+        total_sq += f.square().sum(dim=(0, 2, 3))
+    mean = total / n_pixels
+    var = (total_sq - n_pixels * mean.square()) / max(n_pixels - 1, 1)  # unbiased, as torch.std
+    std = var.clamp_min(0).sqrt().clamp_min(1e-3)
+    return ImageData(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes=num_classes,
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
+    )
+
+
+def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (N, 3, H, W) uint8 images to size x size once, antialiased, in chunks."""
+    if x.shape[-2:] == (size, size):
+        return x
+    out = torch.empty(len(x), 3, size, size, dtype=torch.uint8)
+    for start in range(0, len(x), 4096):  # bounds the float copy to ~50 MB at 32 px
+        f = x[start : start + 4096].float()
+        f = F.interpolate(
+            f, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        out[start : start + len(f)] = f.round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 @dataclass(frozen=True)
@@ -194,3 +237,234 @@ def synthetic(config: SyntheticConfig) -> ImageData:
     img = img + config.noise * torch.randn(n, 3, s, s, generator=gen)
     images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return _from_arrays(images.numpy(), labels.numpy(), config.test_fraction)
+
+
+# --------------------------------------------------------------------------- files on disk
+
+
+def _root_path(root: str) -> Path:
+    return Path(root).expanduser()
+
+
+def _check_root_and_size(root: str, image_size: int) -> None:
+    if not root.strip():
+        raise ValueError("root must be a folder path, got an empty string")
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+
+
+def _numpy_pickle_globals() -> dict[tuple[str, str], Callable[..., Any] | type]:
+    """The few numpy callables that rebuild a plain array (old and new module paths)."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+
+    allowed: dict[tuple[str, str], Callable[..., Any] | type] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    for module in ("numpy.core", "numpy._core"):
+        allowed[(f"{module}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{module}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, str, ints and plain numpy arrays; nothing else.
+
+    A pickle can name any importable callable (``os.system``); only the globals that
+    rebuild the official CIFAR files are resolved, every other one is refused.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):  # bytes in protocol-2 pickles
+            import codecs
+
+            return codecs.encode
+        found = _numpy_pickle_globals().get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return found
+
+
+def _load_plain_pickle(path: Path) -> dict[Any, Any]:
+    try:
+        with path.open("rb") as f:
+            # encoding="bytes": the official files were written by Python 2
+            obj = _PlainDataUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # truncated, corrupt or hostile: all a bad file to the user
+        raise ValueError(f"{path}: not a readable dataset pickle ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def _key(entry: dict[Any, Any], key: str, path: Path) -> Any:
+    """``entry[b'key']`` (Python 2 files) or ``entry['key']`` (Python 3 copies)."""
+    for k in (key.encode(), key):
+        if k in entry:
+            return entry[k]
+    raise ValueError(f"{path}: missing key {key!r}")
+
+
+# --------------------------------------------------------------------------- CIFAR-100
+
+
+@dataclass(frozen=True)
+class Cifar100Config:
+    root: str = DEFAULT_ROOT  # folder that holds cifar-100-python/ (~ is expanded)
+    download: bool = False  # fetch with torchvision when cifar-100-python/ is missing
+    image_size: int = 32  # stored resolution; the 32 px originals are resized once if different
+
+    def __post_init__(self) -> None:
+        _check_root_and_size(self.root, self.image_size)
+
+
+def _cifar_split(path: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    entry = _load_plain_pickle(path)
+    try:
+        data = np.asarray(_key(entry, "data", path))
+        labels = np.asarray(_key(entry, "fine_labels", path), dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable data or labels ({exc})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: data must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+    if labels.shape != (len(data),):
+        raise ValueError(f"{path}: {len(labels)} fine_labels for {len(data)} images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{path}: fine_labels outside [0, {num_classes})")
+    # each row is the red plane, then green, then blue, each row-major 32x32
+    images = torch.from_numpy(np.ascontiguousarray(data.reshape(-1, 3, 32, 32)))
+    return images, torch.from_numpy(labels)
+
+
+@DATASETS.register(config_cls=Cifar100Config)
+def cifar100(config: Cifar100Config) -> ImageData:
+    """CIFAR-100 (fine labels) from torchvision's cifar-100-python/ files; official split."""
+    root = _root_path(config.root)
+    folder = root / "cifar-100-python"
+    if not folder.is_dir() and config.download:
+        import torchvision
+
+        log.info("downloading CIFAR-100 to %s", root)
+        torchvision.datasets.CIFAR100(str(root), download=True)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"CIFAR-100 not found: no folder {folder}. Give the folder that contains "
+            "cifar-100-python/ as `root:` under the dataset in the grid, or set "
+            "`download: true` on a machine that is online."
+        )
+    for name in ("meta", "train", "test"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"CIFAR-100 file missing: {folder / name}")
+    meta_path = folder / "meta"
+    names = _key(_load_plain_pickle(meta_path), "fine_label_names", meta_path)
+    if not isinstance(names, list) or len(names) < 2:
+        raise ValueError(f"{meta_path}: fine_label_names must be a list of >= 2 names")
+    train_x, train_y = _cifar_split(folder / "train", len(names))
+    test_x, test_y = _cifar_split(folder / "test", len(names))
+    return _with_train_stats(
+        _resize_uint8(train_x, config.image_size),
+        train_y,
+        _resize_uint8(test_x, config.image_size),
+        test_y,
+        len(names),
+    )
+
+
+# --------------------------------------------------------------------------- DTD
+
+
+@dataclass(frozen=True)
+class DtdConfig:
+    root: str = DEFAULT_ROOT  # folder that holds dtd/ (~ is expanded)
+    split: int = 1  # which of the 10 official splits (labels/{train,val,test}<split>.txt)
+    image_size: int = 224  # stored resolution: shorter side resized to it, then centre-cropped
+    download: bool = False  # fetch with torchvision when dtd/ is missing
+
+    def __post_init__(self) -> None:
+        _check_root_and_size(self.root, self.image_size)
+        if not 1 <= self.split <= 10:
+            raise ValueError(f"split must be in 1..10, got {self.split}")
+
+
+def _dtd_folder(root: Path) -> Path | None:
+    """The folder with images/ and labels/: the official tarball's or torchvision's."""
+    for folder in (root / "dtd", root / "dtd" / "dtd"):  # torchvision nests it once more
+        if (folder / "images").is_dir() and (folder / "labels").is_dir():
+            return folder
+    return None
+
+
+def _decode_square(path: Path, size: int) -> np.ndarray:
+    """One image as (3, size, size) uint8: shorter side to ``size``, then centre crop."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")  # forces the full decode: truncated files fail here
+    except FileNotFoundError:
+        raise ValueError(f"DTD image listed in the label files is missing: {path}") from None
+    except Exception as exc:
+        raise ValueError(f"DTD image {path} cannot be decoded ({exc})") from None
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)  # antialiased when shrinking
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _dtd_list(folder: Path, name: str) -> list[str]:
+    path = folder / "labels" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"DTD label file missing: {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+@DATASETS.register(config_cls=DtdConfig)
+def dtd(config: DtdConfig) -> ImageData:
+    """Describable Textures (47 classes); train = official train + val, test = test."""
+    root = _root_path(config.root)
+    folder = _dtd_folder(root)
+    if folder is None and config.download:
+        import torchvision
+
+        log.info("downloading DTD to %s", root)
+        torchvision.datasets.DTD(str(root), download=True)
+        folder = _dtd_folder(root)
+    if folder is None:
+        raise FileNotFoundError(
+            f"DTD not found: no {root / 'dtd' / 'images'} with labels/ beside it. Give the "
+            "folder that contains dtd/ as `root:` under the dataset in the grid, or set "
+            "`download: true` on a machine that is online."
+        )
+    classes = sorted(p.name for p in (folder / "images").iterdir() if p.is_dir())
+    index = {name: i for i, name in enumerate(classes)}
+    k = config.split
+    # ImageData has no validation split: val joins train, the official test is held out
+    parts = {
+        "train": _dtd_list(folder, f"train{k}.txt") + _dtd_list(folder, f"val{k}.txt"),
+        "test": _dtd_list(folder, f"test{k}.txt"),
+    }
+    loaded = []
+    for part, entries in parts.items():
+        if not entries:
+            raise ValueError(f"DTD split {k}: the {part} list is empty")
+        x = np.empty((len(entries), 3, config.image_size, config.image_size), dtype=np.uint8)
+        y = np.empty(len(entries), dtype=np.int64)
+        for i, entry in enumerate(entries):
+            cls = entry.split("/", 1)[0]
+            if cls not in index:
+                raise ValueError(
+                    f"DTD label entry {entry!r} names class {cls!r}, which has no folder "
+                    f"in {folder / 'images'}"
+                )
+            x[i] = _decode_square(folder / "images" / entry, config.image_size)
+            y[i] = index[cls]
+        loaded += [torch.from_numpy(x), torch.from_numpy(y)]
+    return _with_train_stats(*loaded, num_classes=len(classes))

@@ -111,7 +111,7 @@ def test_drop_last(synthetic_data: ImageData) -> None:
         ("digits", {"image_size": 4}, "image_size must be >= 8"),
         ("digits", {"test_fraction": 1.0}, "test_fraction must be in"),
         ("synthetic", {"num_classes": 1}, "num_classes >= 2"),
-        ("mnist", {}, "valid: digits, synthetic"),
+        ("mnist", {}, "valid: cifar100, digits, dtd, synthetic"),
     ],
 )
 def test_bad_dataset_arguments(name: str, args: dict, fragment: str) -> None:
