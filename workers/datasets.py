@@ -13,8 +13,10 @@ the grid) and fetch them with torchvision only when asked to (``download: true``
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import os
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,9 +73,70 @@ def load_dataset(name: str, args: dict | None) -> ImageData:
     return _load_cached(name, json.dumps(args or {}, sort_keys=True))
 
 
+# Datasets registered with this tag decode slowly enough (JPEGs, pickles) to be kept
+# on disk, decoded, for the next sweep.
+DECODED = "decoded"
+CACHE_ENV = "VRAMSWEEP_CACHE"  # folder of decoded datasets (default below)
+CACHE_FORMAT = 1  # bump when the decoded layout changes: old files are then ignored
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, "~/.cache/vramsweep/decoded")).expanduser()
+
+
+def cache_path(name: str, args: dict[str, Any]) -> Path:
+    """Where dataset ``name`` decoded with ``args`` is kept: keyed by the dataset and
+    every argument that changes the tensors (source folder, split, resolution)."""
+    key_args = {k: v for k, v in DATASETS.resolve_args(name, args).items() if k != "download"}
+    if "root" in key_args:
+        key_args["root"] = str(Path(key_args["root"]).expanduser().resolve())
+    key = json.dumps({"dataset": name, "args": key_args, "format": CACHE_FORMAT}, sort_keys=True)
+    return cache_dir() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def _from_disk_cache(name: str, args: dict[str, Any]) -> ImageData:
+    path = cache_path(name, args)
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            data = ImageData(
+                state["train_x"],
+                state["train_y"],
+                state["test_x"],
+                state["test_y"],
+                int(state["num_classes"]),
+                tuple(state["mean"]),
+                tuple(state["std"]),
+            )
+            log.info("dataset %s: decoded copy read from %s", name, path)
+            return data
+        except Exception as exc:  # noqa: BLE001 - a bad cache file is decoded again
+            log.warning("dataset %s: ignoring unreadable cache %s (%s)", name, path, exc)
+    data = DATASETS.build(name, args)
+    state = {
+        "train_x": data.train_x,
+        "train_y": data.train_y,
+        "test_x": data.test_x,
+        "test_y": data.test_y,
+        "num_classes": data.num_classes,
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+    log.info("dataset %s: decoded copy written to %s", name, path)
+    return data
+
+
 @functools.lru_cache(maxsize=2)
 def _load_cached(name: str, args_json: str) -> ImageData:
-    data = DATASETS.build(name, json.loads(args_json))
+    args = json.loads(args_json)
+    if DECODED in DATASETS.get(name).tags:
+        data = _from_disk_cache(name, args)
+    else:
+        data = DATASETS.build(name, args)
     log.info(
         "dataset %s: %d train / %d test images, %d classes, stored at %d px",
         name,
@@ -341,7 +404,7 @@ def _cifar_split(path: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tens
     return images, torch.from_numpy(labels)
 
 
-@DATASETS.register(config_cls=Cifar100Config)
+@DATASETS.register(config_cls=Cifar100Config, tags=(DECODED,))
 def cifar100(config: Cifar100Config) -> ImageData:
     """CIFAR-100 (fine labels) from torchvision's cifar-100-python/ files; official split."""
     root = _root_path(config.root)
@@ -426,7 +489,7 @@ def _dtd_list(folder: Path, name: str) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-@DATASETS.register(config_cls=DtdConfig)
+@DATASETS.register(config_cls=DtdConfig, tags=(DECODED,))
 def dtd(config: DtdConfig) -> ImageData:
     """Describable Textures (47 classes); train = official train + val, test = test."""
     root = _root_path(config.root)
