@@ -97,7 +97,7 @@ def bench(label: str, backbone: str, args: dict, batch: int, steps: int) -> None
     apply_checkpointing("none", None, model)
     t_none = _step_time(model, x, y, optimizer, steps)
     static = Checkpointer("static", {}, model)
-    static.profile = profile
+    static.use(profile)
     static_peak = _peak(model, x, y, static)
     t_static = _step_time(model, x, y, optimizer, steps)
     apply_checkpointing("none", None, model)
@@ -113,10 +113,8 @@ def bench(label: str, backbone: str, args: dict, batch: int, steps: int) -> None
     for fraction in FRACTIONS:
         budget = int(fraction * unconstrained)
         ckpt = Checkpointer("adaptive", {}, model)
-        ckpt.profile = profile
-        ckpt.activation_budget = budget - profile.prefix_bytes
         try:
-            ckpt._apply()
+            ckpt.use(profile, budget - profile.prefix_bytes)
         except Infeasible as exc:
             least = (exc.min_peak_bytes + profile.prefix_bytes) / unconstrained
             print(f"| {fraction:.2f} | infeasible (least {least:.2f}) | | | | |")

@@ -113,7 +113,7 @@ def _stats_once(block: nn.Module, plain: Callable[..., Any]) -> Callable[..., An
     """``plain`` for a checkpoint: the recompute (every call after the first) leaves the
     BatchNorm running statistics as the forward left them, so that a checkpointed
     block updates them once per step, as plain autograd does."""
-    norms = [m for m in block.modules() if isinstance(m, _NORMS_WITH_STATS) and m.training]
+    norms = [m for m in block._vramsweep_norms if m.training]
     if not norms:
         return plain
     calls = [0]
@@ -177,16 +177,13 @@ def set_mode(block: nn.Module, mode: str) -> None:
 
         block.forward = forward
         block._vramsweep_plain_forward = plain
+        # found once, not on every forward
+        block._vramsweep_norms = [m for m in block.modules() if isinstance(m, _NORMS_WITH_STATS)]
     block._vramsweep_mode = mode
 
 
 def mode_of(block: nn.Module) -> str:
     return getattr(block, "_vramsweep_mode", "save")
-
-
-def checkpoint_block(block: nn.Module) -> None:
-    """Make ``block`` recompute its whole forward during backward (idempotent)."""
-    set_mode(block, "recompute")
 
 
 def block_modes(model: nn.Module) -> dict[str, str]:
@@ -579,12 +576,16 @@ class Checkpointer:
 
         Raises ``checkpoint_plan.Infeasible`` when even the cheapest plan does not fit.
         """
-        self.profile = profile_blocks(self.model, forward, context=context, timed=self.adaptive)
-        if self.adaptive:
-            margin = int(self.config.margin_mb * (1 << 20))
-            self.activation_budget = (
-                budget_bytes - static_bytes - self.profile.prefix_bytes - margin
-            )
+        profile = profile_blocks(self.model, forward, context=context, timed=self.adaptive)
+        margin = int(self.config.margin_mb * (1 << 20)) if self.adaptive else 0
+        self.use(profile, budget_bytes - static_bytes - profile.prefix_bytes - margin)
+
+    def use(self, profile: Profile, activation_budget: int | None = None) -> None:
+        """Take ``profile``; an adaptive strategy also plans for ``activation_budget``
+        (bytes for the blocks and the head, the stem's prefix already subtracted)."""
+        self.profile = profile
+        if self.adaptive and activation_budget is not None:
+            self.activation_budget = activation_budget
             self._apply()
 
     def _apply(self) -> None:

@@ -6,12 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.workers.conftest import TINY_BACKBONES, TINY_CNN_BACKBONES
+from tests.workers.conftest import TINY_BACKBONES, TINY_CNN_BACKBONES, applicable_pairs
 from workers.backbones import classifier_name, create_backbone
 from workers.checkpointing import CHECKPOINTING, apply_checkpointing, find_blocks
 from workers.memory import ActivationMeter
-from workers.methods import MethodContext, apply_method, check_applicable
-from workers.registry import RegistryError
+from workers.methods import MethodContext, apply_method
 
 
 def _model(backbone: str, method: str, strategy: str, args: dict | None = None):  # noqa: ANN202
@@ -56,22 +55,9 @@ def _loss_and_grads(model, x, y):  # noqa: ANN001, ANN202
     return loss.item(), grads, meter.peak_bytes
 
 
-def _applicable(methods: list[str]) -> list[tuple[str, str]]:
-    """(backbone, method) pairs of the tiny backbones, where the method applies."""
-    pairs = []
-    for backbone in TINY_BACKBONES + TINY_CNN_BACKBONES:
-        for method in methods:
-            try:
-                check_applicable(method, backbone)
-            except RegistryError:
-                continue
-            pairs.append((backbone, method))
-    return pairs
-
-
 # MobileNet stages (timm's blocks.<i>) hold BatchNorm in training mode: the recompute
 # sees the same batch, so the statistics and with them the gradients are the same
-@pytest.mark.parametrize(("backbone", "method"), _applicable(["full", "lora", "bitfit"]))
+@pytest.mark.parametrize(("backbone", "method"), applicable_pairs(["full", "lora", "bitfit"]))
 def test_static_checkpointing_is_exact_and_saves_activations(backbone: str, method: str) -> None:
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
     plain, _ = _model(backbone, method, "none")
@@ -209,9 +195,7 @@ def test_adaptive_fits_every_budget_and_never_costs_more_than_static(backbone: s
     for fraction in (0.0, 0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0):
         budget = int(least + fraction * (unconstrained - least))
         ckpt = Checkpointer("adaptive", {}, model)
-        ckpt.profile = profile
-        ckpt.activation_budget = budget - profile.prefix_bytes
-        ckpt._apply()
+        ckpt.use(profile, budget - profile.prefix_bytes)
         assert ckpt.predicted_activation_bytes() <= budget
         assert _measured_peak(model, x, y, ckpt) <= budget
         times.append(ckpt.plan.recompute_s)
@@ -242,9 +226,7 @@ def test_adaptive_needs_a_budget() -> None:
 def test_checkpointer_records_modes_per_block() -> None:
     model, x, y, profile = _profiled("tiny_vit_test")
     ckpt = Checkpointer("adaptive", {}, model)
-    ckpt.profile = profile
-    ckpt.activation_budget = checkpoint_plan.min_peak(profile.costs())
-    ckpt._apply()
+    ckpt.use(profile, checkpoint_plan.min_peak(profile.costs()))
     modes = block_modes(model)
     assert list(modes) == [n for n, _ in find_blocks(model)]
     assert set(modes.values()) <= set(MODES) and set(modes.values()) != {"save"}

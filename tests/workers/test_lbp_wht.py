@@ -252,7 +252,7 @@ def test_composes_with_static_checkpointing(backbone: str) -> None:
         ({"block": 6}, "block must be a power of two >= 2, got 6"),
         ({"block": 1}, "got 1"),
         ({"selection": "l2"}, "selection must be one of .* got 'l2'"),
-        ({"target": "blocks.(qkv"}, "not a regular expression"),
+        ({"target": "blocks.(qkv"}, "not a valid regular expression"),
         ({"order": "four"}, "must be int"),
         ({"rank": 4}, "unknown argument"),
     ],

@@ -268,7 +268,7 @@ def test_composes_with_gradient_checkpointing() -> None:
         ({"initial_keep": 0.3, "final_keep": 0.5}, "must not exceed initial_keep"),
         ({"warmup_fraction": 0.6, "final_fraction": 0.4}, "warmup_fraction \\+ final_fraction"),
         ({"beta1": 1.0}, "beta1 must be in"),
-        ({"target": "blocks.(["}, "not a regular expression"),
+        ({"target": "blocks.(["}, "not a valid regular expression"),
         ({"rank": 4}, "unknown argument"),
     ],
 )

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from orchestrator.spec import TrainConfig, TrialSpec
-from tests.workers.conftest import TINY_BACKBONES, TINY_CNN_BACKBONES
+from tests.workers.conftest import applicable_pairs
 from workers import trial as trial_module
 from workers.checkpointing import Checkpointer
 from workers.datasets import ImageData
-from workers.methods import METHODS, check_applicable
-from workers.registry import RegistryError
+from workers.methods import METHODS
 from workers.trial import run_trial
 
 QUICK = TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_steps=3)
@@ -32,19 +31,7 @@ def _spec(**kw) -> TrialSpec:  # noqa: ANN003
     return TrialSpec(**(base | kw))
 
 
-def _applicable() -> list[tuple[str, str]]:
-    pairs = []
-    for method in METHODS.names():
-        for backbone in TINY_BACKBONES + TINY_CNN_BACKBONES:
-            try:
-                check_applicable(method, backbone)
-            except RegistryError:
-                continue
-            pairs.append((backbone, method))
-    return pairs
-
-
-@pytest.mark.parametrize(("backbone", "method"), _applicable())
+@pytest.mark.parametrize(("backbone", "method"), applicable_pairs(METHODS.names()))
 @pytest.mark.parametrize("checkpointing", ["none", "static", "adaptive"])
 def test_every_combination_runs_and_is_measured(
     backbone: str, method: str, checkpointing: str, synthetic_data: ImageData

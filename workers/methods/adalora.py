@@ -13,7 +13,6 @@ orthogonality regulariser on P and Q (which peft adds only to models that return
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from workers.backbones import MAMBA, TRANSFORMER
 from workers.methods.base import METHODS, Adapted, MethodContext
-from workers.methods.lora import BLOCK_LINEARS
+from workers.methods.lora import BLOCK_LINEARS, check_adapter
 
 
 @dataclass(frozen=True)
@@ -45,10 +44,7 @@ class AdaloraArgs:
             raise ValueError(f"init_r must be >= 1, got {self.init_r}")
         if not 1 <= self.target_r <= self.init_r:
             raise ValueError(f"target_r must be in [1, init_r={self.init_r}], got {self.target_r}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_adapter(self.alpha, self.dropout, self.target)
         for key in ("warmup_fraction", "final_fraction"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
@@ -64,10 +60,6 @@ class AdaloraArgs:
                 raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
-        try:
-            re.compile(self.target)
-        except re.error as exc:
-            raise ValueError(f"target is not a valid regular expression: {exc}") from None
 
 
 def orthogonality(model: nn.Module) -> torch.Tensor:

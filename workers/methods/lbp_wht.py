@@ -56,7 +56,7 @@ from torch import nn
 from workers.backbones import TRANSFORMER
 from workers.checkpointing import find_blocks
 from workers.methods.base import METHODS, Adapted, MethodContext, is_classifier_param
-from workers.methods.lora import BLOCK_LINEARS
+from workers.methods.lora import BLOCK_LINEARS, check_target
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,7 @@ class LbpWhtArgs:
             raise ValueError(f"block must be a power of two >= 2, got {self.block}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        try:
-            re.compile(self.target)
-        except re.error as exc:
-            raise ValueError(
-                f"target is not a regular expression: {self.target!r} ({exc})"
-            ) from None
+        check_target(self.target)
 
 
 # ---------------------------------------------------------------- WHT bases

@@ -22,6 +22,23 @@ from workers.methods.base import METHODS, Adapted, MethodContext
 BLOCK_LINEARS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
 
+def check_target(target: str) -> None:
+    """Reject a ``target`` that is not a regular expression (every adapter method's)."""
+    try:
+        re.compile(target)
+    except re.error as exc:
+        raise ValueError(f"target is not a valid regular expression: {target!r} ({exc})") from None
+
+
+def check_adapter(alpha: float, dropout: float, target: str) -> None:
+    """The checks shared by the LoRA family (lora, qlora, adalora)."""
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    check_target(target)
+
+
 @dataclass(frozen=True)
 class LoraArgs:
     r: int = 8  # rank of the update
@@ -32,14 +49,7 @@ class LoraArgs:
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        try:
-            re.compile(self.target)
-        except re.error as exc:
-            raise ValueError(f"target is not a valid regular expression: {exc}") from None
+        check_adapter(self.alpha, self.dropout, self.target)
 
 
 @METHODS.register(config_cls=LoraArgs, tags=(TRANSFORMER, MAMBA))

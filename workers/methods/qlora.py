@@ -22,7 +22,7 @@ from torch import nn
 
 from workers.backbones import MAMBA, TRANSFORMER
 from workers.methods.base import METHODS, Adapted, MethodContext
-from workers.methods.lora import BLOCK_LINEARS
+from workers.methods.lora import BLOCK_LINEARS, check_adapter
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,7 @@ class QloraArgs:
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_adapter(self.alpha, self.dropout, self.target)
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -65,10 +62,6 @@ class QloraArgs:
             raise ValueError(
                 f"block_size must be a power of two in [32, 4096], got {self.block_size}"
             )
-        try:
-            re.compile(self.target)
-        except re.error as exc:
-            raise ValueError(f"target is not a valid regular expression: {exc}") from None
 
 
 def quantize_linears(model: nn.Module, config: QloraArgs) -> list[str]:

@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from workers.backbones import MAMBA, TRANSFORMER
 from workers.checkpointing import KeepForRecompute
 from workers.methods.base import METHODS, Adapted, MethodContext, is_classifier_param
-from workers.methods.lora import BLOCK_LINEARS
+from workers.methods.lora import BLOCK_LINEARS, check_target
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,7 @@ class SnellaArgs:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
-        try:
-            re.compile(self.target)
-        except re.error as exc:
-            raise ValueError(
-                f"target is not a regular expression ({exc}): {self.target!r}"
-            ) from None
+        check_target(self.target)
 
 
 # ---------------------------------------------------------------- the kernelized layer
