@@ -1,9 +1,17 @@
 """Pareto analysis: pure functions over record tables (no I/O, no Ray).
 
-A trial dominates another when it is at least as good on every objective and
-strictly better on one. Trials with identical objective values do not dominate each
-other, so ties are all on the front. Only trials with status ``ok`` and every
-objective measured are candidates.
+A point dominates another when it is at least as good on every objective and
+strictly better on one. Identical points do not dominate each other, so ties are all
+on the front. Only trials with status ``ok`` and every objective measured are
+candidates. Fronts are taken per dataset (accuracies of different datasets are not
+comparable) and, in the report, over configurations whose seeds have been averaged
+(``aggregate_seeds``), so that one lucky seed does not make a front.
+
+Costs: the non-dominated set is O(n log n) for two objectives (sort, then a running
+minimum) and for three (sort on the first, then a sweep that keeps the 2-D staircase
+of the other two in a sorted list). Hypervolume is O(n log n) in 2-D (sort and sum)
+and 3-D (the same sweep, keeping the staircase's area up to date). The O(n^2)
+brute-force methods are kept as references for the tests and the benchmark.
 
 Example:
     >>> import pandas as pd
@@ -16,7 +24,10 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Real
 
 import numpy as np
 import pandas as pd
@@ -26,27 +37,263 @@ log = logging.getLogger(__name__)
 # Objective -> "max" or "min". Energy joins when every candidate has it measured.
 BASE_OBJECTIVES: dict[str, str] = {"accuracy": "max", "peak_mem_mb": "min"}
 ENERGY_OBJECTIVE: dict[str, str] = {"energy_j": "min"}
+# The trade-offs the report shows: three 2-D views and the 3-D one.
+VIEWS: dict[str, dict[str, str]] = {
+    "accuracy_memory": {"accuracy": "max", "peak_mem_mb": "min"},
+    "accuracy_energy": {"accuracy": "max", "energy_j": "min"},
+    "memory_energy": {"peak_mem_mb": "min", "energy_j": "min"},
+    "accuracy_memory_energy": {"accuracy": "max", "peak_mem_mb": "min", "energy_j": "min"},
+}
 # What names a trial in a table a person reads.
 TRIAL_COLUMNS = ("trial_id", "backbone", "method", "checkpointing", "dataset", "seed")
+# What names a configuration: a trial without its seed.
+CONFIG_COLUMNS = ("kind", "backbone", "method", "baseline", "checkpointing", "dataset", "budget_mb")
+# Numeric record columns averaged over seeds (those present; newer records have more).
+MEASURES = (
+    "accuracy",
+    "peak_mem_mb",
+    "energy_j",
+    "energy_avg_w",
+    "train_time_s",
+    "params_total",
+    "params_trainable",
+    "macs",
+    "infer_latency_ms_b1",
+    "infer_peak_mem_mb_b1",
+)
+# A minimised objective's default reference: this much worse than its worst candidate,
+# so that every candidate on the front adds volume.
+REFERENCE_MARGIN = 0.1
 
 
-def non_dominated(values: np.ndarray, senses: list[str]) -> np.ndarray:
-    """Boolean mask of the rows of ``values`` (n x k) that no other row dominates."""
+# ---------------------------------------------------------------- non-dominated sets
+
+
+def _minimising(values: np.ndarray, senses: Sequence[str]) -> np.ndarray:
+    """``values`` as floats with every objective turned into "smaller is better"."""
+    values = np.asarray(values)
     if values.ndim != 2 or values.shape[1] != len(senses):
         raise ValueError(f"values must be n x {len(senses)}, got shape {values.shape}")
     if any(s not in ("max", "min") for s in senses):
-        raise ValueError(f"senses must be 'max' or 'min', got {senses}")
-    # Turn every objective into "smaller is better".
-    signs = np.array([-1.0 if s == "max" else 1.0 for s in senses])
-    v = values.astype(float) * signs
-    n = len(v)
-    mask = np.ones(n, dtype=bool)
-    for i in range(n):
-        no_worse = np.all(v <= v[i], axis=1)
-        better = np.any(v < v[i], axis=1)
-        if np.any(no_worse & better):
-            mask[i] = False
+        raise ValueError(f"senses must be 'max' or 'min', got {list(senses)}")
+    v = values.astype(float) * np.array([-1.0 if s == "max" else 1.0 for s in senses])
+    if np.isnan(v).any():
+        raise ValueError("values contain NaN: drop unmeasured rows first")
+    return v
+
+
+def non_dominated(values: np.ndarray, senses: Sequence[str]) -> np.ndarray:
+    """Boolean mask of the rows of ``values`` (n x k) that no other row dominates.
+
+    O(n log n) for k <= 3; for k >= 4 the O(n^2) pairwise method.
+    """
+    v = _minimising(values, senses)
+    if len(v) == 0:
+        return np.zeros(0, dtype=bool)
+    if v.shape[1] == 1:
+        return v[:, 0] == v[:, 0].min()
+    if v.shape[1] == 2:
+        return _non_dominated_2d(v)
+    if v.shape[1] == 3:
+        return _non_dominated_3d(v)
+    return _pairwise_non_dominated(v)
+
+
+def _lexsorted(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row order sorting ``v`` lexicographically, and the mask of rows equal to the previous.
+
+    In that order every row that dominates another comes before it.
+    """
+    order = np.lexsort(v.T[::-1])
+    s = v[order]
+    repeat = np.zeros(len(s), dtype=bool)
+    repeat[1:] = np.all(s[1:] == s[:-1], axis=1)
+    return order, repeat
+
+
+def _non_dominated_2d(v: np.ndarray) -> np.ndarray:
+    """Sort by (first, second); a row is on the front iff its second beats all before it."""
+    order, repeat = _lexsorted(v)
+    y = v[order, 1]
+    best_before = np.empty_like(y)
+    best_before[0] = np.inf
+    np.minimum.accumulate(y[:-1], out=best_before[1:])
+    first = y < best_before
+    # a repeated row has the status of the first row of its run
+    run_start = np.maximum.accumulate(np.where(repeat, 0, np.arange(len(y))))
+    mask = np.empty(len(v), dtype=bool)
+    mask[order] = first[run_start]
     return mask
+
+
+def _non_dominated_3d(v: np.ndarray) -> np.ndarray:
+    """Sort by (first, second, third), then sweep with the staircase of the last two.
+
+    The staircase holds the (second, third) pairs of the front so far, second
+    ascending and third descending; a row is dominated iff the staircase point with
+    the largest second <= its second has a third <= its third.
+    """
+    order, repeat = _lexsorted(v)
+    s = v[order]
+    ys, zs = s[:, 1].tolist(), s[:, 2].tolist()
+    stair_y: list[float] = []
+    stair_z: list[float] = []
+    on_front = [False] * len(s)
+    for k, (y, z) in enumerate(zip(ys, zs, strict=True)):
+        if repeat[k]:
+            on_front[k] = on_front[k - 1]
+            continue
+        i = bisect_left(stair_y, y)
+        if (i < len(stair_y) and stair_y[i] == y and stair_z[i] <= z) or (
+            i > 0 and stair_z[i - 1] <= z
+        ):
+            continue
+        on_front[k] = True
+        j = i
+        while j < len(stair_z) and stair_z[j] >= z:
+            j += 1
+        stair_y[i:j] = [y]
+        stair_z[i:j] = [z]
+    mask = np.empty(len(v), dtype=bool)
+    mask[order] = on_front
+    return mask
+
+
+def _pairwise_non_dominated(v: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """O(n^2 k) pairwise comparison of minimising ``v``, a block of rows at a time."""
+    mask = np.ones(len(v), dtype=bool)
+    for start in range(0, len(v), chunk):
+        block = v[start : start + chunk, None, :]
+        no_worse = np.all(v[None, :, :] <= block, axis=2)
+        better = np.any(v[None, :, :] < block, axis=2)
+        mask[start : start + chunk] = ~np.any(no_worse & better, axis=1)
+    return mask
+
+
+def _non_dominated_brute(values: np.ndarray, senses: Sequence[str]) -> np.ndarray:
+    """Reference for tests and the benchmark: the O(n^2) pairwise method for any k."""
+    return _pairwise_non_dominated(_minimising(values, senses))
+
+
+# ---------------------------------------------------------------- hypervolume
+
+
+def default_reference(values: np.ndarray, senses: Sequence[str]) -> np.ndarray:
+    """The reference point: 0 for a maximised objective (accuracy: no better than nothing);
+    ``1 + REFERENCE_MARGIN`` times the worst candidate for a minimised one (costs are >= 0)."""
+    v = np.asarray(values, dtype=float)
+    worst = v.max(axis=0) if len(v) else np.zeros(len(senses))
+    return np.array(
+        [0.0 if s == "max" else (1.0 + REFERENCE_MARGIN) * w for s, w in zip(senses, worst)]
+    )
+
+
+def hypervolume(values: np.ndarray, senses: Sequence[str], reference: Sequence[float]) -> float:
+    """Volume of objective space that the rows of ``values`` dominate, bounded by ``reference``.
+
+    In the objectives' own units (e.g. accuracy x MiB). Rows need not be non-dominated;
+    a row no better than the reference on some objective adds nothing.
+    """
+    v = _minimising(values, senses)
+    r = _minimising(np.asarray(reference, dtype=float)[None, :], senses)[0]
+    v = v[np.all(v < r, axis=1)]
+    if len(v) == 0:
+        return 0.0
+    if v.shape[1] == 1:
+        return float(r[0] - v[:, 0].min())
+    if v.shape[1] == 2:
+        return _hypervolume_2d(v, r)
+    if v.shape[1] == 3:
+        return _hypervolume_3d(v, r)
+    raise ValueError(f"hypervolume is implemented for 1 to 3 objectives, got {v.shape[1]}")
+
+
+def _hypervolume_2d(v: np.ndarray, r: np.ndarray) -> float:
+    """Sort by the first objective; sum the strips under the running best of the second."""
+    s = v[np.lexsort((v[:, 1], v[:, 0]))]
+    best = np.minimum.accumulate(s[:, 1])
+    widths = np.diff(np.append(s[:, 0], r[0]))
+    return float(np.sum(widths * (r[1] - best)))
+
+
+def _hypervolume_3d(v: np.ndarray, r: np.ndarray) -> float:
+    """Sweep along the first objective, keeping the dominated area of the other two.
+
+    Between consecutive first-objective values the dominated volume is that area times
+    the slab's thickness; inserting a point into the staircase adds the area between
+    it and the staircase (the points it covers are removed), so each point is inserted
+    and removed at most once.
+    """
+    s = v[np.lexsort(v.T[::-1])]
+    xs = s[:, 0].tolist()
+    next_x = [*xs[1:], float(r[0])]
+    ry, rz = float(r[1]), float(r[2])
+    stair_y: list[float] = []
+    stair_z: list[float] = []
+    area = volume = 0.0
+    for x, y, z, x_next in zip(xs, s[:, 1].tolist(), s[:, 2].tolist(), next_x, strict=True):
+        i = bisect_left(stair_y, y)
+        covered = (i < len(stair_y) and stair_y[i] == y and stair_z[i] <= z) or (
+            i > 0 and stair_z[i - 1] <= z
+        )
+        if not covered:
+            left_y, left_z = y, (stair_z[i - 1] if i > 0 else rz)
+            j = i
+            while j < len(stair_z) and stair_z[j] >= z:
+                area += (stair_y[j] - left_y) * (left_z - z)
+                left_y, left_z = stair_y[j], stair_z[j]
+                j += 1
+            area += ((stair_y[j] if j < len(stair_y) else ry) - left_y) * (left_z - z)
+            stair_y[i:j] = [y]
+            stair_z[i:j] = [z]
+        volume += area * (x_next - x)
+    return volume
+
+
+def _hypervolume_brute(
+    values: np.ndarray, senses: Sequence[str], reference: Sequence[float]
+) -> float:
+    """Reference for tests: the grid of every point's coordinates, each cell tested.
+
+    O(n^k) cells times n points: for small tables only.
+    """
+    v = _minimising(values, senses)
+    r = _minimising(np.asarray(reference, dtype=float)[None, :], senses)[0]
+    v = v[np.all(v < r, axis=1)]
+    if len(v) == 0:
+        return 0.0
+    edges = [np.unique(np.append(v[:, j], r[j])) for j in range(v.shape[1])]
+    lows = np.stack(np.meshgrid(*[e[:-1] for e in edges], indexing="ij"), axis=-1)
+    sizes = np.stack(np.meshgrid(*[np.diff(e) for e in edges], indexing="ij"), axis=-1)
+    lows, sizes = lows.reshape(-1, v.shape[1]), sizes.reshape(-1, v.shape[1])
+    covered = np.zeros(len(lows), dtype=bool)
+    for point in v:
+        covered |= np.all(point <= lows, axis=1)
+    return float(np.sum(np.prod(sizes[covered], axis=1)))
+
+
+# ---------------------------------------------------------------- knee
+
+
+def knee_index(values: np.ndarray, senses: Sequence[str]) -> int:
+    """Row of a 2-D front farthest from the line through its two extremes, on the ideal side.
+
+    Both objectives are scaled to [0, 1] over the front (0 = best), so the extremes
+    are (0, 1) and (1, 0) and the distance to their line is (1 - x - y) / sqrt(2):
+    the knee is the row with the least scaled sum, the best-balanced trade-off.
+    With one or two rows there is no bend: the best row on the first objective.
+    """
+    v = _minimising(values, senses)
+    if v.shape[1] != 2 or len(v) == 0:
+        raise ValueError(f"the knee needs a non-empty 2-D front, got shape {v.shape}")
+    if len(v) <= 2:
+        return int(np.lexsort((v[:, 1], v[:, 0]))[0])
+    span = v.max(axis=0) - v.min(axis=0)
+    scaled = (v - v.min(axis=0)) / np.where(span > 0, span, 1.0)
+    return int(np.argmin(scaled.sum(axis=1)))
+
+
+# ---------------------------------------------------------------- tables
 
 
 def objectives_for(df: pd.DataFrame) -> dict[str, str]:
@@ -58,19 +305,24 @@ def objectives_for(df: pd.DataFrame) -> dict[str, str]:
     return objectives
 
 
-def pareto_front(df: pd.DataFrame, objectives: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """``df`` with a boolean ``pareto`` column (False for non-candidates)."""
-    objectives = dict(objectives or objectives_for(df))
+def _candidates(df: pd.DataFrame, objectives: Mapping[str, str]) -> pd.Series:
     missing = [c for c in objectives if c not in df.columns]
     if missing:
         raise KeyError(f"objective columns missing from the table: {missing}")
+    ok = df["status"].eq("ok") if "status" in df else pd.Series(True, index=df.index)
+    return ok & df[list(objectives)].notna().all(axis=1)
+
+
+def pareto_front(df: pd.DataFrame, objectives: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """``df`` with a boolean ``pareto`` column (False for non-candidates), per dataset."""
+    objectives = dict(objectives or objectives_for(df))
+    candidates = _candidates(df, objectives)
     out = df.copy()
     out["pareto"] = False
-    candidates = out["status"].eq("ok") if "status" in out else pd.Series(True, index=out.index)
-    candidates &= out[list(objectives)].notna().all(axis=1)
-    if candidates.any():
-        values = out.loc[candidates, list(objectives)].to_numpy(dtype=float)
-        out.loc[candidates, "pareto"] = non_dominated(values, list(objectives.values()))
+    groups = out[candidates].groupby("dataset", dropna=False) if "dataset" in out else None
+    for _, rows in groups if groups is not None else [(None, out[candidates])]:
+        values = rows[list(objectives)].to_numpy(dtype=float)
+        out.loc[rows.index, "pareto"] = non_dominated(values, list(objectives.values()))
     return out
 
 
@@ -95,21 +347,130 @@ def front_table(df: pd.DataFrame, objectives: Mapping[str, str] | None = None) -
     ].reset_index(drop=True)
 
 
+def config_label(row: Mapping[str, object]) -> str:
+    """``backbone / method / checkpointing @ budget MiB``; a baseline shows its own name."""
+    method = row.get("method") or row.get("baseline") or "?"
+    label = f"{row.get('backbone', '?')} / {method} / {row.get('checkpointing', '?')}"
+    budget = row.get("budget_mb")
+    return f"{label} @ {budget:g} MiB" if isinstance(budget, Real) and pd.notna(budget) else label
+
+
+def aggregate_seeds(df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per configuration: mean and sample std (``<col>_std``) over its ok seeds.
+
+    Averages the ``MEASURES`` present and the numeric columns named in ``extra``.
+    ``seeds`` counts the ok seeds, ``trials`` every trial of the configuration;
+    ``energy_source`` joins the seeds' meters and ``energy_exclusive`` is False when
+    any seed shared its GPU. A single seed has no std (NaN).
+    """
+    keys = [c for c in CONFIG_COLUMNS if c in df]
+    measures = [c for c in (*MEASURES, *extra) if c in df]
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    if ok.empty:
+        return pd.DataFrame(columns=[*keys, "config", "seeds", "trials", *measures])
+    groups = ok.groupby(keys, dropna=False, sort=True)
+    numeric = ok[measures].apply(pd.to_numeric, errors="coerce")
+    out = numeric.groupby([ok[k] for k in keys], dropna=False).mean()
+    std = numeric.groupby([ok[k] for k in keys], dropna=False).std(ddof=1)
+    out = out.join(std.add_suffix("_std"))
+    out["seeds"] = groups["seed"].nunique() if "seed" in ok else groups.size()
+    out["trials"] = df.groupby(keys, dropna=False).size().reindex(out.index).astype(int)
+    if "energy_source" in ok:
+        out["energy_source"] = groups["energy_source"].agg(
+            lambda s: ",".join(sorted({str(v) for v in s.dropna() if v}))
+        )
+    if "energy_exclusive" in ok:
+        out["energy_exclusive"] = groups["energy_exclusive"].agg(
+            lambda s: None if s.isna().all() else bool(s.dropna().astype(bool).all())
+        )
+    out = out.reset_index()
+    out.insert(len(keys), "config", [config_label(r) for r in out[keys].to_dict("records")])
+    return out
+
+
+@dataclass(frozen=True)
+class Front:
+    """The Pareto analysis of one dataset under one set of objectives.
+
+    ``table`` holds every candidate configuration (ok, every objective measured) with
+    boolean ``pareto`` and ``knee`` columns and the index of the input table, front
+    first (best on the first objective first). ``reference`` is the point the hypervolume is measured from, in the
+    objectives' units; ``knee`` is the knee row's ``config`` (2-D fronts only).
+    """
+
+    dataset: str
+    objectives: dict[str, str]
+    reference: dict[str, float]
+    hypervolume: float
+    knee: str | None
+    table: pd.DataFrame
+    unmeasured: int
+
+    @property
+    def front(self) -> pd.DataFrame:
+        return self.table[self.table["pareto"]]
+
+
+def dataset_fronts(
+    configs: pd.DataFrame,
+    objectives: Mapping[str, str],
+    reference: Mapping[str, float] | None = None,
+) -> list[Front]:
+    """The front, hypervolume, reference point and knee of every dataset in ``configs``.
+
+    ``configs`` is ``aggregate_seeds``'s table (or any table with the objective
+    columns and a ``dataset`` column). ``reference`` overrides the default reference
+    (``default_reference``) objective by objective. A dataset with no candidate is left out.
+    """
+    objectives = dict(objectives)
+    names, senses = list(objectives), list(objectives.values())
+    candidates = _candidates(configs, objectives)
+    fronts = []
+    for dataset, rows in configs.groupby("dataset", dropna=False, sort=True):
+        usable = rows[candidates.loc[rows.index]]
+        if usable.empty:
+            continue
+        values = usable[names].to_numpy(dtype=float)
+        ref = default_reference(values, senses)
+        for j, name in enumerate(names):
+            if reference and name in reference:
+                ref[j] = float(reference[name])
+        mask = non_dominated(values, senses)
+        table = usable.assign(pareto=mask, knee=False)
+        knee = None
+        if len(names) == 2:
+            front_rows = np.flatnonzero(mask)
+            k = front_rows[knee_index(values[front_rows], senses)]
+            table.iloc[k, table.columns.get_loc("knee")] = True
+            knee = str(table["config"].iloc[k]) if "config" in table else str(table.index[k])
+        ascending = [s == "min" for s in senses]
+        table = table.sort_values(["pareto", *names], ascending=[False, *ascending])
+        fronts.append(
+            Front(
+                dataset=str(dataset),
+                objectives=objectives,
+                reference=dict(zip(names, ref.tolist(), strict=True)),
+                hypervolume=hypervolume(values[mask], senses, ref),
+                knee=knee,
+                table=table,
+                unmeasured=len(rows) - len(usable),
+            )
+        )
+    return fronts
+
+
 def summary_by_config(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and spread over seeds of every configuration (ok trials only)."""
     keys = [c for c in ("backbone", "method", "checkpointing", "dataset", "budget_mb") if c in df]
-    ok = df[df["status"] == "ok"]
-    if ok.empty:
+    agg = aggregate_seeds(df)
+    if agg.empty:
         return pd.DataFrame(columns=keys)
-    agg = ok.groupby(keys, dropna=False).agg(
-        seeds=("seed", "nunique"),
-        accuracy_mean=("accuracy", "mean"),
-        accuracy_std=("accuracy", "std"),
-        peak_mem_mb=("peak_mem_mb", "mean"),
-        train_time_s=("train_time_s", "mean"),
-    )
-    return agg.reset_index().sort_values("accuracy_mean", ascending=False, ignore_index=True)
+    agg = agg.rename(columns={"accuracy": "accuracy_mean"})
+    cols = [*keys, "seeds", "accuracy_mean", "accuracy_std", "peak_mem_mb", "train_time_s"]
+    summary = agg[[c for c in cols if c in agg]]
+    return summary.sort_values("accuracy_mean", ascending=False, ignore_index=True)
 
 
 def status_counts(df: pd.DataFrame) -> dict[str, int]:
+    """Trials per status, most frequent first."""
     return {str(k): int(v) for k, v in df["status"].value_counts().items()} if len(df) else {}

@@ -29,7 +29,7 @@ from orchestrator.spec import TrainConfig, TrialSpec, canonical_json
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("ok", "oom", "over_budget", "failed", "skipped")
 
 _ARROW = {"str": pa.string(), "float": pa.float64(), "int": pa.int64(), "bool": pa.bool_()}
@@ -49,8 +49,20 @@ class TrialRecord:
     # metrics (held-out split)
     accuracy: float | None = _col("float", "top-1 accuracy, fraction in [0, 1]")
     top5_accuracy: float | None = _col("float", "top-5 accuracy (top-k for k < 5 classes)")
+    val_accuracy: float | None = _col(
+        "float", "top-1 accuracy on the validation split (dataset option val_fraction)"
+    )
     loss: float | None = _col("float", "mean cross-entropy on the held-out split")
     train_loss: float | None = _col("float", "mean training loss of the last epoch")
+    # data
+    data_source: str = _col(
+        "str",
+        "where the decoded dataset came from: object_store | memory | process_cache | "
+        "disk_cache | decoded",
+        "",
+    )
+    data_wait_s: float | None = _col("float", "time from trial start until its data was ready, s")
+    train_images: int | None = _col("int", "training images used (after subset/validation)")
     # time
     train_time_s: float | None = _col("float", "wall time of the training loop, s")
     eval_time_s: float | None = _col("float", "wall time of the evaluation, s")

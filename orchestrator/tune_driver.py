@@ -1,7 +1,9 @@
 """Ray Tune driver: the only module that talks to Ray Tune.
 
 One Tune trial per TrialSpec, each with explicit resources, at most
-``max_concurrent`` at once. The trial reports its TrialRecord as JSON; a callback
+``max_concurrent`` at once. Every dataset of the sweep is decoded once, here, and
+put in the Ray object store; trials map it from their node's store (zero-copy)
+instead of reading it from disk. The trial reports its TrialRecord as JSON; a callback
 in this (driver) process writes it through the record store the moment it arrives,
 so the records on disk are always the trials that finished. A trial whose process
 dies without reporting still gets a ``failed`` record with Ray's error text.
@@ -39,13 +41,42 @@ class SweepOutcome:
     wall_time_s: float
 
 
-def _trainable(config: dict[str, Any]) -> None:
+def _trainable(config: dict[str, Any], shared: dict[str, Any]) -> None:
     """Runs inside a Ray worker process: one spec in, one record reported."""
+    from workers.datasets import from_shared, shared_key
     from workers.trial import run_trial
 
     spec = TrialSpec.from_json(config["spec"])
-    record = run_trial(spec, num_threads=config["threads"])
+    ref = shared.get(shared_key(spec.dataset, spec.dataset_args))
+    provider = None if ref is None else lambda: (from_shared(ray.get(ref)), "object_store")
+    record = run_trial(spec, num_threads=config["threads"], data=provider)
     tune.report({"record": record.to_json(), "status": record.status})
+
+
+def share_datasets(specs: Sequence[TrialSpec]) -> dict[str, Any]:
+    """Decode each dataset of ``specs`` once and put it in the object store.
+
+    Returns ``shared_key -> ObjectRef``. A dataset that cannot be loaded here is left
+    out (logged): its trials load it themselves and record the error as data.
+    """
+    from workers.datasets import load_source, shared_key, to_shared
+
+    refs: dict[str, Any] = {}
+    for spec in specs:
+        key = shared_key(spec.dataset, spec.dataset_args)
+        if key in refs:
+            continue
+        try:
+            data, how = load_source(spec.dataset, spec.dataset_args)
+        except Exception as exc:  # noqa: BLE001 - the trials will record it
+            log.warning("dataset %s not shared: %s", spec.dataset, exc)
+            refs[key] = None
+            continue
+        refs[key] = ray.put(to_shared(data))
+        log.info(
+            "dataset %s (%s, %.1f MiB) in the object store", spec.dataset, how, data.nbytes / 2**20
+        )
+    return {k: v for k, v in refs.items() if v is not None}
 
 
 def _trial_name(trial: Any) -> str:
@@ -158,7 +189,8 @@ def run_sweep(
     )
     recorder = _Recorder(store, len(specs), show_progress)
     trainable = tune.with_resources(
-        _trainable, {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial}
+        tune.with_parameters(_trainable, shared=share_datasets(specs)),
+        {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial},
     )
     tuner = tune.Tuner(
         trainable,

@@ -16,7 +16,7 @@ TINY_GRID: dict[str, Any] = {
     "output": "out",
     "budget_mb": 2048,
     "seeds": [0],
-    "datasets": {"synthetic": {"num_classes": 4, "per_class": 24, "image_size": 16}},
+    "datasets": {"synthetic": {"num_classes": 4, "images_per_class": 24, "image_size": 16}},
     "backbones": {"vit_test": {"img_size": 16}},
     "methods": {"full": {}, "bitfit": {}},
     "checkpointing": ["none"],

@@ -8,16 +8,25 @@ the backbone's input size and normalised in one batched call (no per-image Pytho
 ``synthetic`` is generated and exists for tests and overhead measurements;
 ``cifar100`` and ``dtd`` read the official files from a local folder (``root:`` in
 the grid) and fetch them with torchvision only when asked to (``download: true``).
+
+Every dataset also takes the ``DataOptions`` arguments: which of the decoded images a
+trial uses (a stratified subset, a validation split) and how its training batches are
+augmented (a seeded random-resized crop and flip, drawn for the whole batch at once).
+They never change the decoded tensors, so one decoded copy (on disk, in a worker's
+memory, or in the Ray object store) serves every trial of a sweep.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,34 +52,145 @@ SPLIT_SEED = 0
 
 @dataclass
 class ImageData:
-    """Train and held-out test split as uint8 tensors, plus what is needed to feed them."""
+    """Train, held-out test and (optional) validation split as uint8 tensors, plus what
+    is needed to feed them."""
 
     train_x: torch.Tensor  # (N, 3, H, W) uint8
     train_y: torch.Tensor  # (N,) int64
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    mean: tuple[float, float, float]  # per-channel, of the [0, 1] images
+    mean: tuple[float, float, float]  # per-channel, of the [0, 1] training images
     std: tuple[float, float, float]
+    val_x: torch.Tensor | None = None  # held out of train by DataOptions.val_fraction
+    val_y: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        for name in ("train_x", "test_x"):
+        if (self.val_x is None) != (self.val_y is None):
+            raise ValueError("val_x and val_y must be given together")
+        for name in ("train_x", "test_x", "val_x"):
             x = getattr(self, name)
-            if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            if x is not None and (x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3):
                 raise ValueError(
                     f"{name} must be uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}"
                 )
-        if len(self.train_x) != len(self.train_y) or len(self.test_x) != len(self.test_y):
+        pairs = [(self.train_x, self.train_y), (self.test_x, self.test_y)]
+        if self.val_x is not None:
+            pairs.append((self.val_x, self.val_y))
+        if any(len(x) != len(y) for x, y in pairs):
             raise ValueError("images and labels differ in length")
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.train_x, self.train_y, self.test_x, self.test_y, self.val_x, self.val_y]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def to(self, device: torch.device) -> ImageData:
+        """A copy whose tensors live on ``device`` (the same object if they already do)."""
+        if self.train_x.device == device:
+            return self
+        moved = {
+            f.name: v.to(device) if isinstance(v, torch.Tensor) else v
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return ImageData(**moved)
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Arguments every dataset takes beside its own: which decoded images a trial uses
+    and how its training batches are augmented. They are not part of the decode key."""
+
+    fraction: float = 1.0  # stratified share of the training images kept (quick sweeps)
+    per_class: int = 0  # or: at most this many training images per class (0 = no cap)
+    val_fraction: float = 0.0  # stratified share of the training split held out for validation
+    split_seed: int = 0  # fixes the validation split and the subset, whatever the trial's seed
+    augment: bool = False  # random-resized crop (+ flip) of every training batch
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # area share of the crop (torchvision's)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of the crop
+    flip: bool = True  # horizontal flip with probability 1/2 (with augment)
+    resident: str = "auto"  # whole dataset on the trial's device: auto | always | never
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.per_class < 0:
+            raise ValueError(f"per_class must be >= 0 (0 = all), got {self.per_class}")
+        if self.per_class and self.fraction < 1.0:
+            raise ValueError("give fraction or per_class, not both")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        lo, hi = _pair(self.crop_scale, "crop_scale")
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        lo, hi = _pair(self.crop_ratio, "crop_ratio")
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
+        if self.resident not in RESIDENCY:
+            raise ValueError(f"resident must be one of {list(RESIDENCY)}, got {self.resident!r}")
+
+
+RESIDENCY = ("auto", "always", "never")
+OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(DataOptions))
+# ``resident: auto`` keeps a dataset on a CUDA device when it takes at most this share
+# of the trial's memory budget (the rest is the model's): 1/8 keeps CIFAR-100 at 32 px
+# (150 MiB) resident under a 2 GiB budget and DTD at 224 px (850 MiB) on the host.
+RESIDENT_BUDGET_SHARE = 1 / 8
+
+
+def _pair(value: Any, name: str) -> tuple[float, float]:
+    if len(value) != 2 or not all(isinstance(v, int | float) for v in value):
+        raise ValueError(f"{name} must be two numbers [low, high], got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def data_options(name: str, args: dict[str, Any] | None) -> DataOptions:
+    """The ``DataOptions`` part of dataset ``name``'s grid arguments, validated."""
+    config = DATASETS.make_config(name, args)
+    return DataOptions(**{f: getattr(config, f) for f in OPTION_FIELDS})
+
+
+def source_args(name: str, args: dict[str, Any] | None) -> dict[str, Any]:
+    """The arguments that decide the decoded tensors (every argument but the options)."""
+    resolved = DATASETS.resolve_args(name, args)
+    return {k: v for k, v in resolved.items() if k not in OPTION_FIELDS}
+
+
+def resident_on(
+    device: torch.device, options: DataOptions, data: ImageData, budget_mb: float
+) -> bool:
+    """Whether the whole dataset should live on ``device`` for a trial (no copy per batch)."""
+    if device.type == "cpu" or options.resident == "never":
+        return False
+    if options.resident == "always":
+        return True
+    return data.nbytes <= budget_mb * 1024 * 1024 * RESIDENT_BUDGET_SHARE
+
+
+# --------------------------------------------------------------------------- loading
 
 
 def load_dataset(name: str, args: dict | None) -> ImageData:
-    """Load registered dataset ``name`` with grid arguments ``args``.
+    """Load registered dataset ``name`` with grid arguments ``args``: the decoded source
+    (see ``load_source``), then the subset and validation split of its options."""
+    return select(load_source(name, args)[0], data_options(name, args))
 
-    A worker process that runs several trials decodes each dataset once (the last
-    two are kept); callers must not modify the returned tensors in place.
+
+def load_source(name: str, args: dict | None) -> tuple[ImageData, str]:
+    """The decoded dataset (all images, official splits) and where it came from:
+    ``decoded`` (built now), ``disk_cache`` (a decoded copy on disk) or ``process_cache``.
+
+    A worker process that runs several trials decodes each dataset once (the last two
+    are kept); callers must not modify the returned tensors in place.
     """
-    return _load_cached(name, json.dumps(args or {}, sort_keys=True))
+    key = json.dumps(source_args(name, args), sort_keys=True)
+    hits = _load_cached.cache_info().hits
+    data, how = _load_cached(name, key)
+    return data, ("process_cache" if _load_cached.cache_info().hits > hits else how)
 
 
 # Datasets registered with this tag decode slowly enough (JPEGs, pickles) to be kept
@@ -87,14 +207,14 @@ def cache_dir() -> Path:
 def cache_path(name: str, args: dict[str, Any]) -> Path:
     """Where dataset ``name`` decoded with ``args`` is kept: keyed by the dataset and
     every argument that changes the tensors (source folder, split, resolution)."""
-    key_args = {k: v for k, v in DATASETS.resolve_args(name, args).items() if k != "download"}
+    key_args = {k: v for k, v in source_args(name, args).items() if k != "download"}
     if "root" in key_args:
         key_args["root"] = str(Path(key_args["root"]).expanduser().resolve())
     key = json.dumps({"dataset": name, "args": key_args, "format": CACHE_FORMAT}, sort_keys=True)
     return cache_dir() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
-def _from_disk_cache(name: str, args: dict[str, Any]) -> ImageData:
+def _from_disk_cache(name: str, args: dict[str, Any]) -> tuple[ImageData, str]:
     path = cache_path(name, args)
     if path.is_file():
         try:
@@ -109,7 +229,7 @@ def _from_disk_cache(name: str, args: dict[str, Any]) -> ImageData:
                 tuple(state["std"]),
             )
             log.info("dataset %s: decoded copy read from %s", name, path)
-            return data
+            return data, "disk_cache"
         except Exception as exc:  # noqa: BLE001 - a bad cache file is decoded again
             log.warning("dataset %s: ignoring unreadable cache %s (%s)", name, path, exc)
     data = DATASETS.build(name, args)
@@ -127,16 +247,16 @@ def _from_disk_cache(name: str, args: dict[str, Any]) -> ImageData:
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
     log.info("dataset %s: decoded copy written to %s", name, path)
-    return data
+    return data, "decoded"
 
 
 @functools.lru_cache(maxsize=2)
-def _load_cached(name: str, args_json: str) -> ImageData:
+def _load_cached(name: str, args_json: str) -> tuple[ImageData, str]:
     args = json.loads(args_json)
     if DECODED in DATASETS.get(name).tags:
-        data = _from_disk_cache(name, args)
+        data, how = _from_disk_cache(name, args)
     else:
-        data = DATASETS.build(name, args)
+        data, how = DATASETS.build(name, args), "decoded"
     log.info(
         "dataset %s: %d train / %d test images, %d classes, stored at %d px",
         name,
@@ -145,7 +265,131 @@ def _load_cached(name: str, args_json: str) -> ImageData:
         data.num_classes,
         data.train_x.shape[-1],
     )
-    return data
+    return data, how
+
+
+def select(data: ImageData, options: DataOptions) -> ImageData:
+    """The images a trial uses: a stratified validation split held out of train (fixed
+    by ``split_seed``; never overlaps train), then a stratified subset of what is left.
+    The test split is never subset. Without either, ``data`` itself (no copy)."""
+    subset = options.fraction < 1.0 or options.per_class > 0
+    if not options.val_fraction and not subset:
+        return data
+    labels = data.train_y.cpu().numpy()
+    rng = np.random.default_rng(options.split_seed)
+    keep = np.arange(len(labels))
+    val_idx = None
+    if options.val_fraction:
+        share = options.val_fraction
+        # every class keeps at least one training image
+        val_idx, keep = _per_class_pick(labels, lambda n: min(n - 1, max(1, round(n * share))), rng)
+    if subset:
+        cap, share = options.per_class, options.fraction
+        count = (lambda n: min(n, cap)) if cap else (lambda n: max(1, round(n * share)))
+        picked, _ = _per_class_pick(labels[keep], count, rng)
+        keep = keep[picked]
+    if val_idx is not None and not len(val_idx):
+        raise ValueError(f"val_fraction={options.val_fraction} leaves no validation image")
+    train = torch.from_numpy(keep).to(data.train_x.device)
+    val = torch.from_numpy(val_idx).to(data.train_x.device) if val_idx is not None else None
+    return dataclasses.replace(
+        data,
+        train_x=data.train_x[train],
+        train_y=data.train_y[train],
+        val_x=data.train_x[val] if val is not None else data.val_x,
+        val_y=data.train_y[val] if val is not None else data.val_y,
+    )
+
+
+def _per_class_pick(
+    labels: np.ndarray, count: Callable[[int], int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, ``count(n)`` indices drawn at random and the rest; both sorted."""
+    picked, rest = [], []
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        k = count(len(idx))
+        picked.append(idx[:k])
+        rest.append(idx[k:])
+    return np.sort(np.concatenate(picked)), np.sort(np.concatenate(rest))
+
+
+# --------------------------------------------------------------------------- sharing
+
+
+def shared_key(name: str, args: dict[str, Any] | None) -> str:
+    """Names one decoded dataset among those a sweep shares (dataset + source arguments)."""
+    return json.dumps({"dataset": name, "args": source_args(name, args)}, sort_keys=True)
+
+
+def to_shared(data: ImageData) -> dict[str, Any]:
+    """``data`` as plain numpy arrays and numbers, the form the Ray object store keeps
+    out of band: every process of a node that gets it maps the same memory."""
+    return {
+        f.name: v.numpy() if isinstance(v, torch.Tensor) else v
+        for f in dataclasses.fields(data)
+        for v in [getattr(data, f.name)]
+    }
+
+
+def from_shared(obj: dict[str, Any]) -> ImageData:
+    """``ImageData`` over the arrays of ``to_shared`` without copying them. Arrays from
+    the object store are read-only; nothing here writes into a dataset's tensors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        fields = {
+            k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in obj.items()
+        }
+    fields["mean"], fields["std"] = tuple(fields["mean"]), tuple(fields["std"])
+    return ImageData(**fields)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class Augment:
+    """A random-resized crop (area share and aspect ratio ranges) and a horizontal flip."""
+
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip: bool
+
+    @classmethod
+    def of(cls, options: DataOptions) -> Augment | None:
+        """The augmentation ``options`` ask for; None when they ask for none."""
+        if not options.augment:
+            return None
+        return cls(
+            _pair(options.crop_scale, "crop_scale"),
+            _pair(options.crop_ratio, "crop_ratio"),
+            options.flip,
+        )
+
+
+def crop_transforms(n: int, augment: Augment, generator: torch.Generator) -> torch.Tensor:
+    """(n, 2, 3) affine maps from output to input coordinates, one random crop each.
+
+    The crop's area share is uniform in ``scale`` and its aspect ratio log-uniform in
+    ``ratio`` (torchvision's ``RandomResizedCrop``); a crop that would not fit is
+    clipped to the image where torchvision redraws it. A flip negates the x scale.
+    """
+    area = torch.empty(n).uniform_(*augment.scale, generator=generator)
+    log_ratio = torch.empty(n).uniform_(*map(math.log, augment.ratio), generator=generator)
+    ratio = log_ratio.exp()
+    width = (area * ratio).sqrt().clamp_(max=1.0)  # as shares of the image's side
+    height = (area / ratio).sqrt().clamp_(max=1.0)
+    centre_x = (torch.rand(n, generator=generator) * 2 - 1) * (1 - width)
+    centre_y = (torch.rand(n, generator=generator) * 2 - 1) * (1 - height)
+    sign = torch.ones(n)
+    if augment.flip:
+        sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = width * sign
+    theta[:, 0, 2] = centre_x
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = centre_y
+    return theta
 
 
 def batches(
@@ -159,11 +403,22 @@ def batches(
     device: torch.device,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    augment: Augment | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalised float batches at ``size`` px; shuffled when ``generator`` is given."""
+    """Yield normalised float batches at ``size`` px; shuffled when ``generator`` is given.
+
+    Every step is one batched tensor op on ``device``: gather, convert, resize (or,
+    with ``augment``, crop + flip + resize as one ``grid_sample`` whose random maps are
+    drawn from ``generator``), normalise. ``x`` may already live on ``device``.
+    """
+    if augment is not None and generator is None:
+        raise ValueError("augmented batches need a generator (their crops are seeded)")
     order = torch.randperm(len(y), generator=generator) if generator is not None else None
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    if order is not None:
+        order = order.to(x.device)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    scale = 1.0 / (255.0 * std_t)  # uint8 -> [0, 1] -> standardised, in one multiply-add
+    shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / std_t
     stop = len(y) - (len(y) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
         idx = (
@@ -171,22 +426,23 @@ def batches(
             if order is not None
             else slice(start, start + batch_size)
         )
-        xb = x[idx].to(device, non_blocking=True).float().div_(255.0)
-        if xb.shape[-1] != size or xb.shape[-2] != size:
+        xb = x[idx].to(device, non_blocking=True).float()
+        if augment is not None:
+            theta = crop_transforms(len(xb), augment, generator).to(device)  # type: ignore[arg-type]
+            grid = F.affine_grid(theta, [len(xb), 3, size, size], align_corners=False)
+            xb = F.grid_sample(
+                xb, grid, mode="bilinear", padding_mode="border", align_corners=False
+            )
+        elif xb.shape[-2:] != (size, size):
             xb = F.interpolate(xb, size=(size, size), mode="bilinear", align_corners=False)
-        yield (xb - mean_t) / std_t, y[idx].to(device, non_blocking=True)
+        yield xb.mul_(scale).add_(shift), y[idx].to(device, non_blocking=True)
 
 
 def _stratified_split(labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a per-class split with a fixed seed; disjoint by construction."""
     rng = np.random.default_rng(SPLIT_SEED)
-    train, test = [], []
-    for cls in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == cls))
-        n_test = max(1, round(len(idx) * test_fraction))
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    test, train = _per_class_pick(labels, lambda n: max(1, round(n * test_fraction)), rng)
+    return train, test
 
 
 def _from_arrays(images: np.ndarray, labels: np.ndarray, test_fraction: float) -> ImageData:
@@ -244,11 +500,12 @@ def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class DigitsConfig:
+class DigitsConfig(DataOptions):
     image_size: int = 32  # stored resolution (the 8x8 originals are upsampled once)
     test_fraction: float = 0.2  # held-out share of each class
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -268,16 +525,19 @@ def digits(config: DigitsConfig) -> ImageData:
 
 
 @dataclass(frozen=True)
-class SyntheticConfig:
+class SyntheticConfig(DataOptions):
     num_classes: int = 4
-    per_class: int = 64  # images per class, before the split
+    images_per_class: int = 64  # generated per class, before the split
     image_size: int = 16
     test_fraction: float = 0.25
     noise: float = 0.25  # std of the Gaussian pixel noise, in [0, 1] units
 
     def __post_init__(self) -> None:
-        if self.num_classes < 2 or self.per_class < 2 or self.image_size < 4:
-            raise ValueError("synthetic needs num_classes >= 2, per_class >= 2, image_size >= 4")
+        super().__post_init__()
+        if self.num_classes < 2 or self.images_per_class < 2 or self.image_size < 4:
+            raise ValueError(
+                "synthetic needs num_classes >= 2, images_per_class >= 2, image_size >= 4"
+            )
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
 
@@ -286,8 +546,8 @@ class SyntheticConfig:
 def synthetic(config: SyntheticConfig) -> ImageData:
     """Generated stripes: class k has its own orientation and colour (tests only)."""
     gen = torch.Generator().manual_seed(SPLIT_SEED)
-    n, s = config.num_classes * config.per_class, config.image_size
-    labels = torch.arange(config.num_classes).repeat_interleave(config.per_class)
+    n, s = config.num_classes * config.images_per_class, config.image_size
+    labels = torch.arange(config.num_classes).repeat_interleave(config.images_per_class)
     angle = labels.float() * torch.pi / config.num_classes
     coords = torch.linspace(-1, 1, s)
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
@@ -377,12 +637,13 @@ def _key(entry: dict[Any, Any], key: str, path: Path) -> Any:
 
 
 @dataclass(frozen=True)
-class Cifar100Config:
+class Cifar100Config(DataOptions):
     root: str = DEFAULT_ROOT  # folder that holds cifar-100-python/ (~ is expanded)
     download: bool = False  # fetch with torchvision when cifar-100-python/ is missing
     image_size: int = 32  # stored resolution; the 32 px originals are resized once if different
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_root_and_size(self.root, self.image_size)
 
 
@@ -442,13 +703,14 @@ def cifar100(config: Cifar100Config) -> ImageData:
 
 
 @dataclass(frozen=True)
-class DtdConfig:
+class DtdConfig(DataOptions):
     root: str = DEFAULT_ROOT  # folder that holds dtd/ (~ is expanded)
     split: int = 1  # which of the 10 official splits (labels/{train,val,test}<split>.txt)
     image_size: int = 224  # stored resolution: shorter side resized to it, then centre-cropped
     download: bool = False  # fetch with torchvision when dtd/ is missing
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_root_and_size(self.root, self.image_size)
         if not 1 <= self.split <= 10:
             raise ValueError(f"split must be in 1..10, got {self.split}")

@@ -38,24 +38,37 @@ from workers import memory
 from workers.backbones import classifier_name, create_backbone, input_size
 from workers.checkpoint_plan import Infeasible
 from workers.checkpointing import Checkpointer, block_modes, find_blocks
-from workers.datasets import ImageData, batches, load_dataset
+from workers.datasets import (
+    Augment,
+    ImageData,
+    batches,
+    data_options,
+    load_source,
+    resident_on,
+    select,
+)
 from workers.methods import MethodContext, apply_method, count_parameters
 
 log = logging.getLogger(__name__)
 
 MB = memory.MB
 
+# Hands a trial its decoded dataset (all images, before the spec's subset/validation
+# options) and says where it came from: the Ray object store, a cache, a decode.
+DataProvider = Callable[[], tuple[ImageData, str]]
+
 
 def run_trial(
     spec: TrialSpec,
     *,
     num_threads: int | None = None,
-    data: ImageData | None = None,
+    data: ImageData | DataProvider | None = None,
 ) -> TrialRecord:
     """Train and evaluate ``spec``; every outcome is a record.
 
     ``num_threads`` caps torch's intra-op threads (a trial must not take the cores of
-    the trials packed beside it); ``data`` skips loading when the caller has it.
+    the trials packed beside it). ``data`` is the decoded dataset when the caller has
+    it (in memory, or a provider that fetches it from a shared store); None loads it.
 
     Example:
         >>> record = run_trial(TrialSpec(backbone="vit_test", dataset="digits"))
@@ -99,10 +112,13 @@ def run_trial(
 
 
 def _finetune(
-    spec: TrialSpec, device: torch.device, record: TrialRecord, data: ImageData | None
+    spec: TrialSpec,
+    device: torch.device,
+    record: TrialRecord,
+    data: ImageData | DataProvider | None,
 ) -> None:
     _seed_everything(spec.seed)
-    data = data if data is not None else load_dataset(spec.dataset, spec.dataset_args)
+    data = _data(spec, device, record, data)
     train = spec.train
     steps_per_epoch = math.ceil(len(data.train_y) / train.batch_size)
     total_steps = train.epochs * steps_per_epoch
@@ -134,6 +150,7 @@ def _finetune(
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
     meter = memory.ActivationMeter(model, blocks)
     feed = functools.partial(batches, size=size, mean=data.mean, std=data.std, device=device)
+    augment = Augment.of(data_options(spec.dataset, spec.dataset_args))
     gen = torch.Generator().manual_seed(spec.seed)
 
     def forward_backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -153,7 +170,7 @@ def _finetune(
         while step < total_steps:
             losses = []
             for xb, yb in feed(
-                data.train_x, data.train_y, train.batch_size, generator=gen, drop_last=False
+                data.train_x, data.train_y, train.batch_size, generator=gen, augment=augment
             ):
                 if step == 0 and ckpt.wants_profile:
                     _prepare_checkpointing(ckpt, model, xb, yb, spec, autocast)
@@ -194,8 +211,12 @@ def _finetune(
 
     t_eval = time.perf_counter()
     record.accuracy, record.top5_accuracy, record.loss = _evaluate(
-        model, data, feed, spec, autocast
+        model, data.test_x, data.test_y, data.num_classes, feed, spec, autocast
     )
+    if data.val_x is not None:
+        record.val_accuracy = _evaluate(
+            model, data.val_x, data.val_y, data.num_classes, feed, spec, autocast
+        )[0]
     _sync(device)
     record.eval_time_s = time.perf_counter() - t_eval
     record.energy_source = "unavailable"
@@ -310,22 +331,53 @@ def _fill_plan(record: TrialRecord, ckpt: Checkpointer) -> None:
         record.ckpt_recompute_ms = ckpt.plan.recompute_s * 1000.0
 
 
+def _data(
+    spec: TrialSpec,
+    device: torch.device,
+    record: TrialRecord,
+    data: ImageData | DataProvider | None,
+) -> ImageData:
+    """The images of this trial, on the device when they fit (see ``resident_on``);
+    records where they came from and how long the trial waited for them."""
+    start = time.perf_counter()
+    if data is None:
+        data, record.data_source = load_source(spec.dataset, spec.dataset_args)
+    elif isinstance(data, ImageData):
+        record.data_source = "memory"
+    else:
+        data, record.data_source = data()
+    options = data_options(spec.dataset, spec.dataset_args)
+    data = select(data, options)
+    if resident_on(device, options, data, spec.budget_mb):
+        data = data.to(device)
+    _sync(device)
+    record.data_wait_s = time.perf_counter() - start
+    record.train_images = len(data.train_y)
+    return data
+
+
 @torch.no_grad()
 def _evaluate(
-    model: nn.Module, data: ImageData, feed: Callable[..., Any], spec: TrialSpec, autocast: Any
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    feed: Callable[..., Any],
+    spec: TrialSpec,
+    autocast: Any,
 ) -> tuple[float, float, float]:
     model.eval()
-    k = min(5, data.num_classes)
+    k = min(5, num_classes)
     correct1 = correct5 = 0
     loss_sum = 0.0
-    for xb, yb in feed(data.test_x, data.test_y, spec.train.eval_batch_size):
+    for xb, yb in feed(x, y, spec.train.eval_batch_size):
         with autocast:
             logits = model(xb).float()
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
         topk = logits.topk(k, dim=1).indices
         correct1 += (topk[:, 0] == yb).sum().item()
         correct5 += (topk == yb[:, None]).any(dim=1).sum().item()
-    n = len(data.test_y)
+    n = len(y)
     return correct1 / n, correct5 / n, loss_sum / n
 
 

@@ -25,7 +25,7 @@ BASE = TrialSpec(
     checkpointing="static",
     checkpointing_args={"every": 2},
     dataset="synthetic",
-    dataset_args={"num_classes": 4, "per_class": 24},
+    dataset_args={"num_classes": 4, "images_per_class": 24},
     budget_mb=1024,
     train=TrainConfig(epochs=2, lr=1e-3),
     seed=3,
@@ -88,7 +88,9 @@ def test_equal_specs_have_equal_ids() -> None:
         pytest.param(
             {"train": TrainConfig(epochs=2, lr=1e-3, precision="bf16")}, id="train-precision"
         ),
-        pytest.param({"dataset_args": {"num_classes": 4, "per_class": 25}}, id="dataset_args"),
+        pytest.param(
+            {"dataset_args": {"num_classes": 4, "images_per_class": 25}}, id="dataset_args"
+        ),
         pytest.param({"backbone": "tiny_vit_test"}, id="backbone"),
         pytest.param({"checkpointing_args": {"every": 1}}, id="checkpointing_args"),
         pytest.param({"dataset": "digits"}, id="dataset"),

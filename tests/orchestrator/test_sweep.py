@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from orchestrator.cli import main
 from orchestrator.expansion import expand
 from orchestrator.grid import load_grid
 from orchestrator.records import RecordStore
+from tests.dataset_files import write_cifar
 
 pytestmark = pytest.mark.ray
 
@@ -99,6 +101,64 @@ def test_failures_are_records_and_the_sweep_goes_on(
     # --retry-failed re-runs exactly the failed ones (they fail again, nothing else runs)
     assert main(["run", str(path), "--no-progress", "--retry-failed"]) == 1
     assert "4 trials, 2 already recorded, 2 to run" in capsys.readouterr().out
+
+
+def test_trials_read_the_shared_dataset_not_the_disk(
+    tiny_grid: dict[str, Any],
+    write_grid: Callable[[dict[str, Any]], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from workers import datasets
+
+    write_cifar(tmp_path / "data")
+    monkeypatch.setenv(datasets.CACHE_ENV, str(tmp_path / "cache"))
+    real_load = datasets.load_source
+    loads = []
+
+    def load_then_remove(name: str, args: dict | None) -> tuple[datasets.ImageData, str]:
+        # once the driver has the dataset, neither its files nor a decoded copy remain
+        # on disk: a trial that read the disk would fail
+        loads.append(name)
+        out = real_load(name, args)
+        shutil.rmtree(tmp_path / "data")
+        shutil.rmtree(tmp_path / "cache")
+        return out
+
+    monkeypatch.setattr(datasets, "load_source", load_then_remove)
+    tiny_grid["datasets"] = {
+        "cifar100": {"root": str(tmp_path / "data"), "val_fraction": 0.25, "augment": True}
+    }
+    tiny_grid["train"] = {"epochs": 1, "batch_size": 4, "max_steps": 2}
+    assert main(["run", str(write_grid(tiny_grid)), "--no-progress"]) == 0
+    frame = RecordStore(tiny_grid["output"]).collect()
+    assert loads == ["cifar100"]  # once for the sweep, not once per trial
+    assert len(frame) == 2 and (frame["status"] == "ok").all(), frame["error"].tolist()
+    assert (frame["data_source"] == "object_store").all()
+    # 3 classes x 4 training images, one per class held out for validation
+    assert (frame["train_images"] == 9).all() and frame["val_accuracy"].between(0, 1).all()
+    assert frame["data_wait_s"].ge(0).all()
+
+
+def test_shared_dataset_is_mapped_not_copied(tiny_grid: dict[str, Any]) -> None:
+    import numpy as np
+    import ray
+
+    from orchestrator.tune_driver import connect
+    from workers.datasets import from_shared, load_dataset, to_shared
+
+    connect()
+    data = load_dataset("synthetic", tiny_grid["datasets"]["synthetic"])
+    shared = ray.get(ray.put(to_shared(data)))
+    assert isinstance(shared["train_x"], np.ndarray) and not shared["train_x"].flags.writeable
+    view = from_shared(shared)
+    # the tensor is the object store's memory itself, and equal to what was put there
+    assert view.train_x.data_ptr() == shared["train_x"].ctypes.data
+    assert view.train_x.data_ptr() != data.train_x.data_ptr()
+    assert all(
+        (getattr(view, f) == getattr(data, f)).all() for f in ("train_x", "train_y", "test_x")
+    )
+    assert (view.mean, view.std, view.num_classes) == (data.mean, data.std, data.num_classes)
 
 
 def test_control_plane_imports_no_torch() -> None:

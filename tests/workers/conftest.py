@@ -27,4 +27,4 @@ def applicable_pairs(methods: list[str]) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="session")
 def synthetic_data() -> ImageData:
-    return load_dataset("synthetic", {"num_classes": 4, "per_class": 24, "image_size": 16})
+    return load_dataset("synthetic", {"num_classes": 4, "images_per_class": 24, "image_size": 16})

@@ -12,35 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.datasets import DATASETS, DEFAULT_ROOT, ImageData
+from tests.dataset_files import write_cifar
+from workers.datasets import DATASETS, DEFAULT_ROOT, ImageData, source_args
 from workers.registry import RegistryError
 
 # --------------------------------------------------------------------------- CIFAR-100 files
-
-CIFAR_CLASSES = [b"apple", b"bear", b"cloud"]
-
-
-def _cifar_rows(per_class: int, seed: int) -> tuple[np.ndarray, list[int]]:
-    rng = np.random.default_rng(seed)
-    labels = [c for c in range(len(CIFAR_CLASSES)) for _ in range(per_class)]
-    return rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), labels
-
-
-def write_cifar(root: Path, protocol: int = 2) -> dict[str, tuple[np.ndarray, list[int]]]:
-    """3 classes x 4 train / 2 test images, pickled like the official Python 2 files."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    train, test = _cifar_rows(4, seed=1), _cifar_rows(2, seed=2)
-    train[0][0, 0] = 7  # red, row 0, column 0
-    train[0][0, 1024 + 31] = 200  # green, row 0, column 31
-    train[0][0, 2048 + 5 * 32 + 3] = 99  # blue, row 5, column 3
-    test[0][:] = 255  # a test split unlike train: statistics must ignore it
-    for name, (data, labels) in (("train", train), ("test", test)):
-        entry = {b"data": data, b"fine_labels": labels, b"coarse_labels": [0] * len(labels)}
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=protocol))
-    meta = {b"fine_label_names": CIFAR_CLASSES, b"coarse_label_names": [b"all"]}
-    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=protocol))
-    return {"train": train, "test": test}
 
 
 def load(name: str, **args: object) -> ImageData:
@@ -298,7 +274,7 @@ def test_dtd_label_entry_of_unknown_class(tmp_path: Path) -> None:
 
 
 def test_defaults_are_resolved() -> None:
-    assert DATASETS.resolve_args("dtd", {}) == {
+    assert source_args("dtd", {"fraction": 0.5, "augment": True}) == {
         "root": DEFAULT_ROOT,
         "split": 1,
         "image_size": 224,
@@ -372,6 +348,6 @@ def test_cheap_datasets_are_not_cached_on_disk(
 
     monkeypatch.setenv(datasets.CACHE_ENV, str(tmp_path / "cache"))
     datasets._load_cached.cache_clear()
-    datasets.load_dataset("synthetic", {"num_classes": 2, "per_class": 4, "image_size": 8})
+    datasets.load_dataset("synthetic", {"num_classes": 2, "images_per_class": 4, "image_size": 8})
     assert not (tmp_path / "cache").exists()
     datasets._load_cached.cache_clear()

@@ -16,7 +16,7 @@ from workers.methods import METHODS
 from workers.trial import run_trial
 
 QUICK = TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_steps=3)
-SYNTH = {"num_classes": 4, "per_class": 24, "image_size": 16}
+SYNTH = {"num_classes": 4, "images_per_class": 24, "image_size": 16}
 
 
 def _spec(**kw) -> TrialSpec:  # noqa: ANN003
@@ -70,6 +70,30 @@ def test_full_finetuning_learns_digits() -> None:
     assert rec.status == "ok", rec.error
     assert rec.accuracy > 0.6  # chance is 0.1
     assert rec.throughput_img_s > 0 and rec.train_time_s > 0
+
+
+def test_dataset_options_reach_the_trial(synthetic_data: ImageData) -> None:
+    options = {"val_fraction": 0.25, "per_class": 8}
+    plain = run_trial(_spec(), data=synthetic_data)
+    rec = run_trial(_spec(dataset_args=SYNTH | options), data=synthetic_data)
+    assert rec.status == "ok", rec.error
+    assert (plain.train_images, rec.train_images) == (len(synthetic_data.train_y), 32)
+    assert plain.val_accuracy is None and 0.0 <= rec.val_accuracy <= 1.0
+    assert rec.data_source == "memory" and rec.data_wait_s >= 0
+    augmented = run_trial(_spec(dataset_args=SYNTH | {"augment": True}), data=synthetic_data)
+    again = run_trial(_spec(dataset_args=SYNTH | {"augment": True}), data=synthetic_data)
+    assert augmented.train_loss == again.train_loss  # seeded crops
+    assert augmented.train_loss != plain.train_loss
+
+
+def test_trial_loads_and_labels_its_own_data() -> None:
+    rec = run_trial(_spec(dataset_args={"images_per_class": 12}))
+    assert rec.status == "ok", rec.error
+    assert rec.data_source in ("decoded", "process_cache")
+    provided = run_trial(
+        _spec(), data=lambda: (trial_module.load_source("synthetic", SYNTH)[0], "x")
+    )
+    assert provided.data_source == "x"
 
 
 def test_same_spec_same_result(synthetic_data: ImageData) -> None:
