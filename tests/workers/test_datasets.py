@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from workers.datasets import (
     DATASETS,
@@ -15,6 +16,7 @@ from workers.datasets import (
     data_options,
     load_dataset,
     load_source,
+    resample,
     resident_on,
     select,
 )
@@ -281,6 +283,15 @@ def test_crop_samples_the_region_it_names(seed: int) -> None:
     column = (((x + 1) * 32 - 1) / 2).clamp(0, 31)
     expected = (8 * column).view(2, 1, 1, 20).expand(2, 3, 20, 20)
     assert torch.allclose(xb, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize(("side", "size"), [(8, 24), (16, 32), (7, 40)])
+def test_separable_resample_equals_grid_sample(side: int, size: int) -> None:
+    x = torch.rand(6, 3, side, side) * 255
+    theta = crop_transforms(6, Augment((0.08, 1.0), (0.5, 2.0), True), torch.Generator())
+    grid = F.affine_grid(theta, [6, 3, size, size], align_corners=False)
+    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    assert torch.allclose(resample(x, theta, size), expected, atol=1e-3)
 
 
 def test_crop_areas_and_ratios_follow_the_options() -> None:
