@@ -27,7 +27,7 @@ import math
 import os
 import pickle
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,10 +64,13 @@ class ImageData:
     std: tuple[float, float, float]
     val_x: torch.Tensor | None = None  # held out of train by DataOptions.val_fraction
     val_y: torch.Tensor | None = None
+    classes: tuple[str, ...] = ()  # class names in label order (zero-shot prompts need them)
 
     def __post_init__(self) -> None:
         if (self.val_x is None) != (self.val_y is None):
             raise ValueError("val_x and val_y must be given together")
+        if self.classes and len(self.classes) != self.num_classes:
+            raise ValueError(f"{len(self.classes)} class names for {self.num_classes} classes")
         for name in ("train_x", "test_x", "val_x"):
             x = getattr(self, name)
             if x is not None and (x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3):
@@ -197,7 +200,7 @@ def load_source(name: str, args: dict | None) -> tuple[ImageData, str]:
 # on disk, decoded, for the next sweep.
 DECODED = "decoded"
 CACHE_ENV = "VRAMSWEEP_CACHE"  # folder of decoded datasets (default below)
-CACHE_FORMAT = 1  # bump when the decoded layout changes: old files are then ignored
+CACHE_FORMAT = 2  # bump when the decoded layout changes: old files are then ignored
 
 
 def cache_dir() -> Path:
@@ -218,33 +221,15 @@ def _from_disk_cache(name: str, args: dict[str, Any]) -> tuple[ImageData, str]:
     path = cache_path(name, args)
     if path.is_file():
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            data = ImageData(
-                state["train_x"],
-                state["train_y"],
-                state["test_x"],
-                state["test_y"],
-                int(state["num_classes"]),
-                tuple(state["mean"]),
-                tuple(state["std"]),
-            )
+            data = _from_state(torch.load(path, map_location="cpu", weights_only=True))
             log.info("dataset %s: decoded copy read from %s", name, path)
             return data, "disk_cache"
         except Exception as exc:  # noqa: BLE001 - a bad cache file is decoded again
             log.warning("dataset %s: ignoring unreadable cache %s (%s)", name, path, exc)
     data = DATASETS.build(name, args)
-    state = {
-        "train_x": data.train_x,
-        "train_y": data.train_y,
-        "test_x": data.test_x,
-        "test_y": data.test_y,
-        "num_classes": data.num_classes,
-        "mean": list(data.mean),
-        "std": list(data.std),
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
+    torch.save(_state(data), tmp)
     os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
     log.info("dataset %s: decoded copy written to %s", name, path)
     return data, "decoded"
@@ -322,14 +307,26 @@ def shared_key(name: str, args: dict[str, Any] | None) -> str:
     return json.dumps({"dataset": name, "args": source_args(name, args)}, sort_keys=True)
 
 
-def to_shared(data: ImageData) -> dict[str, Any]:
-    """``data`` as plain numpy arrays and numbers, the form the Ray object store keeps
-    out of band: every process of a node that gets it maps the same memory."""
+def _state(data: ImageData) -> dict[str, Any]:
+    """The fields of ``data`` as a plain dict (tensors, numbers, lists of str)."""
     return {
-        f.name: v.numpy() if isinstance(v, torch.Tensor) else v
+        f.name: list(v) if isinstance(v, tuple) else v
         for f in dataclasses.fields(data)
         for v in [getattr(data, f.name)]
     }
+
+
+def _from_state(state: dict[str, Any]) -> ImageData:
+    """Inverse of ``_state`` (and of ``to_shared`` once its arrays are tensors)."""
+    return ImageData(
+        **{k: tuple(v) if k in ("mean", "std", "classes") else v for k, v in state.items()}
+    )
+
+
+def to_shared(data: ImageData) -> dict[str, Any]:
+    """``data`` as plain numpy arrays and numbers, the form the Ray object store keeps
+    out of band: every process of a node that gets it maps the same memory."""
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in _state(data).items()}
 
 
 def from_shared(obj: dict[str, Any]) -> ImageData:
@@ -337,11 +334,9 @@ def from_shared(obj: dict[str, Any]) -> ImageData:
     the object store are read-only; nothing here writes into a dataset's tensors."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        fields = {
-            k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in obj.items()
-        }
-    fields["mean"], fields["std"] = tuple(fields["mean"]), tuple(fields["std"])
-    return ImageData(**fields)
+        return _from_state(
+            {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in obj.items()}
+        )
 
 
 # --------------------------------------------------------------------------- batches
@@ -478,14 +473,14 @@ def _stratified_split(labels: np.ndarray, test_fraction: float) -> tuple[np.ndar
     return train, test
 
 
-def _from_arrays(images: np.ndarray, labels: np.ndarray, test_fraction: float) -> ImageData:
+def _from_arrays(
+    images: np.ndarray, labels: np.ndarray, test_fraction: float, classes: Sequence[str]
+) -> ImageData:
     """(N, 3, H, W) uint8 images + labels -> split ImageData with train-split statistics."""
     train_idx, test_idx = _stratified_split(labels, test_fraction)
     x = torch.from_numpy(np.ascontiguousarray(images))
     y = torch.from_numpy(labels.astype(np.int64))
-    return _with_train_stats(
-        x[train_idx], y[train_idx], x[test_idx], y[test_idx], int(labels.max()) + 1
-    )
+    return _with_train_stats(x[train_idx], y[train_idx], x[test_idx], y[test_idx], classes)
 
 
 def _with_train_stats(
@@ -493,7 +488,7 @@ def _with_train_stats(
     train_y: torch.Tensor,
     test_x: torch.Tensor,
     test_y: torch.Tensor,
-    num_classes: int,
+    classes: Sequence[str],
 ) -> ImageData:
     """ImageData whose normalisation statistics come from the train split only."""
     # float64 sums over chunks: exact enough for 50k images without a float copy of them all
@@ -512,9 +507,10 @@ def _with_train_stats(
         train_y,
         test_x,
         test_y,
-        num_classes=num_classes,
+        num_classes=len(classes),
         mean=tuple(mean.tolist()),
         std=tuple(std.tolist()),
+        classes=tuple(classes),
     )
 
 
@@ -554,7 +550,9 @@ def digits(config: DigitsConfig) -> ImageData:
     gray = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
     gray = F.interpolate(gray, size=(config.image_size,) * 2, mode="bilinear", align_corners=False)
     images = (gray.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
-    return _from_arrays(images.numpy(), bunch.target, config.test_fraction)
+    return _from_arrays(
+        images.numpy(), bunch.target, config.test_fraction, [str(d) for d in range(10)]
+    )
 
 
 @dataclass(frozen=True)
@@ -592,7 +590,8 @@ def synthetic(config: SyntheticConfig) -> ImageData:
     img = 0.5 + 0.5 * wave.unsqueeze(1) * colour.view(n, 3, 1, 1)
     img = img + config.noise * torch.randn(n, 3, s, s, generator=gen)
     images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
-    return _from_arrays(images.numpy(), labels.numpy(), config.test_fraction)
+    classes = [f"class {k}" for k in range(config.num_classes)]
+    return _from_arrays(images.numpy(), labels.numpy(), config.test_fraction, classes)
 
 
 # --------------------------------------------------------------------------- files on disk
@@ -728,7 +727,8 @@ def cifar100(config: Cifar100Config) -> ImageData:
         train_y,
         _resize_uint8(test_x, config.image_size),
         test_y,
-        len(names),
+        # "aquarium_fish" -> "aquarium fish": the names read as words in prompts
+        [(n.decode() if isinstance(n, bytes) else str(n)).replace("_", " ") for n in names],
     )
 
 
@@ -825,4 +825,4 @@ def dtd(config: DtdConfig) -> ImageData:
             x[i] = _decode_square(folder / "images" / entry, config.image_size)
             y[i] = index[cls]
         loaded += [torch.from_numpy(x), torch.from_numpy(y)]
-    return _with_train_stats(*loaded, num_classes=len(classes))
+    return _with_train_stats(*loaded, classes=[c.replace("_", " ") for c in classes])

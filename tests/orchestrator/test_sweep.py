@@ -158,7 +158,7 @@ def test_shared_dataset_is_mapped_not_copied(tiny_grid: dict[str, Any]) -> None:
     assert all(
         (getattr(view, f) == getattr(data, f)).all() for f in ("train_x", "train_y", "test_x")
     )
-    assert (view.mean, view.std, view.num_classes) == (data.mean, data.std, data.num_classes)
+    assert (view.mean, view.std, view.classes) == (data.mean, data.std, data.classes)
 
 
 def test_control_plane_imports_no_torch() -> None:

@@ -25,7 +25,7 @@ from workers.registry import RegistryError
 
 def test_digits_is_complete_split_and_disjoint() -> None:
     data = load_dataset("digits", {"image_size": 16})
-    assert data.num_classes == 10
+    assert data.num_classes == 10 and data.classes == tuple("0123456789")
     assert len(data.train_y) + len(data.test_y) == 1797
     assert data.train_x.shape[1:] == (3, 16, 16) and data.train_x.dtype == torch.uint8
     assert 0.18 < len(data.test_y) / 1797 < 0.22

@@ -31,7 +31,7 @@ def test_cifar100_decodes_chw_rows_and_labels(tmp_path: Path, protocol: int) -> 
     assert data.train_x.shape == (12, 3, 32, 32) and data.train_x.dtype == torch.uint8
     assert data.test_x.shape == (6, 3, 32, 32)
     assert data.train_y.tolist() == labels and data.test_y.tolist() == written["test"][1]
-    assert data.num_classes == 3
+    assert data.num_classes == 3 and data.classes == ("apple", "bear", "cloud")
     first = data.train_x[0]
     assert (first[0, 0, 0], first[1, 0, 31], first[2, 5, 3]) == (7, 200, 99)
     assert torch.equal(data.train_x, torch.from_numpy(train).view(12, 3, 32, 32))
@@ -191,7 +191,7 @@ def _identities(x: torch.Tensor, y: torch.Tensor) -> set[tuple[str, int]]:
 def test_dtd_splits_follow_the_label_files(tmp_path: Path) -> None:
     write_dtd(tmp_path)
     one = load("dtd", root=str(tmp_path), image_size=16)
-    assert one.num_classes == 3
+    assert one.num_classes == 3 and one.classes == ("banded", "cracked", "zigzagged")
     assert one.train_x.shape == (6, 3, 16, 16) and one.test_x.shape == (6, 3, 16, 16)
     # train = train1 + val1, test = test1; sorted class indices (banded, cracked, zigzagged)
     assert _identities(one.train_x, one.train_y) == {(c, j) for c in DTD_CLASSES for j in (0, 1)}
