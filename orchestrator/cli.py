@@ -185,6 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 store,
                 grid.resources,
                 name=grid.name,
+                energy=grid.energy,
                 address=args.address,
                 show_progress=not args.no_progress,
             )
@@ -195,6 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"({outcome.crashed} crashed)"
         )
     frame = store.collect()
+    _print_quarantined(store)
     frame = frame[frame["trial_id"].isin({s.trial_id for s in specs})]
     _print_front(frame)
     files = write_report(frame, store, grid.name)
@@ -225,6 +227,7 @@ def _store_of(path: str) -> RecordStore:
 def cmd_collect(args: argparse.Namespace) -> int:
     store = _store_of(args.dir)
     frame = store.collect()
+    _print_quarantined(store)
     if args.out:
         if args.out.endswith(".csv"):
             frame.to_csv(args.out, index=False)
@@ -243,6 +246,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     store = _store_of(args.dir)
     frame = store.collect()
+    _print_quarantined(store)
     if frame.empty:
         raise UsageError(f"{args.dir}: no records to report on")
     _print_front(frame)
@@ -254,6 +258,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     print(describe_schema())
     return 0
+
+
+def _print_quarantined(store: RecordStore) -> None:
+    for name, target, reason in store.quarantined:
+        print(f"unreadable record {name} ({reason}): moved to {target}", file=sys.stderr)
+    if store.quarantined:
+        print(
+            f"{len(store.quarantined)} record(s) quarantined; their trials count as not run "
+            "(`orchestrate run GRID` runs them again)",
+            file=sys.stderr,
+        )
 
 
 def _print_front(frame: pd.DataFrame) -> None:

@@ -40,6 +40,7 @@ TOP_LEVEL = (
     "exclude",
     "baselines",
     "resources",
+    "energy",
     "search",
 )
 REQUIRED = ("name", "output", "budget_mb", "seeds", "datasets", "backbones", "methods")
@@ -97,6 +98,7 @@ class Grid:
     exclude: tuple[dict[str, tuple[Any, ...]], ...] = ()  # axis -> any of these values
     baselines: tuple[Component, ...] = ()
     resources: Resources = field(default_factory=Resources)
+    energy: dict[str, Any] = field(default_factory=dict)  # workers.energy.EnergyConfig fields
     search: dict[str, Any] = field(default_factory=dict)
     source: str = "<grid>"
 
@@ -123,6 +125,7 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     from workers.baselines import BASELINES
     from workers.checkpointing import CHECKPOINTING
     from workers.datasets import DATASETS
+    from workers.energy import EnergyConfig
     from workers.methods import METHODS
 
     def fail(where: str, message: str) -> GridError:
@@ -171,6 +174,7 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
 
     train = _dataclass_from(fail, "train", TrainConfig, _or_empty(raw, "train", {}))
     resources = _dataclass_from(fail, "resources", Resources, _or_empty(raw, "resources", {}))
+    energy = _dataclass_from(fail, "energy", EnergyConfig, _or_empty(raw, "energy", {}))
 
     baselines = _baselines(fail, _or_empty(raw, "baselines", []), BASELINES)
     search = _or_empty(raw, "search", {})
@@ -189,6 +193,7 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
         train=train,
         baselines=baselines,
         resources=resources,
+        energy=dataclasses.asdict(energy),
         search=search,
         source=source,
     )

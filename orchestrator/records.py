@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from orchestrator.spec import TrainConfig, TrialSpec, canonical_json
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
+QUARANTINE = "quarantine"  # folder beside records/ that unreadable record files move to
 STATUSES = ("ok", "oom", "over_budget", "failed", "skipped")
 
 _ARROW = {"str": pa.string(), "float": pa.float64(), "int": pa.int64(), "bool": pa.bool_()}
@@ -88,12 +90,45 @@ class TrialRecord:
     )
     mem_meters: str = _col("str", "meters that produced the memory figures, comma-separated", "")
     # energy
-    energy_j: float | None = _col("float", "energy of the training loop, J")
-    energy_source: str = _col("str", "meter that produced energy_j; unavailable if none", "")
+    energy_j: float | None = _col(
+        "float",
+        "energy of the training loop after its first step (warm-up excluded), J; "
+        "a share of the device's when energy_exclusive is false",
+    )
+    energy_source: str = _col(
+        "str",
+        "nvml_energy | nvml_power | rapl | estimated | unavailable (see energy_estimated)",
+        "",
+    )
+    energy_window_s: float | None = _col("float", "wall time energy_j was measured over, s")
+    energy_avg_w: float | None = _col("float", "energy_j / energy_window_s, W")
+    energy_exclusive: bool | None = _col(
+        "bool", "true: the trial held its device alone; false: energy_j is a share; empty: unknown"
+    )
+    energy_estimated: bool | None = _col(
+        "bool", "true: energy_j is CPU time x watts_per_core, not a measurement"
+    )
+    energy_fallback: str = _col("str", "meters tried before energy_source, and why not used", "")
     # compute
     params_total: int | None = _col("int", "parameters of the adapted model")
     params_trainable: int | None = _col("int", "parameters with requires_grad")
     macs: int | None = _col("int", "forward multiply-accumulates per image")
+    infer_latency_ms_b1: float | None = _col(
+        "float", "inference latency of the adapted model (adapters merged), batch 1, ms"
+    )
+    infer_latency_ms_batch: float | None = _col(
+        "float", "inference latency at the trial's batch size, ms"
+    )
+    infer_peak_mem_mb_b1: float | None = _col(
+        "float", "inference peak memory (weights + input + forward peak), batch 1, MiB"
+    )
+    infer_peak_mem_mb_batch: float | None = _col(
+        "float", "inference peak memory at the trial's batch size, MiB"
+    )
+    infer_mem_source: str = _col("str", "cuda_allocator | live_tensors (CPU)", "")
+    infer_merged: bool | None = _col(
+        "bool", "true: adapters folded into the weights; false: not mergeable; empty: none"
+    )
     checkpointed_blocks: int | None = _col("int", "blocks recomputed (wholly or selectively)")
     total_blocks: int | None = _col("int", "blocks of the backbone")
     ckpt_plan: str = _col(
@@ -109,6 +144,8 @@ class TrialRecord:
     # provenance
     device: str = _col("str", "device the trial ran on", "")
     host: str = _col("str", "host name", "")
+    node_id: str = _col("str", "Ray node id of the worker that ran the trial", "")
+    attempt: int | None = _col("int", "1 for a trial's first run; more when Ray retried it")
     git_sha: str = _col("str", "commit of vramsweep that ran the trial", "")
     versions: str = _col("str", "JSON: python and package versions", "")
     started_at: str = _col("str", "UTC ISO-8601 start time", "")
@@ -229,6 +266,8 @@ class RecordStore:
     def __init__(self, output: str | os.PathLike[str]) -> None:
         self.output = str(output)
         self.is_uri = "://" in self.output
+        # (file name, where it was moved, why) of every unreadable record found
+        self.quarantined: list[tuple[str, str, str]] = []
         if self.is_uri:
             import pyarrow.fs as pafs
 
@@ -295,19 +334,50 @@ class RecordStore:
         return sorted(n for n in names if not Path(n).name.startswith("."))
 
     def existing_ids(self) -> set[str]:
-        return {Path(p).stem for p in self.record_paths()}
+        """Trial ids that have a record. A file whose Parquet footer cannot be read (a
+        truncated copy, a disk error) is quarantined, so its trial runs again."""
+        ids = set()
+        for path in self.record_paths():
+            try:
+                meta = pq.read_metadata(path, filesystem=self._fs if self.is_uri else None)
+                if meta.num_rows != 1:
+                    raise ValueError(f"{meta.num_rows} rows, a record has 1")
+            except (OSError, ValueError, pa.ArrowInvalid) as exc:
+                self._quarantine(path, exc)
+                continue
+            ids.add(Path(path).stem)
+        return ids
+
+    @property
+    def quarantine_dir(self) -> str:
+        return f"{self._root}/{QUARANTINE}"
+
+    def _quarantine(self, path: str, reason: Exception) -> None:
+        """Move an unreadable record out of ``records/`` (kept, named, never dropped)."""
+        name = f"{Path(path).name}.{time.strftime('%Y%m%d-%H%M%S')}.{uuid.uuid4().hex[:6]}"
+        target = f"{self.quarantine_dir}/{name}"
+        if self.is_uri:
+            self._fs.create_dir(self.quarantine_dir, recursive=True)
+            self._fs.move(path, target)
+        else:
+            Path(self.quarantine_dir).mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        self.quarantined.append((Path(path).name, target, f"{type(reason).__name__}: {reason}"))
+        log.error("record %s is unreadable (%s): moved to %s", path, reason, target)
 
     def read_table(self) -> pa.Table:
-        """All records as one Arrow table (unreadable files are reported and skipped)."""
+        """All records as one Arrow table; unreadable files are quarantined (see
+        ``quarantined``) and their trials count as not run."""
         tables = []
         for path in self.record_paths():
             try:
-                if self.is_uri:
-                    tables.append(pq.read_table(path, filesystem=self._fs))
-                else:
-                    tables.append(pq.read_table(path))
-            except (OSError, pa.ArrowInvalid) as exc:
-                log.warning("skipping unreadable record %s: %s", path, exc)
+                table = pq.read_table(path, filesystem=self._fs if self.is_uri else None)
+                if table.num_rows != 1 or table["trial_id"][0].as_py() != Path(path).stem:
+                    raise ValueError("not the one record its file name says")
+            except (OSError, ValueError, KeyError, pa.ArrowInvalid) as exc:
+                self._quarantine(path, exc)
+                continue
+            tables.append(table)
         schema = record_schema()
         if not tables:
             return schema.empty_table()

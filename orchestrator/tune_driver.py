@@ -44,13 +44,40 @@ class SweepOutcome:
 def _trainable(config: dict[str, Any], shared: dict[str, Any]) -> None:
     """Runs inside a Ray worker process: one spec in, one record reported."""
     from workers.datasets import from_shared, shared_key
+    from workers.energy import EnergyConfig
     from workers.trial import run_trial
 
     spec = TrialSpec.from_json(config["spec"])
+    attempt = _count_attempt()
     ref = shared.get(shared_key(spec.dataset, spec.dataset_args))
     provider = None if ref is None else lambda: (from_shared(ray.get(ref)), "object_store")
-    record = run_trial(spec, num_threads=config["threads"], data=provider)
+    record = run_trial(
+        spec,
+        num_threads=config["threads"],
+        data=provider,
+        energy=EnergyConfig(**config["energy"]),
+        exclusive=config["exclusive"],
+    )
+    record.node_id = ray.get_runtime_context().get_node_id()
+    record.attempt = attempt
     tune.report({"record": record.to_json(), "status": record.status})
+
+
+def _count_attempt() -> int:
+    """1 on a trial's first run, n on its n-th (Tune restarts a failed trial from scratch
+    in the same trial folder, where this count is kept)."""
+    path = Path(tune.get_context().get_trial_dir()) / "attempts"
+    attempt = int(path.read_text()) + 1 if path.is_file() else 1
+    path.write_text(str(attempt))
+    return attempt
+
+
+def gpu_exclusive(gpus_per_trial: float) -> bool | None:
+    """Whether a trial holds its GPU alone: a whole GPU (or more) yes, a fraction no
+    (its energy is a share); None for CPU trials (the scheduler cannot tell)."""
+    if gpus_per_trial <= 0:
+        return None
+    return gpus_per_trial >= 1
 
 
 def share_datasets(specs: Sequence[TrialSpec]) -> dict[str, Any]:
@@ -177,10 +204,13 @@ def run_sweep(
     resources: Resources,
     *,
     name: str,
+    energy: dict[str, Any] | None = None,
     address: str | None = None,
     show_progress: bool = True,
 ) -> SweepOutcome:
-    """Run ``specs`` through Ray Tune, writing one record per trial into ``store``."""
+    """Run ``specs`` through Ray Tune, writing one record per trial into ``store``.
+
+    ``energy`` is the grid's ``energy:`` section (the meter each trial uses)."""
     if not specs:
         return SweepOutcome(0, 0, 0, 0.0)
     check_resources(resources, connect(address))
@@ -197,6 +227,8 @@ def run_sweep(
         param_space={
             "spec": tune.grid_search([s.to_json() for s in specs]),
             "threads": resources.cpus_per_trial,
+            "energy": dict(energy or {}),
+            "exclusive": gpu_exclusive(resources.gpus_per_trial),
         },
         tune_config=tune.TuneConfig(
             max_concurrent_trials=resources.max_concurrent,

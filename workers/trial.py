@@ -38,6 +38,7 @@ from workers import memory
 from workers.backbones import classifier_name, create_backbone, input_size
 from workers.checkpoint_plan import Infeasible
 from workers.checkpointing import Checkpointer, block_modes, find_blocks
+from workers.cost import forward_macs, inference_cost
 from workers.datasets import (
     Augment,
     ImageData,
@@ -47,6 +48,7 @@ from workers.datasets import (
     resident_on,
     select,
 )
+from workers.energy import EnergyConfig, EnergyMeasurement, select_meter
 from workers.methods import MethodContext, apply_method, count_parameters
 
 log = logging.getLogger(__name__)
@@ -63,12 +65,17 @@ def run_trial(
     *,
     num_threads: int | None = None,
     data: ImageData | DataProvider | None = None,
+    energy: EnergyConfig | None = None,
+    exclusive: bool | None = None,
 ) -> TrialRecord:
     """Train and evaluate ``spec``; every outcome is a record.
 
     ``num_threads`` caps torch's intra-op threads (a trial must not take the cores of
     the trials packed beside it). ``data`` is the decoded dataset when the caller has
     it (in memory, or a provider that fetches it from a shared store); None loads it.
+    ``energy`` chooses the energy meter (default: the first available); ``exclusive``
+    is the scheduler's word on whether the trial holds its device alone. Neither
+    changes what the trial computes, so neither is part of the spec.
 
     Example:
         >>> record = run_trial(TrialSpec(backbone="vit_test", dataset="digits"))
@@ -86,7 +93,7 @@ def run_trial(
         record.device = _device_name(device)
         if spec.kind != "finetune":
             raise NotImplementedError(f"trial kind {spec.kind!r} has no runner in this worker")
-        _finetune(spec, device, record, data)
+        _finetune(spec, device, record, data, energy or EnergyConfig(), exclusive)
         record.status = "ok"
     except memory.OverBudget as exc:
         record.status, record.error = "over_budget", str(exc)
@@ -116,6 +123,8 @@ def _finetune(
     device: torch.device,
     record: TrialRecord,
     data: ImageData | DataProvider | None,
+    energy: EnergyConfig,
+    exclusive: bool | None,
 ) -> None:
     _seed_everything(spec.seed)
     data = _data(spec, device, record, data)
@@ -139,7 +148,7 @@ def _finetune(
     record.total_blocks = len(blocks)
     record.params_total = count_parameters(model)
     record.params_trainable = count_parameters(model, trainable_only=True)
-    record.macs = _macs(model, size)
+    record.macs = forward_macs(model, size, torch.device("cpu"))
 
     model.to(device)
     cap = _apply_cap(spec, device, record)
@@ -152,6 +161,8 @@ def _finetune(
     feed = functools.partial(batches, size=size, mean=data.mean, std=data.std, device=device)
     augment = Augment.of(data_options(spec.dataset, spec.dataset_args))
     gen = torch.Generator().manual_seed(spec.seed)
+    energy_meter = select_meter(energy, device, exclusive=exclusive)
+    record.energy_source = "unavailable"  # until a window is measured
 
     def forward_backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         with meter, autocast:
@@ -189,17 +200,21 @@ def _finetune(
                     recheck = not _check_accounted(
                         model, optimizer, meter, xb, spec, record, cap, ckpt
                     )
-                if step == 1:
-                    _sync(device)
+                if step == 1:  # warm-up (first-step allocations, profiling) is not measured
+                    energy_meter.begin_window()
                     t_first = time.perf_counter()
                 else:
                     images_after_first += len(yb)
                 if step >= total_steps:
                     break
+        if energy_meter.window_open:
+            _fill_energy(record, energy_meter.end_window())
     finally:  # also on an oom / over_budget record: what ran, and under which plan
         record.steps = step
         record.checkpointed_blocks = len(ckpt.checkpointed())
         _fill_plan(record, ckpt)
+        if energy_meter.window_open:  # a failed step: stop the meter's poller
+            energy_meter.end_window()
     _sync(device)
     t_end = time.perf_counter()
     record.train_time_s = t_end - t_start
@@ -219,7 +234,8 @@ def _finetune(
         )[0]
     _sync(device)
     record.eval_time_s = time.perf_counter() - t_eval
-    record.energy_source = "unavailable"
+    optimizer.state.clear()  # room for the inference copy under the cap
+    _fill_inference(record, model, size, train.batch_size, device, autocast)
 
 
 def _prepare_checkpointing(
@@ -420,6 +436,41 @@ def _fill_cuda_peaks(record: TrialRecord, device: torch.device) -> None:
     record.mem_meters = ",".join(meters)
 
 
+def _fill_energy(record: TrialRecord, m: EnergyMeasurement) -> None:
+    record.energy_j, record.energy_window_s, record.energy_avg_w = m.joules, m.seconds, m.avg_watts
+    record.energy_source, record.energy_exclusive = m.source, m.exclusive
+    record.energy_estimated, record.energy_fallback = m.estimated, m.fallback
+
+
+def _fill_inference(
+    record: TrialRecord,
+    model: nn.Module,
+    size: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: Any,
+) -> None:
+    """Inference latency and memory of the adapted model; a trial whose inference copy
+    does not fit keeps its training results (the columns stay empty)."""
+    model.zero_grad(set_to_none=True)
+    try:
+        cost = inference_cost(
+            model, size, batch_size, device, repeats=5, warmup=2, autocast=lambda: autocast
+        )
+    except torch.OutOfMemoryError as exc:
+        log.warning("inference cost not measured: %s", str(exc).splitlines()[0])
+        return
+    record.infer_latency_ms_b1, record.infer_latency_ms_batch = (
+        cost.latency_ms_b1,
+        cost.latency_ms_batch,
+    )
+    record.infer_peak_mem_mb_b1, record.infer_peak_mem_mb_batch = (
+        cost.peak_mem_mb_b1,
+        cost.peak_mem_mb_batch,
+    )
+    record.infer_mem_source, record.infer_merged = cost.mem_source, cost.merged
+
+
 def _optimizer(spec: TrialSpec, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     train = spec.train
@@ -445,19 +496,6 @@ def _autocast(precision: str, device: torch.device) -> Any:
         raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
-
-
-def _macs(model: nn.Module, size: int) -> int:
-    """Forward multiply-accumulates for one image (FLOPs / 2) at the input resolution."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
-    model.train(was_training)
-    return counter.get_total_flops() // 2
 
 
 def _sync(device: torch.device) -> None:

@@ -180,6 +180,18 @@ MALFORMED: list[Any] = [
         id="resources-unknown-key",
     ),
     pytest.param(
+        set_("energy.meter", "wattmeter"),
+        "energy",
+        ("meter must be one of", "'nvml_energy'", "got 'wattmeter'"),
+        id="energy-unknown-meter",
+    ),
+    pytest.param(
+        set_("energy.poll_hz", 2),
+        "energy",
+        ("poll_hz must be a number in [10, 1000], got 2",),
+        id="energy-slow-polling",
+    ),
+    pytest.param(
         set_("exclude", [{"optimizer": "sgd"}]),
         "exclude[0]",
         ("unknown axis 'optimizer'", "backbone, method"),

@@ -188,12 +188,37 @@ def test_killed_writer_leaves_only_an_ignored_temp_file(tmp_path: Path) -> None:
     assert len(store.collect()) == 1
 
 
-def test_corrupt_record_is_skipped_with_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "other_trial"])
+def test_unreadable_record_is_named_quarantined_and_run_again(
+    tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from orchestrator.cli import main
+
     store = RecordStore(tmp_path)
-    store.write(_record(seed=1))
-    Path(store.path_of("0123456789ab")).write_bytes(b"not parquet")
-    frame = store.collect()
-    assert len(frame) == 1
-    assert "unreadable record" in caplog.text
+    good, bad = _record(seed=0), _record(seed=1)
+    store.write(good)
+    path = Path(store.write(bad))
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"PAR1" + bytes(200) + b"PAR1")
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:  # a readable record under another trial's name
+        path.write_bytes(Path(store.path_of(good.trial_id)).read_bytes())
+    fresh = RecordStore(tmp_path)
+    if damage != "other_trial":  # its footer is fine: only a full read can tell
+        assert fresh.existing_ids() == {good.trial_id}
+    frame = fresh.collect()
+    assert frame["trial_id"].tolist() == [good.trial_id]
+    assert [q[0] for q in fresh.quarantined] == [path.name]
+    moved = list((tmp_path / "quarantine").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith(path.name)
+    assert not path.exists()
+    # nothing is left for the next reader to trip over, and the CLI names what it moved
+    assert RecordStore(tmp_path).existing_ids() == {good.trial_id}
+    path.write_bytes(b"junk")
+    assert main(["collect", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"unreadable record {path.name}" in err and "1 record(s) quarantined" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from tests.workers.conftest import applicable_pairs
 from workers import trial as trial_module
 from workers.checkpointing import Checkpointer
 from workers.datasets import ImageData
+from workers.energy import EnergyConfig
 from workers.methods import METHODS
 from workers.trial import run_trial
 
@@ -54,7 +56,16 @@ def test_every_combination_runs_and_is_measured(
         rec.params_mb + rec.grads_mb + rec.optimizer_mb + rec.activations_mb + rec.batch_mb
     )
     assert (rec.checkpointed_blocks > 0) == (checkpointing == "static")
-    assert rec.energy_j is None and rec.energy_source == "unavailable"
+    # no GPU here: CPU package counters where readable, else the labelled estimate
+    assert rec.energy_source in ("rapl", "estimated") and rec.energy_j > 0
+    assert rec.energy_estimated == (rec.energy_source == "estimated")
+    assert rec.energy_avg_w == pytest.approx(rec.energy_j / rec.energy_window_s)
+    assert 0 < rec.energy_window_s < rec.train_time_s
+    assert 0 < rec.infer_latency_ms_b1 and 0 < rec.infer_latency_ms_batch
+    assert rec.infer_peak_mem_mb_b1 < rec.infer_peak_mem_mb_batch
+    assert rec.infer_mem_source == "live_tensors"
+    adds_adapters = method in ("lora", "adalora", "qlora", "snella")
+    assert (rec.infer_merged is None) == (not adds_adapters)
     assert json.loads(rec.versions)["torch"]
     assert rec.started_at <= rec.ended_at
 
@@ -94,6 +105,22 @@ def test_trial_loads_and_labels_its_own_data() -> None:
         _spec(), data=lambda: (trial_module.load_source("synthetic", SYNTH)[0], "x")
     )
     assert provided.data_source == "x"
+
+
+def test_energy_config_reaches_the_meter(synthetic_data: ImageData, tmp_path: Path) -> None:
+    zone = tmp_path / "intel-rapl:0"  # a package counter that stands still
+    zone.mkdir()
+    (zone / "name").write_text("package-0\n")
+    (zone / "energy_uj").write_text("5000000\n")
+    (zone / "max_energy_range_uj").write_text("262143328850\n")
+    config = EnergyConfig(meter="rapl", powercap_root=str(tmp_path))
+    rec = run_trial(_spec(), data=synthetic_data, energy=config)
+    assert rec.status == "ok", rec.error
+    assert (rec.energy_source, rec.energy_j, rec.energy_estimated) == ("rapl", 0.0, False)
+    assert rec.energy_exclusive is False  # a CPU package is shared unless said otherwise
+    missing = EnergyConfig(meter="rapl", powercap_root=str(tmp_path / "none"))
+    rec = run_trial(_spec(), data=synthetic_data, energy=missing)
+    assert rec.energy_source == "estimated" and "rapl: " in rec.energy_fallback
 
 
 def test_same_spec_same_result(synthetic_data: ImageData) -> None:

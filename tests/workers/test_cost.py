@@ -1,0 +1,169 @@
+"""Compute cost: MACs against timm's published figures, inference latency and memory,
+and the merged inference copy (which must leave the trained model as it was)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from workers.backbones import classifier_name, create_backbone, input_size
+from workers.checkpointing import Checkpointer
+from workers.cost import InferenceCost, forward_macs, inference_cost, inference_model
+from workers.memory import MB
+from workers.methods import MethodContext, apply_method
+
+CPU = torch.device("cpu")
+
+# timm's benchmark table (results/benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv,
+# column infer_gmacs) and the one-decimal figure of the model cards.
+PUBLISHED_GMACS = [
+    ("vit_small_patch16_224", 4.61, 4.6),
+    ("tiny_vit_5m_224", 1.28, 1.3),
+]
+
+
+@pytest.mark.parametrize(("name", "gmacs", "card"), PUBLISHED_GMACS)
+def test_macs_match_timm_published_gmacs(name: str, gmacs: float, card: float) -> None:
+    model = create_backbone(name, num_classes=1000)
+    macs = forward_macs(model, 224, CPU) / 1e9
+    assert macs == pytest.approx(gmacs, rel=0.03)
+    assert round(macs, 1) == card
+
+
+def test_macs_of_a_linear_layer_are_exact() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    assert forward_macs(model, 4, CPU) == 3 * 4 * 4 * 10
+
+
+def test_macs_restore_every_module_mode() -> None:
+    model = create_backbone("vit_test", num_classes=4)
+    model.train()
+    model.blocks[1].eval()  # a module meant to stay in eval (e.g. frozen statistics)
+    before = [m.training for m in model.modules()]
+    forward_macs(model, input_size(model), CPU)
+    assert [m.training for m in model.modules()] == before
+
+
+class Repeat(nn.Module):
+    """Known live tensors: y (4 units) and z (4 units) and the output, all alive at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.repeat(1, 4, 1, 1)
+        z = y * self.scale
+        return z.sum(dim=(1, 2, 3))
+
+
+def test_cpu_peak_memory_counts_live_tensors_exactly() -> None:
+    cost = inference_cost(Repeat(), 8, 3, CPU, repeats=1, warmup=0)
+    unit = 3 * 8 * 8 * 4  # one fp32 image
+    weights = 4  # the scale
+    for batch, peak in ((1, cost.peak_mem_mb_b1), (3, cost.peak_mem_mb_batch)):
+        # weights + input (1 unit) + y and z (8 units) + the output (one float per image)
+        assert peak * MB == weights + batch * (9 * unit + 4)
+    assert (cost.mem_source, cost.merged) == ("live_tensors", None)
+
+
+def adapted(method: str, args: dict, checkpointing: str = "none") -> nn.Module:
+    """A trained-looking vit_test: method applied, checkpointing installed, weights moved."""
+    torch.manual_seed(0)
+    model = create_backbone("vit_test", num_classes=4)
+    ctx = MethodContext(classifier=classifier_name(model), total_steps=10)
+    model = apply_method(method, args, model, ctx).model
+    with torch.no_grad():  # adapters start as a no-op: make them change the function
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "snella_scale" in name:
+                param.normal_(0.0, 0.05)
+    Checkpointer(checkpointing, {}, model)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "merged"),
+    [
+        ("full", {}, None),  # no adapter layers: nothing to merge
+        ("bitfit", {}, None),
+        ("lora", {"r": 4}, True),  # peft merge_and_unload
+        ("snella", {"r": 4}, True),  # delta_weight() folded into a Linear
+    ],
+)
+def test_inference_cost_merges_adapters_on_a_copy(
+    method: str, args: dict, merged: bool | None
+) -> None:
+    model = adapted(method, args, checkpointing="static")
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    patched = [m for m in model.modules() if "forward" in vars(m)]
+    cost = inference_cost(model, input_size(model), 8, CPU, repeats=2, warmup=1)
+    assert isinstance(cost, InferenceCost)
+    assert cost.merged is merged
+    assert cost.latency_ms_b1 > 0 and cost.latency_ms_batch > 0
+    assert cost.peak_mem_mb_batch >= cost.peak_mem_mb_b1 > 0
+    # the trained model is untouched: weights, checkpointing patches, mode
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert [m for m in model.modules() if "forward" in vars(m)] == patched
+    assert model.training
+
+
+def test_merged_copy_computes_the_trained_function_without_adapters() -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = adapted("lora", {"r": 4}, checkpointing="static")
+    clone, merged = inference_model(model, input_size(model), CPU)
+    assert merged is True
+    assert not any(isinstance(m, BaseTunerLayer) for m in clone.modules())
+    assert not any("forward" in vars(m) for m in clone.modules())  # runs its own layers
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(clone(x), model(x), atol=1e-5)
+
+
+def test_adapters_that_cannot_merge_are_measured_unmerged(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+    def refuse(self: BaseTuner) -> None:
+        raise ValueError("cannot merge this adapter configuration")
+
+    monkeypatch.setattr(BaseTuner, "_check_merge_allowed", refuse)  # peft's own veto
+    model = adapted("lora", {"r": 4})
+    clone, merged = inference_model(model, input_size(model), CPU)
+    assert merged is False
+    assert any(isinstance(m, BaseTunerLayer) for m in clone.modules())
+    assert inference_cost(model, input_size(model), 4, CPU, repeats=1, warmup=0).merged is False
+
+
+def test_lora_adds_its_branches_to_the_training_macs() -> None:
+    base = forward_macs(adapted("full", {}), 32, CPU)
+    lora = forward_macs(adapted("lora", {"r": 4}), 32, CPU)
+    # each of the 4 blocks' qkv/proj/fc1/fc2 adds r * (in + out) per token, 17 tokens
+    dim, hidden, tokens = 64, 256, 17
+    per_block = 4 * ((dim + 3 * dim) + (dim + dim) + (dim + hidden) + (hidden + dim))
+    assert lora - base == 4 * per_block * tokens
+
+
+class FalseDelta(nn.Module):
+    """Claims an update (``delta_weight``) that its forward does not add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(10, 48))
+        self.bias = nn.Parameter(torch.zeros(10))
+
+    def delta_weight(self) -> torch.Tensor:
+        return torch.ones_like(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_a_merge_that_changes_the_outputs_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    model = nn.Sequential(nn.Flatten(), FalseDelta())
+    clone, merged = inference_model(model, 4, CPU)
+    assert merged is False
+    assert isinstance(clone[1], FalseDelta)
+    assert "merging changed the outputs" in caplog.text

@@ -1,0 +1,368 @@
+"""Compute cost of an adapted model: forward MACs, and inference latency and peak memory.
+
+MACs are counted by ``torch.utils.flop_counter`` (matmuls, convolutions, attention)
+on one image at the trial's resolution, as FLOPs / 2. Operators without a formula
+there count nothing (custom kernels: bitsandbytes 4-bit matmuls, mamba-ssm scans).
+
+Inference is measured on a copy of the trained model with its adapters merged where
+that is possible (``inference_model``), so the model the trial goes on using is never
+changed:
+
+- latency: median of ``repeats`` timed forwards after ``warmup`` untimed ones, each
+  between device synchronisations, at batch 1 and at the trial's batch size;
+- peak memory: the copy's parameters and buffers + the input + the peak of what the
+  forward allocates. On CUDA the last term is the caching allocator's peak above the
+  bytes allocated before the input existed (``cuda_allocator``); on CPU, which has no
+  allocator statistics, it is the peak total of live tensor storages that the
+  forward's operators return, followed to their release (``live_tensors``). Scratch
+  buffers inside a kernel are invisible to the CPU figure.
+
+Example:
+    >>> model = create_backbone("vit_test", num_classes=10)
+    >>> forward_macs(model, 32, torch.device("cpu"))  # doctest: +SKIP
+    6508544
+    >>> inference_cost(model, 32, 64, torch.device("cpu"))  # doctest: +SKIP
+    InferenceCost(latency_ms_b1=1.9, latency_ms_batch=14.2, ...)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from workers.memory import MB
+
+log = logging.getLogger(__name__)
+
+# The merged copy must compute what the trained model computes: the largest output
+# difference allowed, relative to the largest output (fp32 merges differ by ~1e-6).
+MERGE_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class InferenceCost:
+    """Inference of the adapted model at batch 1 and at the trial's batch size."""
+
+    latency_ms_b1: float  # ms, median forward of one image
+    latency_ms_batch: float  # ms, median forward of one batch
+    peak_mem_mb_b1: float  # MiB, weights + input + forward peak, batch 1
+    peak_mem_mb_batch: float  # MiB, the same at the batch size
+    mem_source: str  # cuda_allocator | live_tensors
+    # True: adapters folded into the weights; False: adapters left unmerged (they ran
+    # as extra branches); None: the model has no adapter layers (full, bitfit, ...)
+    merged: bool | None
+
+
+# ---------------------------------------------------------------- MACs
+
+
+def forward_macs(model: nn.Module, size: int, device: torch.device) -> int:
+    """Multiply-accumulates of one forward of one ``size`` x ``size`` image (FLOPs // 2).
+
+    The model runs in eval mode without gradients; every module's mode is restored.
+    """
+    counter = FlopCounterMode(display=False)
+    with _eval_mode(model), torch.no_grad(), counter:
+        model(torch.zeros(1, 3, size, size, device=device, dtype=_input_dtype(model)))
+    return counter.get_total_flops() // 2
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside, each module's own mode after (some are meant to differ)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (float32 if it has none)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+# ---------------------------------------------------------------- the inference copy
+
+
+def _adapter_layers(model: nn.Module) -> list[nn.Module]:
+    """peft tuner layers, and layers that expose ``delta_weight()`` (snella)."""
+    # a model with peft layers has imported peft: no import of peft just to look
+    peft_layer: Any = ()
+    if "peft" in sys.modules:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        peft_layer = BaseTunerLayer
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, peft_layer) or callable(getattr(m, "delta_weight", None))
+    ]
+
+
+def _strip_patched_forwards(model: nn.Module) -> None:
+    """Drop per-instance ``forward`` overrides (checkpointing modes, lbp_wht's backward).
+
+    They are closures over the *original* modules: a deep copy keeps them, so the
+    copy would run the trained model's layers. Their inference forward is the
+    class's own; ``inference_model`` checks the result against the trained model.
+    """
+    for module in model.modules():
+        if "forward" in vars(module):
+            del module.forward
+
+
+@torch.no_grad()
+def _fold_delta_weights(model: nn.Module) -> None:
+    """Replace every layer exposing ``delta_weight()`` by a plain ``nn.Linear`` holding
+    weight + delta (the update its forward adds)."""
+    targets = [
+        (name, m) for name, m in model.named_modules() if callable(getattr(m, "delta_weight", None))
+    ]
+    for name, layer in targets:
+        weight = layer.weight + layer.delta_weight()
+        linear = nn.Linear(
+            weight.shape[1],
+            weight.shape[0],
+            bias=layer.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        linear.weight.copy_(weight)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy for inference: no training-time forward patches, no gradients."""
+    clone = copy.deepcopy(model)
+    _strip_patched_forwards(clone)
+    for param in clone.parameters():
+        param.grad = None
+        param.requires_grad_(False)
+    return clone
+
+
+def _merged_copy(model: nn.Module) -> nn.Module | None:
+    """A copy with every adapter folded into the weights; None if that is not possible."""
+    clone = _copy(model)
+    if "peft" in sys.modules:
+        from peft import PeftModel
+
+        if isinstance(clone, PeftModel):
+            try:
+                clone = clone.merge_and_unload(safe_merge=True)
+            except (ValueError, RuntimeError, NotImplementedError) as exc:
+                log.warning("inference cost: peft cannot merge the adapters (%s)", exc)
+                return None
+    _fold_delta_weights(clone)
+    if left := _adapter_layers(clone):
+        log.warning("inference cost: %d adapter layers cannot be merged", len(left))
+        return None
+    return clone
+
+
+def _same_function(a: nn.Module, b: nn.Module, size: int, device: torch.device) -> float:
+    """Largest output difference of ``a`` and ``b`` on one random image, relative."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, size, size, generator=gen).to(device, _input_dtype(b))
+    with _eval_mode(a), _eval_mode(b), torch.inference_mode():
+        ya, yb = a(x).float(), b(x).float()
+    return float((ya - yb).abs().max() / yb.abs().max().clamp_min(1e-12))
+
+
+def inference_model(
+    model: nn.Module, size: int, device: torch.device
+) -> tuple[nn.Module, bool | None]:
+    """A copy of ``model`` for inference, adapters merged where possible.
+
+    Returns the copy and ``merged`` (see ``InferenceCost``). Adapter layers are peft's
+    (merged by ``merge_and_unload``) and layers exposing ``delta_weight()``, the dense
+    update their forward adds to ``weight`` (folded into an ``nn.Linear``). The copy
+    must compute the trained model's function within ``MERGE_TOLERANCE``: a merge
+    that does not is dropped for an unmerged copy; an unmerged copy that does not
+    raises RuntimeError. ``model`` itself is not changed.
+    """
+    if not _adapter_layers(model):
+        clone, merged = _copy(model), None
+    else:
+        clone = _merged_copy(model)
+        if clone is not None and (gap := _same_function(clone, model, size, device)) > (
+            MERGE_TOLERANCE
+        ):
+            log.warning("inference cost: merging changed the outputs by %.2g: unmerged", gap)
+            clone = None
+        merged = clone is not None
+        if clone is None:
+            clone = _copy(model)
+    if merged is not True and (gap := _same_function(clone, model, size, device)) > MERGE_TOLERANCE:
+        raise RuntimeError(f"the inference copy computes another function (difference {gap:.2g})")
+    return clone, merged
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def inference_cost(
+    model: nn.Module,
+    size: int,
+    batch_size: int,
+    device: torch.device,
+    repeats: int = 10,
+    warmup: int = 3,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> InferenceCost:
+    """Latency and peak memory of inference with ``model`` at batch 1 and ``batch_size``.
+
+    Measured on ``inference_model(model)`` (an extra copy of the model on ``device``),
+    in eval mode under ``torch.inference_mode()`` and ``autocast()`` (the trial's
+    precision). On CUDA it resets the allocator's peak statistics: read the trial's
+    own peaks first.
+
+    Example:
+        >>> cost = inference_cost(model, 224, 64, torch.device("cuda"))  # doctest: +SKIP
+        >>> cost.latency_ms_b1, cost.peak_mem_mb_batch, cost.merged
+        (3.1, 412.5, True)
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    clone, merged = inference_model(model, size, device)
+    clone.eval()
+    weights = _weight_bytes(clone)
+    dtype = _input_dtype(clone)
+    latency, peak = {}, {}
+    for batch in sorted({1, batch_size}):
+        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+
+        def forward(x: torch.Tensor = x) -> None:
+            with torch.inference_mode(), autocast():
+                clone(x)
+
+        latency[batch] = _median_ms(forward, device, repeats, warmup)
+        peak[batch] = (weights + _forward_peak_bytes(forward, x, device)) / MB
+        del x
+    return InferenceCost(
+        latency_ms_b1=latency[1],
+        latency_ms_batch=latency[batch_size],
+        peak_mem_mb_b1=peak[1],
+        peak_mem_mb_batch=peak[batch_size],
+        mem_source="cuda_allocator" if device.type == "cuda" else "live_tensors",
+        merged=merged,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(
+    forward: Callable[[], None], device: torch.device, repeats: int, warmup: int
+) -> float:
+    for _ in range(warmup):
+        forward()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        forward()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, meta or functional tensors
+        return None
+    return storage.data_ptr(), storage.nbytes()
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    keys = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
+    return sum(k[1] for k in keys if k is not None)
+
+
+def _forward_peak_bytes(forward: Callable[[], None], x: torch.Tensor, device: torch.device) -> int:
+    """Input bytes + the peak bytes that one ``forward()`` allocates on top."""
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device) - x.numel() * x.element_size()
+        torch.cuda.reset_peak_memory_stats(device)
+        forward()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    tracker = _LiveTensors()
+    with tracker:
+        forward()
+    return x.numel() * x.element_size() + tracker.peak_bytes
+
+
+class _LiveTensors(TorchDispatchMode):
+    """Peak total bytes of the storages that operators return while the mode is on.
+
+    A storage is counted once, from its first operator output until the last tensor
+    on it is released (weak-reference finalizers); storages that existed before (the
+    weights, the input, their views) are not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak_bytes = 0
+        self._bytes = 0
+        self._refs: dict[tuple[int, int], int] = {}  # storage -> live tensors on it
+        self._known: set[tuple[int, int]] = set()
+
+    def __enter__(self) -> _LiveTensors:
+        self._known = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        inputs = tree_leaves((args, kwargs or {}))
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and (key := _storage_key(t)) not in self._refs:
+                self._known.add(key)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        key = _storage_key(t)
+        if key is None or key in self._known:
+            return
+        if key not in self._refs:
+            self._refs[key] = 0
+            self._bytes += key[1]
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
+        self._refs[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: tuple[int, int]) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self._bytes -= key[1]
