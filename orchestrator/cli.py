@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the trials that would run, run nothing"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--no-dashboard",
+        action="store_true",
+        help="do not start the Ray dashboard of a local Ray (a cluster keeps its own)",
+    )
 
     val = sub.add_parser("validate", help="validate a grid and print its expanded trials")
     val.add_argument("grid", help="grid YAML file")
@@ -187,6 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 name=grid.name,
                 energy=grid.energy,
                 address=args.address,
+                dashboard=not args.no_dashboard,
                 show_progress=not args.no_progress,
             )
         except ValueError as exc:  # resources the cluster cannot provide

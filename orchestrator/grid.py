@@ -61,6 +61,9 @@ class Resources:
     cpus_per_trial: int = 1  # also the trial's torch thread count
     gpus_per_trial: float = 0.0  # fraction of a GPU per trial (0 on CPU-only machines)
     max_concurrent: int = 2  # trials running at once
+    # a trial whose worker process or node dies is run again (from scratch) this many
+    # times; a trial that fails inside (an exception, an OOM) is a record, not retried
+    max_retries: int = 2
 
     def __post_init__(self) -> None:
         if not is_int(self.cpus_per_trial) or self.cpus_per_trial < 1:
@@ -72,6 +75,8 @@ class Resources:
             raise ValueError(f"gpus_per_trial above 1 must be whole, got {gpus!r}")
         if not is_int(self.max_concurrent) or self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}")
+        if not is_int(self.max_retries) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
 
 
 @dataclass(frozen=True)

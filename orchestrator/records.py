@@ -145,7 +145,10 @@ class TrialRecord:
     device: str = _col("str", "device the trial ran on", "")
     host: str = _col("str", "host name", "")
     node_id: str = _col("str", "Ray node id of the worker that ran the trial", "")
-    attempt: int | None = _col("int", "1 for a trial's first run; more when Ray retried it")
+    attempt: int | None = _col(
+        "int",
+        "1 for a trial's first run in its sweep; n when Ray ran it n times (worker or node died)",
+    )
     git_sha: str = _col("str", "commit of vramsweep that ran the trial", "")
     versions: str = _col("str", "JSON: python and package versions", "")
     started_at: str = _col("str", "UTC ISO-8601 start time", "")

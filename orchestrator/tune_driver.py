@@ -48,7 +48,6 @@ def _trainable(config: dict[str, Any], shared: dict[str, Any]) -> None:
     from workers.trial import run_trial
 
     spec = TrialSpec.from_json(config["spec"])
-    attempt = _count_attempt()
     ref = shared.get(shared_key(spec.dataset, spec.dataset_args))
     provider = None if ref is None else lambda: (from_shared(ray.get(ref)), "object_store")
     record = run_trial(
@@ -59,17 +58,7 @@ def _trainable(config: dict[str, Any], shared: dict[str, Any]) -> None:
         exclusive=config["exclusive"],
     )
     record.node_id = ray.get_runtime_context().get_node_id()
-    record.attempt = attempt
     tune.report({"record": record.to_json(), "status": record.status})
-
-
-def _count_attempt() -> int:
-    """1 on a trial's first run, n on its n-th (Tune restarts a failed trial from scratch
-    in the same trial folder, where this count is kept)."""
-    path = Path(tune.get_context().get_trial_dir()) / "attempts"
-    attempt = int(path.read_text()) + 1 if path.is_file() else 1
-    path.write_text(str(attempt))
-    return attempt
 
 
 def gpu_exclusive(gpus_per_trial: float) -> bool | None:
@@ -117,6 +106,7 @@ class _Recorder(tune.Callback):
     def __init__(self, store: RecordStore, total: int, show_progress: bool) -> None:
         self.store = store
         self.written: set[str] = set()
+        self.recovered: dict[str, int] = {}  # Tune trial id -> times it was run again
         self.running = 0
         self.done = 0
         self.bad = 0
@@ -143,11 +133,21 @@ class _Recorder(tune.Callback):
         if "record" not in result:
             return
         record = TrialRecord.from_json(result["record"])
+        record.attempt = self.recovered.get(trial.trial_id, 0) + 1
         self.store.write(record)
         self.written.add(record.trial_id)
         if record.status != "ok":
             self.bad += 1
         log.info("%s %s: %s", record.trial_id, record.spec.label, record.status)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """The trial's worker process or node died: Tune runs it again from scratch."""
+        self.recovered[trial.trial_id] = self.recovered.get(trial.trial_id, 0) + 1
+        log.warning(
+            "%s: its worker or node died; running it again (retry %d)",
+            _trial_name(trial),
+            self.recovered[trial.trial_id],
+        )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running -= 1
@@ -171,17 +171,46 @@ class _Recorder(tune.Callback):
             self.bar.close()
 
 
-def connect(address: str | None = None) -> dict[str, float]:
-    """Start a local Ray (``address=None``) or join a cluster; returns its resources."""
-    if not ray.is_initialized():
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            configure_logging=False,
-        )
-    return ray.cluster_resources()
+@dataclass(frozen=True)
+class Connection:
+    """The Ray cluster a sweep runs on."""
+
+    resources: dict[str, float]  # the cluster's total resources (CPU, GPU, custom)
+    dashboard_url: str  # "" when the dashboard does not run
+
+
+def connect(address: str | None = None, dashboard: bool = False) -> Connection:
+    """Start a local Ray (``address=None``) or join a cluster (``auto``, ``HOST:PORT``,
+    ``ray://HOST:PORT``); a process already connected stays on its Ray. ``dashboard``
+    starts the dashboard of a local Ray."""
+    if address and not ray.is_initialized():
+        _use_token_if_available()
+    context = ray.init(
+        address=address,
+        include_dashboard=dashboard if not address else None,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        configure_logging=False,
+        ignore_reinit_error=True,  # already connected: the context of that connection
+    )
+    url = getattr(context, "dashboard_url", "") or ""
+    url = f"http://{url}" if url and "://" not in url else url
+    return Connection(ray.cluster_resources(), url)
+
+
+def _use_token_if_available() -> None:
+    """Join with token authentication when this machine has the cluster's token.
+
+    A head started by ``ray start`` turns token authentication on by itself when a
+    token exists (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN[_PATH]``), but a process that
+    joins it does so only in token mode. This is the head's own rule, applied to the
+    driver; an explicit ``RAY_AUTH_MODE`` is left as it is.
+    """
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def check_resources(resources: Resources, cluster: dict[str, float]) -> None:
@@ -206,6 +235,7 @@ def run_sweep(
     name: str,
     energy: dict[str, Any] | None = None,
     address: str | None = None,
+    dashboard: bool = False,
     show_progress: bool = True,
 ) -> SweepOutcome:
     """Run ``specs`` through Ray Tune, writing one record per trial into ``store``.
@@ -213,7 +243,13 @@ def run_sweep(
     ``energy`` is the grid's ``energy:`` section (the meter each trial uses)."""
     if not specs:
         return SweepOutcome(0, 0, 0, 0.0)
-    check_resources(resources, connect(address))
+    connection = connect(address, dashboard)
+    check_resources(resources, connection.resources)
+    if connection.dashboard_url:
+        print(
+            f"Ray dashboard: {connection.dashboard_url} (token authentication: "
+            "`ray get-auth-token` prints the token)"
+        )
     storage = (
         store.output + "/_tune" if store.is_uri else str(Path(store.output).resolve() / "_tune")
     )
@@ -243,7 +279,7 @@ def run_sweep(
             storage_path=storage,
             callbacks=[recorder],
             verbose=0,
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=resources.max_retries),
         ),
     )
     start = time.perf_counter()
