@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint clean
+.PHONY: demo test test-all lint clean chromium
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,10 +15,21 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 demo: $(VENV)/.installed
 	$(BIN)/orchestrate grid/smoke.yaml
 
-test: $(VENV)/.installed
+# tests/orchestrator/test_report.py opens the HTML report in headless Chromium: Debian's
+# `chromium`, installed here when missing (apt, as root or through sudo). If it cannot be
+# installed, the other tests still run and that test fails saying how to get it.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ echo "installing Debian's chromium (headless browser for the report test)" && \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	echo "warning: could not install chromium: tests/orchestrator/test_report.py will fail"
+
+test: $(VENV)/.installed chromium
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.installed chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

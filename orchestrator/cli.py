@@ -26,7 +26,7 @@ from orchestrator import pareto
 from orchestrator.expansion import expand
 from orchestrator.grid import Grid, GridError, load_grid
 from orchestrator.records import RecordStore, describe_schema
-from orchestrator.report import write_report
+from orchestrator.report import front_display, front_summary, write_report
 from orchestrator.spec import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -278,13 +278,18 @@ def _print_quarantined(store: RecordStore) -> None:
 
 
 def _print_front(frame: pd.DataFrame) -> None:
-    front = pareto.front_table(frame)
+    """Per dataset, the Pareto front of accuracy and peak memory over the seed means."""
+    fronts = pareto.dataset_fronts(pareto.aggregate_seeds(frame), pareto.BASE_OBJECTIVES)
     print(
-        f"\nPareto front ({', '.join(pareto.objectives_for(frame))}) "
-        f"of {len(frame)} trials, status {pareto.status_counts(frame)}:"
+        f"\nPareto front (accuracy max, peak memory min; mean ± std over seeds) of "
+        f"{len(frame)} trials, status {pareto.status_counts(frame)}:"
     )
-    with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
-        print(front.to_string(index=False) if not front.empty else "(no ok trial)")
+    with pd.option_context("display.width", 200, "display.max_colwidth", 80):
+        for front in fronts:
+            print(f"\n{front.dataset}: {front_summary(front)}")
+            print(front_display(front).to_string(index=False))
+    if not fronts:
+        print("(no ok trial)")
 
 
 COMMANDS = {

@@ -103,7 +103,9 @@ def netscore(
     for x, exponent in zip(slots, (alpha, -beta, -gamma), strict=True):
         if exponent != 0:
             positive = x > 0
-            total = total + np.where(positive, exponent * np.log10(np.where(positive, x, 1.0)), np.nan)
+            total = total + np.where(
+                positive, exponent * np.log10(np.where(positive, x, 1.0)), np.nan
+            )
     return 20.0 * total
 
 
@@ -150,7 +152,7 @@ def netscores(
         if accuracy.isna().all():
             absent.insert(0, "accuracy")
         if absent:
-            skipped[name] = f"no value of {', '.join(absent)} in these records"
+            skipped[name] = f"no {', '.join(absent)}"
             log.info("NetScore variant %s skipped: %s", name, skipped[name])
             continue
         size = _column(df, variant.size.column) / variant.size.scale

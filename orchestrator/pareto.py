@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
 
@@ -160,13 +160,22 @@ def _non_dominated_3d(v: np.ndarray) -> np.ndarray:
 
 
 def _pairwise_non_dominated(v: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """O(n^2 k) pairwise comparison of minimising ``v``, a block of rows at a time."""
-    mask = np.ones(len(v), dtype=bool)
-    for start in range(0, len(v), chunk):
-        block = v[start : start + chunk, None, :]
-        no_worse = np.all(v[None, :, :] <= block, axis=2)
-        better = np.any(v[None, :, :] < block, axis=2)
-        mask[start : start + chunk] = ~np.any(no_worse & better, axis=1)
+    """O(n^2 k) pairwise comparison of minimising ``v``, a block of rows against all rows.
+
+    Column by column, so every comparison is a contiguous vector operation.
+    """
+    n = len(v)
+    columns = [np.ascontiguousarray(v[:, j]) for j in range(v.shape[1])]
+    mask = np.ones(n, dtype=bool)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        no_worse = np.ones((stop - start, n), dtype=bool)
+        better = np.zeros((stop - start, n), dtype=bool)
+        for col in columns:
+            block = col[start:stop, None]
+            no_worse &= col[None, :] <= block
+            better |= col[None, :] < block
+        mask[start:stop] = ~np.any(no_worse & better, axis=1)
     return mask
 
 
@@ -184,7 +193,10 @@ def default_reference(values: np.ndarray, senses: Sequence[str]) -> np.ndarray:
     v = np.asarray(values, dtype=float)
     worst = v.max(axis=0) if len(v) else np.zeros(len(senses))
     return np.array(
-        [0.0 if s == "max" else (1.0 + REFERENCE_MARGIN) * w for s, w in zip(senses, worst)]
+        [
+            0.0 if s == "max" else (1.0 + REFERENCE_MARGIN) * w
+            for s, w in zip(senses, worst, strict=True)
+        ]
     )
 
 
@@ -336,6 +348,8 @@ def front_table(df: pd.DataFrame, objectives: Mapping[str, str] | None = None) -
             "accuracy",
             "peak_mem_mb",
             "energy_j",
+            "energy_source",  # says when the energy is estimated
+            "energy_exclusive",  # False: a share of a shared GPU's energy
             "train_time_s",
             "params_trainable",
         )
@@ -360,8 +374,9 @@ def aggregate_seeds(df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame
 
     Averages the ``MEASURES`` present and the numeric columns named in ``extra``.
     ``seeds`` counts the ok seeds, ``trials`` every trial of the configuration;
-    ``energy_source`` joins the seeds' meters and ``energy_exclusive`` is False when
-    any seed shared its GPU. A single seed has no std (NaN).
+    ``energy_source`` joins the seeds' meters, ``energy_exclusive`` is False when any
+    seed shared its GPU and ``energy_estimated`` True when any seed's energy is an
+    estimate (None: unknown). A single seed has no std (NaN).
     """
     keys = [c for c in CONFIG_COLUMNS if c in df]
     measures = [c for c in (*MEASURES, *extra) if c in df]
@@ -380,12 +395,18 @@ def aggregate_seeds(df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame
             lambda s: ",".join(sorted({str(v) for v in s.dropna() if v}))
         )
     if "energy_exclusive" in ok:
-        out["energy_exclusive"] = groups["energy_exclusive"].agg(
-            lambda s: None if s.isna().all() else bool(s.dropna().astype(bool).all())
-        )
+        out["energy_exclusive"] = groups["energy_exclusive"].agg(lambda s: _known(s, all))
+    if "energy_estimated" in ok:
+        out["energy_estimated"] = groups["energy_estimated"].agg(lambda s: _known(s, any))
     out = out.reset_index()
     out.insert(len(keys), "config", [config_label(r) for r in out[keys].to_dict("records")])
     return out
+
+
+def _known(flags: pd.Series, combine: Callable[[Iterable[bool]], bool]) -> bool | None:
+    """``combine`` (all / any) of the known flags; None when none is known."""
+    known = flags.dropna()
+    return None if known.empty else combine(bool(v) for v in known)
 
 
 @dataclass(frozen=True)
@@ -394,8 +415,9 @@ class Front:
 
     ``table`` holds every candidate configuration (ok, every objective measured) with
     boolean ``pareto`` and ``knee`` columns and the index of the input table, front
-    first (best on the first objective first). ``reference`` is the point the hypervolume is measured from, in the
-    objectives' units; ``knee`` is the knee row's ``config`` (2-D fronts only).
+    first (best on the first objective first). ``reference`` is the point the
+    hypervolume is measured from, in the objectives' units; ``knee`` is the knee row's
+    ``config`` (2-D fronts only).
     """
 
     dataset: str

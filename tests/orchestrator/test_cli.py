@@ -85,8 +85,10 @@ def test_report_from_records(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "status {'ok': 3, 'failed': 1}" in out
     md = (tmp_path / "report.md").read_text()
-    front = md.split("## Pareto front")[1].split("##")[0]
-    assert "0.9" in front and "0.8" in front and "0.7" not in front
+    # the front is taken over seed means: one configuration, 0.8 ± 0.1 at 33.33 MiB
+    front = md.split("## Pareto analysis")[1].split("### ")[1]
+    assert "0.8 ± 0.1" in front and "33.33" in front and "0.9" not in front
+    assert "1 of 1 configurations on the front" in out and "0.8 ± 0.1" in out
     html = (tmp_path / "report.html").read_text()
     assert "RuntimeError: boom" in html  # failures are shown, not hidden
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
