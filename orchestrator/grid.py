@@ -59,7 +59,10 @@ class Resources:
     """How trials are scheduled (see ``orchestrator.tune_driver``)."""
 
     cpus_per_trial: int = 1  # also the trial's torch thread count
-    gpus_per_trial: float = 0.0  # fraction of a GPU per trial (0 on CPU-only machines)
+    # GPUs per trial: a number (0 on CPU-only machines; a fraction packs trials on a GPU)
+    # or "auto": the largest 1/k such that k trials' budgets plus their CUDA contexts
+    # (measured on a GPU node) fit in one GPU's memory; 0 where the cluster has no GPU
+    gpus_per_trial: float | str = 0.0
     max_concurrent: int = 2  # trials running at once
     # a trial whose worker process or node dies is run again (from scratch) this many
     # times; a trial that fails inside (an exception, an OOM) is a record, not retried
@@ -69,9 +72,9 @@ class Resources:
         if not is_int(self.cpus_per_trial) or self.cpus_per_trial < 1:
             raise ValueError(f"cpus_per_trial must be an integer >= 1, got {self.cpus_per_trial!r}")
         gpus = self.gpus_per_trial
-        if not is_number(gpus) or gpus < 0:
-            raise ValueError(f"gpus_per_trial must be a number >= 0, got {gpus!r}")
-        if gpus > 1 and gpus != int(gpus):
+        if gpus != "auto" and (not is_number(gpus) or gpus < 0):
+            raise ValueError(f"gpus_per_trial must be a number >= 0 or 'auto', got {gpus!r}")
+        if gpus != "auto" and gpus > 1 and gpus != int(gpus):
             raise ValueError(f"gpus_per_trial above 1 must be whole, got {gpus!r}")
         if not is_int(self.max_concurrent) or self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}")

@@ -69,6 +69,9 @@ class TrialRecord:
     train_time_s: float | None = _col("float", "wall time of the training loop, s")
     eval_time_s: float | None = _col("float", "wall time of the evaluation, s")
     throughput_img_s: float | None = _col("float", "training images/s, first step excluded")
+    first_step_s: float | None = _col(
+        "float", "from the trial's start (data, model, method) to the end of its first step, s"
+    )
     steps: int | None = _col("int", "optimizer steps taken")
     # memory
     peak_mem_mb: float | None = _col("float", "peak memory by the meter in mem_source, MiB")
@@ -302,7 +305,8 @@ class RecordStore:
         return path
 
     def write_bytes_at(self, path: str, data: bytes) -> None:
-        if self.is_uri:
+        if self.is_uri:  # an object store's put is atomic (file:// URIs, for tests, are not)
+            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             with self._fs.open_output_stream(path) as out:
                 out.write(data)
             return

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,10 +55,36 @@ def _trainable(config: dict[str, Any], shared: dict[str, Any]) -> None:
         num_threads=config["threads"],
         data=provider,
         energy=EnergyConfig(**config["energy"]),
-        exclusive=config["exclusive"],
+        exclusive=gpu_exclusive(config["gpus"][str(spec.budget_mb)]),
+        progress=LiveMetrics(spec),
     )
     record.node_id = ray.get_runtime_context().get_node_id()
     tune.report({"record": record.to_json(), "status": record.status})
+
+
+class LiveMetrics:
+    """A trial's live figures as Ray metrics (gauges tagged with the trial id and its
+    label), shown by the Ray dashboard's metrics view (Prometheus + Grafana)."""
+
+    DESCRIPTIONS = {
+        "step": "optimizer steps taken",
+        "loss": "training loss of the last step",
+        "peak_mem_mb": "peak memory so far, MiB (CUDA allocator, or accounted on CPU)",
+        "energy_j": "energy of the training loop so far, J",
+    }
+
+    def __init__(self, spec: TrialSpec) -> None:
+        from ray.util.metrics import Gauge
+
+        self.tags = {"trial_id": spec.trial_id, "trial": spec.label}
+        self.gauges = {
+            name: Gauge(f"vramsweep_trial_{name}", description=doc, tag_keys=tuple(self.tags))
+            for name, doc in self.DESCRIPTIONS.items()
+        }
+
+    def __call__(self, figures: dict[str, float]) -> None:
+        for name, value in figures.items():
+            self.gauges[name].set(float(value), tags=self.tags)
 
 
 def gpu_exclusive(gpus_per_trial: float) -> bool | None:
@@ -67,6 +93,52 @@ def gpu_exclusive(gpus_per_trial: float) -> bool | None:
     if gpus_per_trial <= 0:
         return None
     return gpus_per_trial >= 1
+
+
+def gpu_share(budget_mb: float, gpu_mb: float, context_mb: float) -> float:
+    """GPUs for one trial: 1/k for the largest k such that k trials, each with its
+    memory budget and its own CUDA context, fit in one GPU's memory.
+
+    Example: a 2048 MiB budget and a 500 MiB context on an 80 GiB GPU: 1/32.
+    """
+    per_trial = budget_mb + context_mb
+    k = int(gpu_mb // per_trial)
+    if k < 1:
+        raise ValueError(
+            f"a trial needs {per_trial:.0f} MiB (budget {budget_mb:g} + CUDA context "
+            f"{context_mb:.0f}) but a GPU of this cluster has {gpu_mb:.0f} MiB"
+        )
+    return 1.0 / k
+
+
+@ray.remote(num_gpus=1, num_cpus=0)
+def _probe_gpu() -> tuple[float, float]:
+    """On a GPU node: (GPU memory, CUDA context of a process), MiB."""
+    from workers.memory import cuda_context_probe
+
+    return cuda_context_probe()
+
+
+def gpus_per_budget(
+    budgets_mb: set[float],
+    resources: Resources,
+    energy: dict[str, Any],
+    cluster_gpus: float,
+    probe: Callable[[], tuple[float, float]] | None = None,
+) -> dict[str, float]:
+    """GPUs each trial asks for, by its budget (``str(budget_mb)``): the grid's number;
+    for ``auto``, packed by ``gpu_share`` from ``probe`` (default: ``_probe_gpu`` on a
+    GPU node; 0 without GPUs); a whole GPU when the grid asks for exclusive energy."""
+    if energy.get("exclusive") and cluster_gpus:
+        return {str(b): 1.0 for b in budgets_mb}
+    if resources.gpus_per_trial != "auto":
+        return {str(b): float(resources.gpus_per_trial) for b in budgets_mb}
+    if not cluster_gpus:
+        return {str(b): 0.0 for b in budgets_mb}
+    gpu_mb, context_mb = probe() if probe else ray.get(_probe_gpu.remote())
+    shares = {str(b): gpu_share(b, gpu_mb, context_mb) for b in budgets_mb}
+    log.info("GPU %.0f MiB, CUDA context %.0f MiB: GPUs per trial %s", gpu_mb, context_mb, shares)
+    return shares
 
 
 def share_datasets(specs: Sequence[TrialSpec]) -> dict[str, Any]:
@@ -220,7 +292,7 @@ def check_resources(resources: Resources, cluster: dict[str, float]) -> None:
             f"resources.cpus_per_trial={resources.cpus_per_trial} but the Ray cluster has "
             f"{cluster.get('CPU', 0):g} CPUs"
         )
-    if resources.gpus_per_trial > cluster.get("GPU", 0):
+    if resources.gpus_per_trial != "auto" and resources.gpus_per_trial > cluster.get("GPU", 0):
         raise ValueError(
             f"resources.gpus_per_trial={resources.gpus_per_trial:g} but the Ray cluster has "
             f"{cluster.get('GPU', 0):g} GPUs"
@@ -253,18 +325,25 @@ def run_sweep(
     storage = (
         store.output + "/_tune" if store.is_uri else str(Path(store.output).resolve() / "_tune")
     )
+    energy = dict(energy or {})
+    gpus = gpus_per_budget(
+        {s.budget_mb for s in specs}, resources, energy, connection.resources.get("GPU", 0)
+    )
     recorder = _Recorder(store, len(specs), show_progress)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, shared=share_datasets(specs)),
-        {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial},
+        lambda config: {
+            "cpu": resources.cpus_per_trial,
+            "gpu": config["gpus"][str(TrialSpec.from_json(config["spec"]).budget_mb)],
+        },
     )
     tuner = tune.Tuner(
         trainable,
         param_space={
             "spec": tune.grid_search([s.to_json() for s in specs]),
             "threads": resources.cpus_per_trial,
-            "energy": dict(energy or {}),
-            "exclusive": gpu_exclusive(resources.gpus_per_trial),
+            "energy": energy,
+            "gpus": gpus,
         },
         tune_config=tune.TuneConfig(
             max_concurrent_trials=resources.max_concurrent,

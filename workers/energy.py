@@ -101,6 +101,9 @@ class EnergyConfig:
     # TDP / cores for a closer estimate.
     watts_per_core: float = 12.0
     powercap_root: str = "/sys/class/powercap"  # where RAPL zones live (containers may move it)
+    # schedule every trial on a whole GPU, so that the energy of its device is its own
+    # (otherwise trials packed on a GPU record their energy as a share)
+    exclusive: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -114,6 +117,8 @@ class EnergyConfig:
             )
         if not _is_number(self.watts_per_core) or self.watts_per_core <= 0:
             problems.append(f"watts_per_core must be a number > 0, got {self.watts_per_core!r}")
+        if not isinstance(self.exclusive, bool):
+            problems.append(f"exclusive must be true or false, got {self.exclusive!r}")
         if not isinstance(self.powercap_root, str) or not self.powercap_root:
             problems.append(f"powercap_root must be a folder path, got {self.powercap_root!r}")
         if problems:
@@ -192,6 +197,16 @@ class EnergyMeter(ABC):
             estimated=self.estimated,
             fallback=self.fallback,
         )
+
+    def so_far(self) -> float:
+        """J since ``begin_window()`` without ending the window (a live figure for
+        progress displays: no device sync, and polled meters lag by their period);
+        0 when no window is open."""
+        return self._so_far() if self.window_open else 0.0
+
+    @abstractmethod
+    def _so_far(self) -> float:
+        """Energy of the open window up to now, J."""
 
     @abstractmethod
     def _begin(self) -> None:
@@ -333,6 +348,9 @@ class NvmlEnergyMeter(EnergyMeter):
             self._gpu.close()
             raise
 
+    def _so_far(self) -> float:
+        return (self._gpu.energy_mj() - self._start_mj) % NVML_COUNTER_MODULUS / 1000.0
+
     def _end(self) -> tuple[float, bool | None]:
         try:
             delta_mj = (self._gpu.energy_mj() - self._start_mj) % NVML_COUNTER_MODULUS
@@ -386,6 +404,9 @@ class NvmlPowerMeter(EnergyMeter):
             self._gpu.close()
             raise
         self._poller = _Poller(self._sample, self._interval, name="nvml-power-poller")
+
+    def _so_far(self) -> float:
+        return trapezoid(list(self._samples))  # a copy: the poller appends meanwhile
 
     def _end(self) -> tuple[float, bool | None]:
         assert self._poller is not None
@@ -535,6 +556,10 @@ class RaplMeter(EnergyMeter):
                 zone.start()
         self._poller = _Poller(self.sample, self._poll_s, name="rapl-poller")
 
+    def _so_far(self) -> float:
+        with self._lock:  # as of the poller's last reading
+            return sum(z.total_uj for z in self._zones) / 1e6
+
     def _end(self) -> tuple[float, bool | None]:
         assert self._poller is not None
         try:
@@ -576,8 +601,11 @@ class EstimateMeter(EnergyMeter):
     def _begin(self) -> None:
         self._cpu0 = self._cpu_clock()
 
+    def _so_far(self) -> float:
+        return (self._cpu_clock() - self._cpu0) * self._watts_per_core
+
     def _end(self) -> tuple[float, bool | None]:
-        return (self._cpu_clock() - self._cpu0) * self._watts_per_core, None
+        return self._so_far(), None
 
 
 # ---------------------------------------------------------------- registry and selection

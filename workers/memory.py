@@ -229,3 +229,25 @@ def nvml_process_mb(device: torch.device, pid: int | None = None) -> float | Non
     except pynvml.NVMLError as exc:
         log.info("NVML unavailable: %s", exc)
         return None
+
+
+# CUDA context of a process when NVML cannot measure it (CUDA 12-13 on recent GPUs
+# take 300-600 MiB: kernels of torch and cuBLAS/cuDNN handles)
+DEFAULT_CONTEXT_MB = 512.0
+
+
+def cuda_context_probe() -> tuple[float, float]:
+    """(total memory of GPU 0, memory its CUDA context takes in this process), MiB.
+
+    Runs on a GPU node before a sweep (the scheduler packs trials by it): the context
+    is created by a one-element allocation, then measured by NVML for this process
+    (allocator bytes excluded); ``DEFAULT_CONTEXT_MB`` where NVML cannot tell.
+    """
+    device = torch.device("cuda", 0)
+    probe = torch.zeros(1, device=device)
+    total = torch.cuda.get_device_properties(device).total_memory / MB
+    used = nvml_process_mb(device)
+    reserved = torch.cuda.memory_reserved(device) / MB
+    del probe
+    context = used - reserved if used is not None else DEFAULT_CONTEXT_MB
+    return total, max(context, 0.0)

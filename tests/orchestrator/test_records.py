@@ -222,3 +222,20 @@ def test_unreadable_record_is_named_quarantined_and_run_again(
     assert main(["collect", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert f"unreadable record {path.name}" in err and "1 record(s) quarantined" in err
+
+
+def test_uri_output_goes_through_pyarrow_filesystems(tmp_path: Path) -> None:
+    """s3:// and gs:// outputs use the same pyarrow-filesystem path as file:// here."""
+    store = RecordStore(f"file://{tmp_path}/sweep")
+    assert store.is_uri
+    a, b = _record(seed=0), _record(seed=1)
+    store.write(a)
+    store.write(b)
+    assert store.existing_ids() == {a.trial_id, b.trial_id}
+    assert store.read_record(a.trial_id).spec == a.spec
+    Path(store.path_of(b.trial_id)).write_bytes(b"PAR1 torn")  # the same files, locally
+    assert store.collect()["trial_id"].tolist() == [a.trial_id]
+    assert [q[0] for q in store.quarantined] == [f"{b.trial_id}.parquet"]
+    assert len(list((tmp_path / "sweep" / "quarantine").iterdir())) == 1
+    store.write_bytes("report.md", b"# r")
+    assert (tmp_path / "sweep" / "report.md").read_bytes() == b"# r"

@@ -183,6 +183,24 @@ def test_nvml_counter_delta_in_joules_after_sync(
     assert nvml.inits == 0  # NVML is shut down again after the window
 
 
+def test_live_reading_of_an_open_window(
+    nvml: types.ModuleType, gpu: FakeGpu, sync: Any, tmp_path: Path
+) -> None:
+    meter = select_meter(no_rapl(tmp_path), "cuda:0", sync=sync)
+    assert meter.so_far() == 0.0  # no window
+    gpu.energy_mj = 2**64 - 500
+    meter.begin_window()
+    gpu.energy_mj = 300
+    assert meter.so_far() == pytest.approx(0.8)  # across the wrap, window still open
+    gpu.energy_mj = 700
+    assert meter.end_window().joules == pytest.approx(1.2)
+    cpu = iter([10.0, 12.0, 13.0])
+    estimate = EstimateMeter(5.0, sync=lambda: None, cpu_clock=lambda: next(cpu))
+    estimate.begin_window()
+    assert estimate.so_far() == pytest.approx(10.0)
+    assert estimate.end_window().joules == pytest.approx(15.0)
+
+
 def test_nvml_counter_wraps_around_unsigned_64_bit(
     nvml: types.ModuleType, gpu: FakeGpu, sync: Any, tmp_path: Path
 ) -> None:
