@@ -329,9 +329,10 @@ def run_sweep(
     gpus = gpus_per_budget(
         {s.budget_mb for s in specs}, resources, energy, connection.resources.get("GPU", 0)
     )
+    shared = share_datasets(specs)
     recorder = _Recorder(store, len(specs), show_progress)
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, shared=share_datasets(specs)),
+        tune.with_parameters(_trainable, shared=shared),
         lambda config: {
             "cpu": resources.cpus_per_trial,
             "gpu": config["gpus"][str(TrialSpec.from_json(config["spec"]).budget_mb)],
