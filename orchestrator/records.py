@@ -54,6 +54,11 @@ class TrialRecord:
     val_accuracy: float | None = _col(
         "float", "top-1 accuracy on the validation split (dataset option val_fraction)"
     )
+    generation_accuracy: float | None = _col(
+        "float",
+        "vlm_prompt baselines: share of test images whose greedy free answer, normalised, "
+        "names the true class",
+    )
     loss: float | None = _col("float", "mean cross-entropy on the held-out split")
     train_loss: float | None = _col("float", "mean training loss of the last epoch")
     # data

@@ -36,6 +36,7 @@ from orchestrator.records import TrialRecord
 from orchestrator.spec import TrialSpec
 from workers import memory
 from workers.backbones import classifier_name, create_backbone, input_size
+from workers.baselines import BaselineContext, run_baseline
 from workers.checkpoint_plan import Infeasible
 from workers.checkpointing import Checkpointer, block_modes, find_blocks
 from workers.cost import forward_macs, inference_cost
@@ -58,6 +59,10 @@ MB = memory.MB
 # Hands a trial its decoded dataset (all images, before the spec's subset/validation
 # options) and says where it came from: the Ray object store, a cache, a decode.
 DataProvider = Callable[[], tuple[ImageData, str]]
+# Receives a trial's live figures (step, loss, peak_mem_mb, energy_j so far) about
+# once per PROGRESS_INTERVAL_S while it trains, and once more at the end.
+ProgressSink = Callable[[dict[str, float]], None]
+PROGRESS_INTERVAL_S = 2.0
 
 
 def run_trial(
@@ -67,6 +72,7 @@ def run_trial(
     data: ImageData | DataProvider | None = None,
     energy: EnergyConfig | None = None,
     exclusive: bool | None = None,
+    progress: ProgressSink | None = None,
 ) -> TrialRecord:
     """Train and evaluate ``spec``; every outcome is a record.
 
@@ -74,8 +80,9 @@ def run_trial(
     the trials packed beside it). ``data`` is the decoded dataset when the caller has
     it (in memory, or a provider that fetches it from a shared store); None loads it.
     ``energy`` chooses the energy meter (default: the first available); ``exclusive``
-    is the scheduler's word on whether the trial holds its device alone. Neither
-    changes what the trial computes, so neither is part of the spec.
+    is the scheduler's word on whether the trial holds its device alone; ``progress``
+    receives live figures while a fine-tuning trial trains. None of them changes what
+    the trial computes, so none is part of the spec.
 
     Example:
         >>> record = run_trial(TrialSpec(backbone="vit_test", dataset="digits"))
@@ -91,9 +98,10 @@ def run_trial(
         if device.type == "cuda":
             memory.configure_cuda_allocator()  # before this process's first allocation
         record.device = _device_name(device)
-        if spec.kind != "finetune":
-            raise NotImplementedError(f"trial kind {spec.kind!r} has no runner in this worker")
-        _finetune(spec, device, record, data, energy or EnergyConfig(), exclusive)
+        if spec.kind == "baseline":
+            _baseline(spec, device, record, data, energy or EnergyConfig(), exclusive)
+        else:
+            _finetune(spec, device, record, data, energy or EnergyConfig(), exclusive, progress)
         record.status = "ok"
     except memory.OverBudget as exc:
         record.status, record.error = "over_budget", str(exc)
@@ -125,7 +133,9 @@ def _finetune(
     data: ImageData | DataProvider | None,
     energy: EnergyConfig,
     exclusive: bool | None,
+    progress: ProgressSink | None,
 ) -> None:
+    t_trial = time.perf_counter()
     _seed_everything(spec.seed)
     data = _data(spec, device, record, data)
     train = spec.train
@@ -176,7 +186,18 @@ def _finetune(
     step, images_after_first, losses, recheck = 0, 0, [], False
     _sync(device)
     t_start = time.perf_counter()
-    t_first = t_start
+    t_first = t_reported = t_start
+
+    def report() -> None:
+        assert progress is not None
+        peak = record.accounted_peak_mb
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / MB
+        progress(
+            {"step": step, "loss": losses[-1], "peak_mem_mb": peak or 0.0,
+             "energy_j": energy_meter.so_far()}
+        )  # fmt: skip
+
     try:
         while step < total_steps:
             losses = []
@@ -203,10 +224,16 @@ def _finetune(
                 if step == 1:  # warm-up (first-step allocations, profiling) is not measured
                     energy_meter.begin_window()
                     t_first = time.perf_counter()
+                    record.first_step_s = t_first - t_trial
                 else:
                     images_after_first += len(yb)
+                if progress and time.perf_counter() - t_reported >= PROGRESS_INTERVAL_S:
+                    report()
+                    t_reported = time.perf_counter()
                 if step >= total_steps:
                     break
+        if progress and step:
+            report()
         if energy_meter.window_open:
             _fill_energy(record, energy_meter.end_window())
     finally:  # also on an oom / over_budget record: what ran, and under which plan
@@ -395,6 +422,60 @@ def _evaluate(
         correct5 += (topk == yb[:, None]).any(dim=1).sum().item()
     n = len(y)
     return correct1 / n, correct5 / n, loss_sum / n
+
+
+def _baseline(
+    spec: TrialSpec,
+    device: torch.device,
+    record: TrialRecord,
+    data: ImageData | DataProvider | None,
+    energy: EnergyConfig,
+    exclusive: bool | None,
+) -> None:
+    """A training-free baseline (``workers.baselines``) under the trial's cap and meters.
+
+    ``train_time_s`` (and the energy window, with ``eval_time_s``) start after the model
+    is loaded: feature extraction and fitting, then the test images. ``params_trainable``
+    counts what is fitted on the data (a linear probe's weights), 0 for the others. On
+    CPU the accounted peak is the model, the largest input batch and the features,
+    embeddings or key/value caches the baseline holds.
+    """
+    _seed_everything(spec.seed)
+    data = _data(spec, device, record, data)
+    _apply_cap(spec, device, record)
+    meter = select_meter(energy, device, exclusive=exclusive)
+    record.energy_source = "unavailable"  # until a window is measured
+    ctx = BaselineContext(
+        dataset=spec.dataset,
+        device=device,
+        batch_size=spec.train.eval_batch_size,
+        precision=spec.train.precision,
+        autocast=_autocast(spec.train.precision, device),
+        seed=spec.seed,
+        meter=meter,
+    )
+    try:
+        result = run_baseline(spec.baseline, spec.baseline_args, spec.backbone, data, ctx)
+    finally:
+        if meter.window_open:  # a failure inside: stop the meter's poller
+            meter.end_window()
+    if result.energy is not None:
+        _fill_energy(record, result.energy)
+    record.accuracy, record.top5_accuracy = result.accuracy, result.top5_accuracy
+    record.val_accuracy = result.val_accuracy
+    record.params_total, record.params_trainable = result.params_total, result.params_trainable
+    record.macs = result.macs
+    record.train_time_s, record.eval_time_s = result.train_time_s, result.eval_time_s
+    record.params_mb, record.batch_mb = result.params_bytes / MB, result.batch_bytes / MB
+    accounted = result.params_bytes + result.batch_bytes + result.work_bytes
+    record.accounted_peak_mb = accounted / MB
+    record.generation_accuracy = result.generation_accuracy
+    if device.type == "cuda":
+        _fill_cuda_peaks(record, device)
+        return
+    record.peak_mem_mb = record.accounted_peak_mb
+    if accounted > spec.budget_mb * MB:
+        raise memory.OverBudget(record.accounted_peak_mb, spec.budget_mb)
 
 
 # ---------------------------------------------------------------- pieces

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -123,6 +124,24 @@ def test_energy_config_reaches_the_meter(synthetic_data: ImageData, tmp_path: Pa
     assert rec.energy_source == "estimated" and "rapl: " in rec.energy_fallback
 
 
+def test_live_progress_while_training(
+    synthetic_data: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trial_module, "PROGRESS_INTERVAL_S", 0.0)  # every step
+    seen: list[dict[str, float]] = []
+    spec = _spec(train=TrainConfig(epochs=1, batch_size=16, max_steps=5))
+    rec = run_trial(spec, data=synthetic_data, progress=seen.append)
+    assert rec.status == "ok", rec.error
+    steps = [p["step"] for p in seen]
+    assert steps[:-1] == [1, 2, 3, 4, 5] and steps[-1] == 5  # and once more at the end
+    energy = [p["energy_j"] for p in seen]
+    assert energy == sorted(energy) and energy[-1] <= rec.energy_j
+    assert all(p["peak_mem_mb"] == pytest.approx(rec.accounted_peak_mb) for p in seen)
+    assert all(p["loss"] > 0 for p in seen)
+    wall = dt.datetime.fromisoformat(rec.ended_at) - dt.datetime.fromisoformat(rec.started_at)
+    assert rec.data_wait_s < rec.first_step_s < wall.total_seconds()
+
+
 def test_same_spec_same_result(synthetic_data: ImageData) -> None:
     a = run_trial(_spec(method="lora", seed=3), data=synthetic_data)
     b = run_trial(_spec(method="lora", seed=3), data=synthetic_data)
@@ -166,11 +185,11 @@ def test_missing_cuda_is_a_failed_record(
     assert rec.status == "failed" and "no CUDA device is visible" in rec.error
 
 
-def test_baseline_kind_without_runner_fails_cleanly(synthetic_data: ImageData) -> None:
+def test_baseline_without_a_model_fails_cleanly(synthetic_data: ImageData) -> None:
     rec = run_trial(
         TrialSpec(kind="baseline", baseline="dinov2_knn", dataset="synthetic"), data=synthetic_data
     )
-    assert rec.status == "failed" and "no runner" in rec.error
+    assert rec.status == "failed" and "needs a model" in rec.error
 
 
 # ---------------------------------------------------------------- adaptive checkpointing
