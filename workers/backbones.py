@@ -5,6 +5,8 @@ builder. Real variants load pretrained weights the ordinary way (timm hub id, or
 local ``.pth``/``.safetensors`` file given as ``pretrained:`` in the grid, always
 with ``weights_only`` loading); tiny variants (``*_test``) share the same code with
 small dimensions so that every method x checkpointing combination runs on a CPU.
+The Mamba backbones (Vim, MambaVision) are our own code (``workers.mamba``), with the
+official parameter names, so that their released weights load.
 
 Example:
     >>> model = create_backbone("vit_test", num_classes=10)
@@ -14,7 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +39,14 @@ TRANSFORMER = "transformer"  # blocks of attention + MLP linear layers over a to
 INVERTED_RESIDUAL = "inverted_residual"  # MobileNet-style depthwise/pointwise conv blocks
 MAMBA = "mamba"  # selective state-space blocks
 FAMILIES = (TRANSFORMER, INVERTED_RESIDUAL, MAMBA)
+
+# What released checkpoints pickle beside their tensors that weights_only loading may
+# rebuild: the training arguments, an argparse Namespace of plain values (the DeiT-style
+# script of hustvl/Vim saves one as "args").
+SAFE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+# Prefixes that a wrapper around the whole model puts on every key: DistributedDataParallel's
+# "module.", and the "model." of Hugging Face remote-code wrappers (nvidia/MambaVision-*).
+WRAPPER_PREFIXES = ("module.", "model.")
 
 
 def family(name: str) -> str:
@@ -139,7 +151,9 @@ def _is_hub_ref(ref: str | None) -> bool:
 def load_pretrained_file(model: nn.Module, path: Path) -> None:
     """Load a local checkpoint into ``model`` (strict, except a head of another size).
 
-    ``weights_only`` loading: a checkpoint that needs arbitrary pickled objects is refused.
+    ``weights_only`` loading: a checkpoint that needs pickled objects other than tensors
+    and ``SAFE_CHECKPOINT_GLOBALS`` is refused. A training checkpoint's model entry is
+    taken, and a wrapper's key prefix (``WRAPPER_PREFIXES``) removed.
     """
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights not found: {path}")
@@ -148,11 +162,13 @@ def load_pretrained_file(model: nn.Module, path: Path) -> None:
 
         state = load_file(str(path), device="cpu")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     own = model.state_dict()
+    state = _without_wrapper_prefix(state, own)
     head = classifier_name(model)
     dropped = [
         k
@@ -169,6 +185,48 @@ def load_pretrained_file(model: nn.Module, path: Path) -> None:
             f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}"
         )
     log.info("loaded %s (%d tensors, head re-initialised: %s)", path, len(state), bool(dropped))
+
+
+def _without_wrapper_prefix(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without the prefix that every one of its keys has and none of ``own``'s."""
+    for prefix in WRAPPER_PREFIXES:
+        if (
+            state
+            and all(k.startswith(prefix) for k in state)
+            and not any(k.startswith(prefix) for k in own)
+        ):
+            return {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def _mamba_backbone(
+    model_cls: Callable[..., nn.Module],
+    config: BackboneConfig,
+    num_classes: int,
+    native_size: int,
+    hub: tuple[str, str] | None = None,
+    **model_args: Any,
+) -> nn.Module:
+    """One of our Mamba models at the config's resolution, optional weights, fresh head.
+
+    ``hub``: (repository, file) of the variant's released weights, for ``pretrained: hub``;
+    ``hf-hub:org/name[/file]`` names another repository (``workers.mamba.hub.resolve``).
+    """
+    from workers.mamba import hub as mamba_hub
+
+    size = config.img_size or native_size
+    model = model_cls(
+        img_size=size, num_classes=num_classes, drop_path_rate=config.drop_path_rate, **model_args
+    )
+    released = mamba_hub.HubWeights(*hub) if hub else None
+    if released:
+        model.pretrained_cfg.update(hf_hub_id=released.repo, hf_hub_filename=released.filename)
+    if config.pretrained:
+        ref = config.pretrained
+        is_hub = ref == "hub" or ref.startswith(mamba_hub.HUB_PREFIX)
+        path = mamba_hub.download(mamba_hub.resolve(ref, released)) if is_hub else Path(ref)
+        load_pretrained_file(model, path)
+    return model
 
 
 # ---------------------------------------------------------------- variants
@@ -286,3 +344,65 @@ def mobilenetv3_test(config: BackboneConfig, num_classes: int) -> nn.Module:
     return _timm_backbone(
         "mobilenetv3_large_100", config, num_classes, 32, False, MobileNetV3, **model_args
     )
+
+
+# The Mamba family: our own implementations (workers.mamba) with the official names.
+
+
+@BACKBONES.register(config_cls=BackboneConfig, tags=(MAMBA,))
+def vim_small(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """Vision Mamba Vim-S at 224 px (25.8M parameters): hustvl/Vim's
+    ``vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2``.
+
+    ``pretrained: hub``: hustvl/Vim-small-midclstok (ImageNet-1k, 80.5% top-1; the
+    repository's "ft" file is the stride-8 model, another architecture).
+    """
+    from workers.mamba.vim import VisionMamba
+
+    hub = ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth")
+    model_args = dict(patch_size=16, embed_dim=384, depth=24, d_state=16)
+    return _mamba_backbone(VisionMamba, config, num_classes, 224, hub, **model_args)
+
+
+@BACKBONES.register(config_cls=BackboneConfig, tags=(MAMBA,))
+def mambavision_t(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """MambaVision-T at 224 px (31.8M parameters): NVlabs/MambaVision's ``mamba_vision_T``;
+    any resolution runs as it is (windows are padded).
+
+    ``pretrained: hub``: nvidia/MambaVision-T-1K (ImageNet-1k, 82.3% top-1), its
+    safetensors file (keys under the wrapper's ``model.``). The repository's training
+    checkpoint ``mambavision_tiny_1k.pth.tar`` loads as a local file as long as it
+    pickles nothing but tensors and ``SAFE_CHECKPOINT_GLOBALS``.
+    """
+    from workers.mamba.mambavision import MambaVision
+
+    hub = ("nvidia/MambaVision-T-1K", "model.safetensors")
+    model_args = dict(
+        dim=80, in_dim=32, depths=(1, 3, 8, 4), num_heads=(2, 4, 8, 16), window_size=(8, 8, 14, 7)
+    )
+    return _mamba_backbone(MambaVision, config, num_classes, 224, hub, **model_args)
+
+
+@BACKBONES.register(config_cls=BackboneConfig, tags=(MAMBA,))
+def vim_test(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """Tiny Vim for CPU tests: 32 px, patch 8 (16 tokens + class token), dim 32, depth 4."""
+    from workers.mamba.vim import VisionMamba
+
+    model_args = dict(patch_size=8, embed_dim=32, depth=4, d_state=16)
+    return _mamba_backbone(VisionMamba, config, num_classes, 32, **model_args)
+
+
+@BACKBONES.register(config_cls=BackboneConfig, tags=(MAMBA,))
+def mambavision_test(config: BackboneConfig, num_classes: int) -> nn.Module:
+    """Tiny MambaVision for CPU tests: 64 px, dims 16-128, depths 1-1-2-2 (each token level:
+    a mixer block, then an attention block), one window per map (4x4 and 2x2 tokens).
+
+    64 px, not 32: the model downsamples by 32, and a 1x1 map would leave the last level's
+    scan a single step (where A has no effect). Smaller inputs run too (padded windows).
+    """
+    from workers.mamba.mambavision import MambaVision
+
+    model_args = dict(
+        dim=16, in_dim=8, depths=(1, 1, 2, 2), num_heads=(1, 1, 2, 4), window_size=(8, 8, 4, 2)
+    )
+    return _mamba_backbone(MambaVision, config, num_classes, 64, **model_args)

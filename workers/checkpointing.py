@@ -1,8 +1,10 @@
 """Gradient-checkpointing strategies: per block, what to keep for backward and what to recompute.
 
-A backbone's *blocks* are its modules named ``...blocks.<i>`` in forward order (ViT:
-``blocks.3``; TinyViT: ``stages.1.blocks.0``; MobileNet: the stage ``blocks.2``): one
-block-sequence interface for every backbone. Each block runs in one of three modes:
+A backbone's *blocks* are its modules named ``...blocks.<i>`` or ``...layers.<i>`` in
+forward order (ViT: ``blocks.3``; TinyViT: ``stages.1.blocks.0``; MobileNet: the stage
+``blocks.2``; MambaVision: ``levels.2.blocks.0``; Vim: ``layers.5``, the official name
+that its checkpoints use): one block-sequence interface for every backbone. Each block
+runs in one of three modes:
 
 - ``save``: plain autograd, every activation kept;
 - ``selective``: non-reentrant checkpoint with a selective policy: outputs of the
@@ -50,7 +52,7 @@ CHECKPOINTING = Registry("checkpointing")
 MODES = ("save", "selective", "recompute")
 PROFILED = "profiled"  # tag of a strategy that needs the block profile to choose
 
-_BLOCK_NAME = re.compile(r"(^|\.)blocks\.\d+$")
+_BLOCK_NAME = re.compile(r"(^|\.)(blocks|layers)\.\d+$")
 
 _aten = torch.ops.aten
 # Ops whose outputs the selective mode keeps: the expensive ones. Everything else

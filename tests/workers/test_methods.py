@@ -19,15 +19,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.workers.conftest import TINY_BACKBONES, TINY_CNN_BACKBONES
+from tests.workers.test_mamba import TINY_MAMBA_BACKBONES
 from tests.workers.test_mobiletl import closed_form as mobiletl_closed_form
 from workers.backbones import classifier_name, create_backbone
 from workers.methods import METHODS, MethodContext, apply_method, check_applicable
 from workers.methods.qlora import dequantized_weight
 from workers.registry import RegistryError
 
-ALL_TINY = TINY_BACKBONES + TINY_CNN_BACKBONES
-# the linear layers every adapter method targets: attention and MLP projections of blocks
-_BLOCK_LINEAR = re.compile(r"(.*\.)?blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)")
+ALL_TINY = TINY_BACKBONES + TINY_CNN_BACKBONES + TINY_MAMBA_BACKBONES
+# the linear layers every adapter method targets: attention and MLP projections of
+# transformer blocks (MambaVision's attention is its blocks' "mixer"); the in/x/dt/out
+# projections of Mamba mixers (Vim's blocks are "layers", with a backward branch "_b")
+_BLOCK_LINEAR = re.compile(
+    r"(.*\.)?(blocks|layers)\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2"
+    r"|mixer\.(qkv|proj|in_proj|out_proj|x_proj|x_proj_b|dt_proj|dt_proj_b))"
+)
 
 
 def _block_linears(model: nn.Module) -> list[nn.Linear]:
@@ -196,7 +202,8 @@ def test_table_covers_every_family() -> None:
         by_method.setdefault(case.method, set()).add(backbone)
     assert by_method["full"] == set(ALL_TINY)
     assert by_method["mobiletl"] == set(TINY_CNN_BACKBONES)
-    assert by_method["lora"] == set(TINY_BACKBONES)
+    assert by_method["lora"] == set(TINY_BACKBONES + TINY_MAMBA_BACKBONES)
+    assert by_method["lbp_wht"] == set(TINY_BACKBONES)  # a token grid: transformers only
 
 
 @pytest.mark.parametrize(("case", "backbone"), TABLE)
@@ -267,7 +274,7 @@ def test_update_starts_at_zero(case: Case, backbone: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])
-@pytest.mark.parametrize("backbone", TINY_BACKBONES)
+@pytest.mark.parametrize("backbone", TINY_BACKBONES + TINY_MAMBA_BACKBONES)
 def test_merged_and_unmerged_outputs_agree(method: str, backbone: str) -> None:
     case = next(c for c in CASES if c.method == method)
     adapted, _ = _adapt(case, backbone)

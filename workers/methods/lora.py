@@ -4,8 +4,9 @@ Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
 https://arxiv.org/abs/2106.09685
 
 peft matches a *list* of target names by suffix, which would also wrap the patch
-embedding's ``proj`` convolution; a regular expression anchored on ``blocks.N.``
-adapts only the transformer blocks' linear layers.
+embedding's ``proj`` convolution; a regular expression anchored on ``blocks.N.`` (Vim:
+``layers.N.``) adapts only the blocks' linear layers: attention and MLP projections of
+transformer blocks, the input/x/dt/output projections of Mamba mixers.
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ from torch import nn
 from workers.backbones import MAMBA, TRANSFORMER
 from workers.methods.base import METHODS, Adapted, MethodContext
 
-# timm ViT: blocks.3.attn.qkv; TinyViT: stages.1.blocks.0.mlp.fc2
-BLOCK_LINEARS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+# Every linear layer of the blocks. timm ViT: blocks.3.attn.qkv; TinyViT:
+# stages.1.blocks.0.mlp.fc2; Vim: layers.3.mixer.x_proj_b (the forward and backward
+# branches' in/x/dt/out projections); MambaVision: levels.2.blocks.0.mixer.dt_proj (Mamba
+# mixer), levels.2.blocks.5.mixer.qkv (attention), levels.3.blocks.1.mlp.fc1.
+BLOCK_LINEARS = (
+    r".*(blocks|layers)\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2)"
+    r"|mixer\.(qkv|proj|in_proj|x_proj(_b)?|dt_proj(_b)?|out_proj))"
+)
 
 
 def check_target(target: str) -> None:
@@ -54,7 +61,8 @@ class LoraArgs:
 
 @METHODS.register(config_cls=LoraArgs, tags=(TRANSFORMER, MAMBA))
 def lora(config: LoraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
-    """LoRA on the blocks' qkv/proj/fc1/fc2 (peft), head trained in full."""
+    """LoRA on the blocks' linear layers (qkv/proj/fc1/fc2, Mamba projections; peft), head
+    trained in full."""
     from peft import LoraConfig, get_peft_model
 
     peft_config = LoraConfig(
