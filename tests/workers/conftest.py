@@ -10,13 +10,14 @@ from workers.registry import RegistryError
 
 TINY_BACKBONES = ["vit_test", "tiny_vit_test"]
 TINY_CNN_BACKBONES = ["mobilenetv2_test", "mobilenetv3_test"]  # inverted residual family
+TINY_MAMBA_BACKBONES = ["vim_test", "mambavision_test"]
 
 
 def applicable_pairs(methods: list[str]) -> list[tuple[str, str]]:
     """(backbone, method) pairs over the tiny backbones where the method applies."""
     pairs = []
     for method in methods:
-        for backbone in TINY_BACKBONES + TINY_CNN_BACKBONES:
+        for backbone in TINY_BACKBONES + TINY_CNN_BACKBONES + TINY_MAMBA_BACKBONES:
             try:
                 check_applicable(method, backbone)
             except RegistryError:
