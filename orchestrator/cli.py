@@ -3,7 +3,8 @@
     orchestrate GRID                 same as `orchestrate run GRID`
     orchestrate run GRID [--address ADDR] [--resume] [--dry-run] [--retry-failed]
     orchestrate validate GRID        validate + print the expanded trial table
-    orchestrate search GRID          Optuna budget-constrained search
+    orchestrate search GRID [--address ADDR] [--trials N] [--timeout S]
+                                     Optuna budget-constrained search (resumable)
     orchestrate collect DIR          all records of a sweep as one table
     orchestrate report DIR           Pareto analysis + HTML/PNG/Markdown report
 
@@ -24,7 +25,7 @@ import pandas as pd
 
 from orchestrator import pareto
 from orchestrator.expansion import expand
-from orchestrator.grid import Grid, GridError, load_grid
+from orchestrator.grid import Grid, GridError, Search, load_grid
 from orchestrator.records import RecordStore, describe_schema
 from orchestrator.report import front_display, front_summary, write_report
 from orchestrator.spec import TrialSpec
@@ -75,8 +76,30 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="validate a grid and print its expanded trials")
     val.add_argument("grid", help="grid YAML file")
 
-    search = sub.add_parser("search", help="Optuna search under memory/energy budgets")
+    search = sub.add_parser(
+        "search",
+        help="Optuna search under memory/energy budgets",
+        description="Search the grid's space with Optuna for the best configurations that keep "
+        "the search section's limits (peak memory <= budget_mb, energy, training time). The "
+        "study is stored (SQLite file search.db in the output folder by default) and resumed "
+        "by running the same command again; records go where `orchestrate run` puts them.",
+    )
     search.add_argument("grid", help="grid YAML file with a search section")
+    search.add_argument("--address", help="Ray cluster address to join (default: a local Ray)")
+    search.add_argument(
+        "--trials",
+        type=int,
+        help="trials of the study in all, counting earlier runs of it (default: search.trials)",
+    )
+    search.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="start no trial after S seconds (default: search.timeout_s; running trials finish)",
+    )
+    search.add_argument(
+        "--no-dashboard", action="store_true", help="do not start the Ray dashboard of a local Ray"
+    )
 
     collect = sub.add_parser("collect", help="all records of a sweep as one table")
     collect.add_argument("dir", help="the sweep's output folder")
@@ -218,10 +241,80 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    load_grid(args.grid)
-    raise UsageError(
-        "`orchestrate search` is not available in this version; use `orchestrate run` on the grid"
+    grid = load_grid(args.grid)
+    if grid.search is None:
+        raise GridError(
+            args.grid,
+            "search",
+            "the grid has no search section, so there is nothing to search "
+            "(grid/search.yaml has one; `orchestrate run` runs the whole grid)",
+        )
+    for flag, value in (("--trials", args.trials), ("--timeout", args.timeout)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be > 0, got {value:g}")
+    import optuna
+
+    from orchestrator.search import SearchMismatch, dashboard_command, run_search, write_result
+    from orchestrator.tune_driver import SpecRunner
+
+    optuna.logging.disable_default_handler()  # Optuna's lines go through our logging (-v)
+    optuna.logging.enable_propagation()
+    store = RecordStore(grid.output)
+    if not store.is_uri:
+        shutil.copyfile(args.grid, Path(store.output) / "search.yaml")
+    search = grid.search
+    print(
+        f"{grid.name}: search {', '.join(search.objectives)} with {search.sampler}, "
+        f"{args.trials or search.trials} trials, {search.n_parallel} at once, peak memory <= "
+        f"{search.budget_mb:g} MiB"
+        + "".join(f", {k} <= {v:g}" for k, v in search.limits.items())
+        + f" -> {store.output}"
     )
+
+    def start_runner(s: Search) -> SpecRunner:
+        try:
+            return SpecRunner(
+                grid.resources,
+                budgets_mb={s.budget_mb},
+                capacity=s.n_parallel,
+                energy=grid.energy,
+                address=args.address,
+                dashboard=not args.no_dashboard,
+                forward_progress=s.pruner.kind != "none",
+            )
+        except ValueError as exc:  # resources the cluster cannot provide
+            raise UsageError(str(exc)) from None
+
+    try:
+        result = run_search(
+            grid, store, start_runner, trials=args.trials, timeout_s=args.timeout, echo=print
+        )
+    except SearchMismatch as exc:  # the stored study belongs to another search
+        raise UsageError(str(exc)) from None
+    print(f"\nran {result.ran_now} trials in {result.wall_time_s:.1f} s; {result.summary}")
+    print("\nFeasible Pareto set" + (" (best first):" if result.best else ": (no feasible trial)"))
+    if result.best:
+        with pd.option_context("display.width", 200, "display.max_colwidth", 80):
+            print(result.table().to_string(index=False))
+    json_path, md_path = write_result(result, store)
+    frame = store.collect()
+    _print_quarantined(store)
+    frame = frame[frame["trial_id"].isin(set(result.trial_ids))]
+    if not frame.empty:
+        files = write_report(
+            frame, store, f"{grid.name}: budget-constrained search", sections=[result.section()]
+        )
+        print(f"report: {files.html}")
+    print(f"result: {md_path}\n        {json_path}")
+    print(f"dashboard: {dashboard_command(result.storage)}")
+    failed = int((frame["status"] == "failed").sum()) if not frame.empty else 0
+    if failed:
+        print(
+            f"{failed} trial(s) failed; see the error column (orchestrate collect {store.output})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _store_of(path: str) -> RecordStore:

@@ -1,5 +1,8 @@
 """Grid -> TrialSpecs: the product of the axes, minus exclusions, plus baselines.
 
+The grid's ``deploy:`` section (resolved) goes into every fine-tuning spec; baselines
+train nothing and have no deployment phase.
+
 Order is deterministic (the grid's order of each axis, seeds innermost), and each
 spec's ``trial_id`` depends only on its content, so two expansions of the same grid
 agree on every machine.
@@ -40,6 +43,7 @@ def expand(grid: Grid) -> list[TrialSpec]:
             budget_mb=budget,
             train=grid.train,
             seed=seed,
+            deploy=grid.deploy,  # every fine-tuned model goes through the deployment phase
         )
         if not _excluded(spec, grid.exclude):
             specs.append(spec)

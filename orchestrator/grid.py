@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.netscore import VARIANTS
 from orchestrator.spec import TrainConfig, is_int, is_number
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ TOP_LEVEL = (
     "resources",
     "energy",
     "search",
+    "deploy",
 )
 REQUIRED = ("name", "output", "budget_mb", "seeds", "datasets", "backbones", "methods")
 
@@ -90,6 +92,146 @@ class Component:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------- the search section
+
+# What a search may optimise: a record column and its direction (NetScore variants are
+# computed from the record by ``orchestrator.netscore``, in dB, higher is better).
+SEARCH_OBJECTIVES: dict[str, str] = {
+    "accuracy": "max",
+    "peak_mem_mb": "min",
+    "energy_j": "min",
+    "train_time_s": "min",
+    **{name: "max" for name in VARIANTS},
+}
+# Hard limits a feasible trial keeps, besides peak memory <= the search's budget_mb.
+SEARCH_LIMITS = ("energy_j", "train_time_s")
+SAMPLERS = ("tpe", "nsgaii", "gp", "random")
+PRUNERS = ("none", "median")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched value: a list of ``choices``, or the interval ``low..high``.
+
+    An interval is of integers when its bounds (and step) are integers and the field it
+    fills is an integer; ``log`` samples it on a log scale; ``step`` quantises it.
+    """
+
+    name: str  # the field it fills: a TrainConfig field or a method argument
+    choices: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class Pruner:
+    """Early stopping of hopeless trials on their per-epoch validation accuracy."""
+
+    kind: str = "none"  # none | median (Optuna's median stopping rule)
+    startup_trials: int = 5  # trials that finish before any is pruned
+    warmup_epochs: int = 1  # epochs every trial completes; it can be stopped after the next
+
+    def __post_init__(self) -> None:
+        if self.kind not in PRUNERS:
+            raise ValueError(f"kind must be one of {list(PRUNERS)}, got {self.kind!r}")
+        if not is_int(self.startup_trials) or self.startup_trials < 0:
+            raise ValueError(f"startup_trials must be an integer >= 0, got {self.startup_trials!r}")
+        if not is_int(self.warmup_epochs) or self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}")
+
+
+@dataclass(frozen=True)
+class Search:
+    """The validated ``search:`` section: what ``orchestrate search`` optimises, under which
+    hard limits, over which space, for how long, with which Optuna sampler.
+
+    The categorical axes are the grid's own (backbones, methods, checkpointing, datasets:
+    an axis with one entry is fixed); ``train`` and ``method_args`` add the searched
+    hyper-parameters. Every searched trial uses the grid's first seed and ``budget_mb``.
+    """
+
+    objectives: tuple[str, ...] = ("accuracy",)
+    budget_mb: float = 0.0  # peak memory limit of every trial (the grid's budget by default)
+    limits: dict[str, float] = field(default_factory=dict)  # energy_j / train_time_s -> max
+    train: tuple[Dimension, ...] = ()
+    method_args: dict[str, tuple[Dimension, ...]] = field(default_factory=dict)
+    trials: int = 50  # trials of the study in all (a resumed search runs the rest)
+    timeout_s: float | None = None  # no new trial starts after this long (per invocation)
+    sampler: str = "tpe"
+    seed: int = 0  # the sampler's seed
+    startup_trials: int = 10  # random trials before the model (TPE, GP); NSGA-II's population
+    n_parallel: int = 2  # trials in flight at once (default: resources.max_concurrent)
+    storage: str = ""  # Optuna storage URL; "" = SQLite file search.db in the output folder
+    study: str = ""  # Optuna study name; "" = the grid's name
+    pruner: Pruner = field(default_factory=Pruner)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not is_int(self.trials) or self.trials < 1:
+            problems.append(f"trials must be an integer >= 1, got {self.trials!r}")
+        timeout = self.timeout_s
+        if timeout is not None and (not is_number(timeout) or timeout <= 0):
+            problems.append(f"timeout_s must be a number of seconds > 0, got {timeout!r}")
+        if self.sampler not in SAMPLERS:
+            problems.append(f"sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            problems.append(f"seed must be an integer >= 0, got {self.seed!r}")
+        least = 2 if self.sampler == "nsgaii" else 0  # a population of one cannot breed
+        if not is_int(self.startup_trials) or self.startup_trials < least:
+            problems.append(
+                f"startup_trials must be an integer >= {least}, got {self.startup_trials!r}"
+            )
+        if not is_int(self.n_parallel) or self.n_parallel < 1:
+            problems.append(f"n_parallel must be an integer >= 1, got {self.n_parallel!r}")
+        if not isinstance(self.storage, str) or (self.storage and "://" not in self.storage):
+            problems.append(
+                "storage must be an SQLAlchemy URL (sqlite:///search.db, "
+                f"postgresql://user@host/db), got {self.storage!r}"
+            )
+        if not isinstance(self.study, str) or not self.study.strip():
+            problems.append(f"study must be a non-empty name, got {self.study!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna's direction of each objective."""
+        return [
+            "maximize" if SEARCH_OBJECTIVES[o] == "max" else "minimize" for o in self.objectives
+        ]
+
+
+# Fields of the section that are plain values of ``Search``.
+SEARCH_SCALARS = (
+    "trials",
+    "timeout_s",
+    "sampler",
+    "seed",
+    "startup_trials",
+    "n_parallel",
+    "storage",
+    "study",
+)
+SEARCH_FIELDS = (
+    "objectives",
+    "constraints",
+    "budget_mb",
+    "space",
+    "trials",
+    "timeout_s",
+    "sampler",
+    "seed",
+    "startup_trials",
+    "n_parallel",
+    "storage",
+    "study",
+    "pruner",
+)
+
+
 @dataclass(frozen=True)
 class Grid:
     """A validated grid: every axis non-empty, every name registered."""
@@ -107,7 +249,8 @@ class Grid:
     baselines: tuple[Component, ...] = ()
     resources: Resources = field(default_factory=Resources)
     energy: dict[str, Any] = field(default_factory=dict)  # workers.energy.EnergyConfig fields
-    search: dict[str, Any] = field(default_factory=dict)
+    search: Search | None = None  # the `search:` section, for `orchestrate search`
+    deploy: dict[str, Any] = field(default_factory=dict)  # workers.deploy.DeployConfig, resolved
     source: str = "<grid>"
 
 
@@ -185,9 +328,6 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     energy = _dataclass_from(fail, "energy", EnergyConfig, _or_empty(raw, "energy", {}))
 
     baselines = _baselines(fail, _or_empty(raw, "baselines", []), BASELINES)
-    search = _or_empty(raw, "search", {})
-    if not isinstance(search, dict):
-        raise fail("search", f"must be a mapping, got {search!r}")
 
     grid = Grid(
         name=name,
@@ -202,12 +342,15 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
         baselines=baselines,
         resources=resources,
         energy=dataclasses.asdict(energy),
-        search=search,
         source=source,
     )
     exclude = _exclusions(fail, _or_empty(raw, "exclude", []), grid)
     grid = dataclasses.replace(grid, exclude=exclude)
     _check_pairs(fail, grid)
+    if raw.get("search") is not None:
+        grid = dataclasses.replace(grid, search=_search(fail, raw["search"], grid))
+    if raw.get("deploy") is not None:
+        grid = dataclasses.replace(grid, deploy=_deploy(fail, raw["deploy"], grid))
     return grid
 
 
@@ -367,3 +510,226 @@ def _exclusions(fail: Any, value: Any, grid: Grid) -> tuple[dict[str, tuple[Any,
             rule[axis] = tuple(values)
         out.append(rule)
     return tuple(out)
+
+
+# ---------------------------------------------------------------- the search section
+
+
+def _search(fail: Any, raw: Any, grid: Grid) -> Search:
+    """The ``search:`` section, checked against the grid whose space it searches."""
+    if not isinstance(raw, dict):
+        raise fail("search", f"must be a mapping of fields, got {raw!r}")
+    unknown = sorted(set(map(str, raw)) - set(SEARCH_FIELDS))
+    if unknown:
+        raise fail(f"search.{unknown[0]}", f"unknown field; valid: {', '.join(SEARCH_FIELDS)}")
+
+    objectives = _or_empty(raw, "objectives", ["accuracy"])
+    objectives = [objectives] if isinstance(objectives, str) else objectives
+    if not isinstance(objectives, list) or not objectives:
+        raise fail("search.objectives", f"must be a non-empty list of names, got {objectives!r}")
+    for name in objectives:
+        if name not in SEARCH_OBJECTIVES:
+            raise fail(
+                "search.objectives",
+                f"unknown objective {name!r}; valid: {', '.join(SEARCH_OBJECTIVES)} "
+                "(accuracy and NetScore variants are maximised, the costs minimised)",
+            )
+    _no_duplicates(fail, "search.objectives", objectives)
+
+    budget = raw.get("budget_mb")
+    if budget is None:
+        if len(grid.budgets_mb) != 1:
+            raise fail(
+                "search.budget_mb",
+                f"the grid has budgets {list(grid.budgets_mb)}: say which one the search keeps",
+            )
+        budget = grid.budgets_mb[0]
+    if not is_number(budget) or budget <= 0:
+        raise fail("search.budget_mb", f"must be a number of MiB > 0, got {budget!r}")
+
+    limits = _or_empty(raw, "constraints", {})
+    if not isinstance(limits, dict):
+        raise fail("search.constraints", f"must be a mapping name -> limit, got {limits!r}")
+    for key, limit in list(limits.items()):
+        where = f"search.constraints.{key}"
+        if key == "peak_mem_mb":
+            raise fail(where, "peak memory is always limited, by search.budget_mb")
+        if key not in SEARCH_LIMITS:
+            raise fail(where, f"unknown constraint; valid: {', '.join(SEARCH_LIMITS)}")
+        limit = _float_or_same(limit)
+        if not is_number(limit) or limit <= 0:
+            raise fail(where, f"must be a number > 0 (the largest feasible value), got {limit!r}")
+        limits[key] = float(limit)
+
+    space = _or_empty(raw, "space", {})
+    if not isinstance(space, dict):
+        raise fail("search.space", f"must be a mapping with train and methods, got {space!r}")
+    unknown = sorted(set(map(str, space)) - {"train", "methods"})
+    if unknown:
+        raise fail(f"search.space.{unknown[0]}", "unknown field; valid: train, methods")
+    train = _train_dimensions(fail, _or_empty(space, "train", {}), grid.train)
+    method_args = _method_dimensions(fail, _or_empty(space, "methods", {}), grid)
+
+    pruner = _or_empty(raw, "pruner", "none")
+    pruner = _dataclass_from(
+        fail, "search.pruner", Pruner, {"kind": pruner} if isinstance(pruner, str) else pruner
+    )
+    if pruner.kind != "none" and len(objectives) > 1:
+        raise fail("search.pruner", "Optuna prunes single-objective searches only")
+    scalars = {k: raw[k] for k in SEARCH_SCALARS if raw.get(k) is not None}
+    if "timeout_s" in scalars:
+        scalars["timeout_s"] = _float_or_same(scalars["timeout_s"])
+    scalars.setdefault("n_parallel", grid.resources.max_concurrent)
+    scalars.setdefault("study", grid.name)
+    try:
+        search = Search(
+            objectives=tuple(objectives),
+            budget_mb=float(budget),
+            limits=limits,
+            train=train,
+            method_args=method_args,
+            pruner=pruner,
+            **scalars,
+        )
+    except ValueError as exc:
+        raise fail("search", str(exc)) from None
+    if not search.storage and "://" in grid.output:
+        raise fail(
+            "search.storage",
+            f"the output {grid.output!r} is a URI, where SQLite cannot live: give a storage URL",
+        )
+    return search
+
+
+def _float_or_same(value: Any) -> Any:
+    """YAML reads ``1e-3`` as a string: a string that is a number becomes that float."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _train_dimensions(fail: Any, value: Any, train: TrainConfig) -> tuple[Dimension, ...]:
+    """Searched TrainConfig fields, each candidate checked by TrainConfig itself."""
+    where = "search.space.train"
+    if not isinstance(value, dict):
+        raise fail(where, f"must map TrainConfig fields to ranges, got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "device"}
+    dims = []
+    for name, spec in value.items():
+        if name not in fields:
+            raise fail(f"{where}.{name}", f"not searchable; valid: {', '.join(fields)}")
+        kind = type(fields[name].default)
+
+        def check(v: Any, name: str = name, kind: type = kind) -> Any:
+            if kind is float and is_number(v):
+                v = float(v)
+            return getattr(dataclasses.replace(train, **{name: v}), name)
+
+        dims.append(_dimension(fail, f"{where}.{name}", name, spec, kind, check))
+    return tuple(dims)
+
+
+def _method_dimensions(fail: Any, value: Any, grid: Grid) -> dict[str, tuple[Dimension, ...]]:
+    """Searched method arguments: method -> argument -> range; every candidate is checked
+    (and made canonical, e.g. 16 -> 16.0 for a float) by the method's config dataclass."""
+    from workers.methods import METHODS
+
+    if not isinstance(value, dict):
+        raise fail("search.space.methods", f"must map methods to ranges, got {value!r}")
+    methods = {c.name: c for c in grid.methods}
+    out = {}
+    for name, ranges in value.items():
+        where = f"search.space.methods.{name}"
+        if name not in methods:
+            raise fail(where, f"not one of the grid's methods ({', '.join(methods)})")
+        if not isinstance(ranges, dict) or not ranges:
+            raise fail(where, f"must map argument names to ranges, got {ranges!r}")
+        base = methods[name].args
+        dims = []
+        for arg, spec in ranges.items():
+            if arg not in base:
+                valid = ", ".join(sorted(base)) or "(it takes none)"
+                raise fail(f"{where}.{arg}", f"unknown argument of {name}; valid: {valid}")
+
+            def check(v: Any, name: str = name, arg: str = arg, base: dict = base) -> Any:
+                return METHODS.resolve_args(name, {**base, arg: v})[arg]
+
+            dims.append(_dimension(fail, f"{where}.{arg}", arg, spec, type(base[arg]), check))
+        out[name] = tuple(dims)
+    return out
+
+
+def _dimension(fail: Any, where: str, name: str, value: Any, kind: type, check: Any) -> Dimension:
+    """A list of choices or ``{low, high[, log, step]}``; ``check`` validates (and makes
+    canonical) one value of the field, raising ValueError with the reason."""
+
+    def checked(v: Any) -> Any:
+        try:
+            return check(v)
+        except ValueError as exc:
+            raise fail(where, f"{v!r} is not a valid value: {exc}") from None
+
+    if isinstance(value, list):
+        if not value or not all(_is_hashable_scalar(v) or isinstance(v, bool) for v in value):
+            raise fail(where, f"choices must be a non-empty list of scalars, got {value!r}")
+        choices = [checked(_float_or_same(v) if kind is float else v) for v in value]
+        _no_duplicates(fail, where, choices)
+        return Dimension(name, choices=tuple(choices))
+    if not isinstance(value, dict):
+        raise fail(where, f"must be a list of choices or {{low, high[, log, step]}}, got {value!r}")
+    unknown = sorted(set(value) - {"low", "high", "log", "step"})
+    if unknown or "low" not in value or "high" not in value:
+        raise fail(where, f"an interval is {{low, high[, log, step]}}, got {value!r}")
+    if kind not in (int, float):
+        raise fail(where, f"{name} is not a number: give a list of choices")
+    low, high, step = (_float_or_same(value.get(k)) for k in ("low", "high", "step"))
+    log = value.get("log", False)
+    integer = kind is int
+    number = is_int if integer else is_number
+    if not number(low) or not number(high) or (step is not None and not number(step)):
+        what = "integers" if integer else "numbers"
+        raise fail(where, f"low, high and step must be {what}, got {value!r}")
+    if not isinstance(log, bool):
+        raise fail(where, f"log must be true or false, got {log!r}")
+    if low >= high:
+        raise fail(where, f"low must be below high, got {low!r} and {high!r}")
+    if log and (low <= 0 or step is not None):
+        raise fail(where, "a log interval needs low > 0 and no step")
+    if step is not None and step <= 0:
+        raise fail(where, f"step must be > 0, got {step!r}")
+    low, high = checked(low), checked(high)
+    return Dimension(name, low=low, high=high, log=log, step=step, integer=integer)
+
+
+# ---------------------------------------------------------------- the deploy section
+
+
+def _deploy(fail: Any, raw: Any, grid: Grid) -> dict[str, Any]:
+    """The ``deploy:`` section, resolved (``workers.deploy.DeployConfig``). A variant that
+    does not apply to some backbone (quamba2 on a non-Mamba one) is skipped in those
+    trials, with the reason in their records; shipping it there is an error, since those
+    records would have no deployment figures; so is listing it for no backbone at all."""
+    from workers.deploy import DeployConfig, not_applicable
+
+    config = _dataclass_from(fail, "deploy", DeployConfig, raw)
+    backbones = [c.name for c in grid.backbones]
+    for variant in config.variants:
+        reasons = {b: not_applicable(variant, b) for b in backbones}
+        reasons = {b: why for b, why in reasons.items() if why}
+        if not reasons:
+            continue
+        backbone, why = next(iter(reasons.items()))
+        if variant == config.ship:
+            raise fail(
+                "deploy.ship",
+                f"{why}: the ({backbone}, {variant}) trials would ship nothing; set ship (by "
+                "default the last variant) to one that every backbone has, or give these "
+                "backbones a grid of their own",
+            )
+        if len(reasons) == len(backbones):
+            raise fail("deploy.variants", f"{variant} applies to none of the backbones: {why}")
+        log.info("deploy: %s is skipped for %s", variant, ", ".join(reasons))
+    return config.to_dict()

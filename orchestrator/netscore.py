@@ -12,7 +12,9 @@ gamma = 0.5. Every variant here keeps that form and swaps what fills the size sl
 (``p``, exponent beta) or the cost slot (``m``, exponent gamma); its ``Variant``
 names the record columns and units, so a score can always be recomputed from the
 raw columns of a record, with other exponents too. A variant whose column is missing
-from the records is skipped with a note, not guessed.
+from the records is skipped with a note, not guessed. The ``netscore_deploy_*``
+variants score the model a trial's deployment phase ships (``deploy_*`` columns): its
+own accuracy, its size on disk or inference memory, its latency.
 
 Example:
     >>> import pandas as pd
@@ -50,12 +52,14 @@ class Component:
 
 @dataclass(frozen=True)
 class Variant:
-    """One member of the family: which component fills the size slot and which the cost slot."""
+    """One member of the family: which component fills the size slot and which the cost
+    slot, and which column is the accuracy (the trained model's, or the deployed one's)."""
 
     name: str
     title: str
     size: Component
     cost: Component
+    accuracy: str = "accuracy"
 
 
 PARAMS = Component("params_total", 1e6, "M", "parameters")
@@ -64,6 +68,12 @@ TRAIN_MEMORY = Component("peak_mem_mb", 1024.0, "GiB", "peak training memory")
 TRAIN_ENERGY = Component("energy_j", 1e3, "kJ", "training energy")
 INFER_LATENCY = Component("infer_latency_ms_b1", 1.0, "ms", "inference latency, batch 1")
 INFER_MEMORY = Component("infer_peak_mem_mb_b1", 1024.0, "GiB", "inference peak memory, batch 1")
+# The deployment phase's shipped variant (workers.deploy): merged, maybe quantized.
+DEPLOY_SIZE = Component("deploy_size_mb", 1.0, "MiB", "deployed model's size on disk")
+DEPLOY_LATENCY = Component("deploy_latency_ms_b1", 1.0, "ms", "deployed inference latency, batch 1")
+DEPLOY_MEMORY = Component(
+    "deploy_peak_mem_mb_b1", 1024.0, "GiB", "deployed inference peak memory, batch 1"
+)
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -79,6 +89,22 @@ VARIANTS: dict[str, Variant] = {
             "NetScore-IM: inference memory for parameters",
             INFER_MEMORY,
             MACS,
+        ),
+        # the deployed variant's accuracy; its bytes on disk stand for the parameters
+        # (quantization shrinks the bytes, not the count)
+        Variant(
+            "netscore_deploy_latency",
+            "NetScore-DL: deployed model, size on disk for parameters, latency for MACs",
+            DEPLOY_SIZE,
+            DEPLOY_LATENCY,
+            accuracy="deploy_accuracy",
+        ),
+        Variant(
+            "netscore_deploy_mem",
+            "NetScore-DM: deployed model, inference memory for parameters",
+            DEPLOY_MEMORY,
+            MACS,
+            accuracy="deploy_accuracy",
         ),
     )
 }
@@ -134,23 +160,32 @@ def netscores(
 ) -> NetScores:
     """NetScore variants of every row of ``df`` (``accuracy`` as a fraction, raw record units).
 
-    ``variants`` are keys of ``VARIANTS`` (default: all). Rows are scored as given:
+    ``variants`` are keys of ``VARIANTS`` (default: all, except that the variants of the
+    deployed model join only when some record has a deployment phase: a sweep without
+    one would list them as not computed in every report). Rows are scored as given:
     pass ok trials, or configurations averaged over seeds.
     """
-    names = list(VARIANTS) if variants is None else list(variants)
+    if variants is None:
+        names = [
+            name
+            for name, v in VARIANTS.items()
+            if v.accuracy == "accuracy" or _column(df, v.accuracy).notna().any()
+        ]
+    else:
+        names = list(variants)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown NetScore variants {unknown}; valid: {list(VARIANTS)}")
     table = pd.DataFrame(index=df.index)
     skipped: dict[str, str] = {}
     notes: dict[str, str] = {}
-    accuracy = _column(df, "accuracy")
     for name in names:
         variant = VARIANTS[name]
+        accuracy = _column(df, variant.accuracy)
         slots = [(variant.size, beta), (variant.cost, gamma)]
         absent = [c.column for c, e in slots if e != 0 and _column(df, c.column).isna().all()]
         if accuracy.isna().all():
-            absent.insert(0, "accuracy")
+            absent.insert(0, variant.accuracy)
         if absent:
             skipped[name] = f"no {', '.join(absent)}"
             log.info("NetScore variant %s skipped: %s", name, skipped[name])

@@ -7,7 +7,10 @@ records too (status ``failed``, ``oom``, ``over_budget``).
 
 The schema is defined once, here: the columns of the spec (flattened), then the
 fields of ``TrialRecord`` in declaration order, each with a unit in its name and a
-doc string (``describe_schema()`` prints the table that the README shows).
+doc string (``describe_schema()`` prints the table that the README shows). Its
+version, ``SCHEMA_VERSION`` (column ``schema_version``, Parquet metadata), is bumped
+whenever columns change; version 4 added the deployment phase: the spec's ``deploy``
+column and the ``deploy_*`` columns.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from orchestrator.spec import TrainConfig, TrialSpec, canonical_json
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+# 2: checkpointing plan columns; 3: dataset options (data source, wait, validation
+# accuracy); 4: the deployment phase (spec column `deploy`, deploy_* columns).
+SCHEMA_VERSION = 4
 QUARANTINE = "quarantine"  # folder beside records/ that unreadable record files move to
 STATUSES = ("ok", "oom", "over_budget", "failed", "skipped")
 
@@ -137,6 +142,45 @@ class TrialRecord:
     infer_merged: bool | None = _col(
         "bool", "true: adapters folded into the weights; false: not mergeable; empty: none"
     )
+    # deployment phase (workers.deploy): the shipped variant; every variant in deploy_results
+    deploy_variant: str = _col(
+        "str", "deployed variant of the flat deploy_* columns: float | int8 | w8a8 | quamba2", ""
+    )
+    deploy_accuracy: float | None = _col(
+        "float", "top-1 accuracy of the deployed variant on the test split, fraction"
+    )
+    deploy_latency_ms_b1: float | None = _col(
+        "float", "inference latency of the deployed variant, batch 1, ms"
+    )
+    deploy_latency_ms_batch: float | None = _col(
+        "float", "inference latency of the deployed variant at the trial's batch size, ms"
+    )
+    deploy_peak_mem_mb_b1: float | None = _col(
+        "float",
+        "inference peak memory of the deployed variant (stored weights: int8 codes + scales "
+        "when quantized; + input + forward peak), batch 1, MiB",
+    )
+    deploy_peak_mem_mb_batch: float | None = _col(
+        "float", "the same at the trial's batch size, MiB"
+    )
+    deploy_size_mb: float | None = _col(
+        "float", "size on disk of the deployed variant's safetensors file, MiB"
+    )
+    deploy_simulated: bool | None = _col(
+        "bool", "true: quantization simulated in float (no int8 kernel): latency is not int8's"
+    )
+    deploy_merged: bool | None = _col(
+        "bool", "true: adapters merged into the deployed weights; false: not mergeable; empty: none"
+    )
+    deploy_results: str = _col(
+        "str",
+        "JSON: variant -> accuracy, latency_ms_b1/_batch, peak_mem_mb_b1/_batch, size_mb, "
+        "simulated, file, skipped (why a variant has no figures)",
+        "",
+    )
+    deploy_artifacts: str = _col(
+        "str", "folder or URI of the exported safetensors files ('' when none were kept)", ""
+    )
     checkpointed_blocks: int | None = _col("int", "blocks recomputed (wholly or selectively)")
     total_blocks: int | None = _col("int", "blocks of the backbone")
     ckpt_plan: str = _col(
@@ -206,6 +250,7 @@ _ARGS_FIELDS = (
     "checkpointing_args",
     "dataset_args",
     "baseline_args",
+    "deploy",
 )
 
 

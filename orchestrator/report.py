@@ -17,7 +17,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,15 @@ class ReportFiles:
     png: str
     markdown: str
     figures: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Section:
+    """A section that the caller adds at the top of the report (a search's result)."""
+
+    title: str
+    text: str
+    table: pd.DataFrame
 
 
 @dataclass(frozen=True)
@@ -526,11 +535,21 @@ def _png(fig: Any, plt: Any) -> bytes:
 # ---------------------------------------------------------------- Markdown
 
 
-def render_markdown(analysis: Analysis, title: str, figures: Mapping[str, bytes]) -> str:
-    """The report as Markdown: definitions, fronts per dataset, NetScore, comparisons, failures."""
+def render_markdown(
+    analysis: Analysis,
+    title: str,
+    figures: Mapping[str, bytes],
+    sections: Sequence[Section] = (),
+) -> str:
+    """The report as Markdown: the caller's sections, definitions, fronts per dataset,
+    NetScore, comparisons, failures."""
     records = analysis.records
     counts = ", ".join(f"{k}: {v}" for k, v in pareto.status_counts(records).items())
-    parts = [f"# {title}", f"{len(records)} trials ({counts}).", "## How to read this"]
+    parts = [f"# {title}", f"{len(records)} trials ({counts})."]
+    for section in sections:
+        table = markdown_table(section.table) if not section.table.empty else "(none)"
+        parts += [f"## {section.title}", section.text, table]
+    parts.append("## How to read this")
     parts.append("\n".join(f"- {line}" for line in definitions(analysis)))
     for dataset in analysis.datasets:
         parts.append(f"## Pareto analysis: {dataset}")
@@ -660,8 +679,14 @@ def _problems_html(records: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def render_html(analysis: Analysis, title: str, figures: Mapping[str, bytes]) -> str:
-    """One self-contained page: interactive plots, tables, and the PNG figures embedded."""
+def render_html(
+    analysis: Analysis,
+    title: str,
+    figures: Mapping[str, bytes],
+    sections: Sequence[Section] = (),
+) -> str:
+    """One self-contained page: the caller's sections, interactive plots, tables, and the
+    PNG figures embedded."""
     records = analysis.records
     counts = ", ".join(f"{k}: {v}" for k, v in pareto.status_counts(records).items())
     data = json.dumps(plot_data(analysis), allow_nan=False, separators=(",", ":"))
@@ -671,6 +696,7 @@ def render_html(analysis: Analysis, title: str, figures: Mapping[str, bytes]) ->
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1><p>{len(records)} trials ({esc(counts)}).</p>",
+        *[f"<h2>{esc(s.title)}</h2><p>{esc(s.text)}</p>{_html_table(s.table)}" for s in sections],
         "<section id='plots'><h2>Pareto plots</h2><div class='controls'>",
         "<label>dataset <select id='dataset'></select></label><span id='views'></span>",
         "<label><input type='checkbox' id='logx'> log x</label></div>",
@@ -713,13 +739,15 @@ def write_report(
     alpha: float = netscore.ALPHA,
     beta: float = netscore.BETA,
     gamma: float = netscore.GAMMA,
+    sections: Sequence[Section] = (),
 ) -> ReportFiles:
-    """Analyse the records and write the report files next to them; returns their paths."""
+    """Analyse the records and write the report files next to them; returns their paths.
+    ``sections`` come first (``orchestrate search`` puts its result there)."""
     analysis = analyse(df, alpha=alpha, beta=beta, gamma=gamma)
     figures = {"pareto.png": pareto_figure(analysis), "netscore.png": netscore_figure(analysis)}
     paths = {name: store.write_bytes(name, png) for name, png in figures.items()}
-    markdown = render_markdown(analysis, title, figures).encode("utf-8")
-    page = render_html(analysis, title, figures).encode("utf-8")
+    markdown = render_markdown(analysis, title, figures, sections).encode("utf-8")
+    page = render_html(analysis, title, figures, sections).encode("utf-8")
     log.info("report: %d trials, %d configurations", len(df), len(analysis.configs))
     return ReportFiles(
         html=store.write_bytes("report.html", page),

@@ -30,6 +30,10 @@ OPTIMIZERS = ("adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+# TrialSpec fields that joined after records existed (see TrialSpec.to_dict).
+LATER_FIELDS = ("deploy",)
+
+
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace: the byte-stable form that ids hash."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -121,6 +125,10 @@ class TrialSpec:
     seed: int = _doc(0, "seed of initialisation, shuffling and augmentation")
     baseline: str = _doc("", "baseline registry name when kind is baseline")
     baseline_args: dict[str, Any] = _doc_dict("baseline arguments")
+    deploy: dict[str, Any] = _doc_dict(
+        "deployment phase after training (workers.deploy.DeployConfig: variants, ship, "
+        "calibration, export); empty: none"
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in TRIAL_KINDS:
@@ -134,7 +142,13 @@ class TrialSpec:
         return hash(self.trial_id)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        # Fields added after the first sweeps leave the canonical form while they are
+        # empty, so a trial that does not use them keeps the id (and the record) it had.
+        for name in LATER_FIELDS:
+            if not data[name]:
+                del data[name]
+        return data
 
     def to_json(self) -> str:
         return canonical_json(self.to_dict())

@@ -43,11 +43,23 @@ class SweepOutcome:
 
 def _trainable(config: dict[str, Any], shared: dict[str, Any]) -> None:
     """Runs inside a Ray worker process: one spec in, one record reported."""
+    spec = TrialSpec.from_json(config["spec"])
+    record = _run_spec(spec, config, shared, LiveMetrics(spec))
+    tune.report({"record": record.to_json(), "status": record.status})
+
+
+def _run_spec(
+    spec: TrialSpec,
+    config: dict[str, Any],
+    shared: dict[str, Any],
+    progress: Callable[[dict[str, float]], None],
+) -> TrialRecord:
+    """The body of every trial in a Ray worker (a Tune trial or a search task): the
+    dataset from the object store when the driver shared it, then ``run_trial``."""
     from workers.datasets import from_shared, shared_key
     from workers.energy import EnergyConfig
     from workers.trial import run_trial
 
-    spec = TrialSpec.from_json(config["spec"])
     ref = shared.get(shared_key(spec.dataset, spec.dataset_args))
     provider = None if ref is None else lambda: (from_shared(ray.get(ref)), "object_store")
     record = run_trial(
@@ -56,10 +68,11 @@ def _trainable(config: dict[str, Any], shared: dict[str, Any]) -> None:
         data=provider,
         energy=EnergyConfig(**config["energy"]),
         exclusive=gpu_exclusive(config["gpus"][str(spec.budget_mb)]),
-        progress=LiveMetrics(spec),
+        progress=progress,
+        artifacts_dir=f"{config['artifacts']}/{spec.trial_id}" if config.get("artifacts") else None,
     )
     record.node_id = ray.get_runtime_context().get_node_id()
-    tune.report({"record": record.to_json(), "status": record.status})
+    return record
 
 
 class LiveMetrics:
@@ -83,8 +96,10 @@ class LiveMetrics:
         }
 
     def __call__(self, figures: dict[str, float]) -> None:
-        for name, value in figures.items():
-            self.gauges[name].set(float(value), tags=self.tags)
+        """Set the gauges of the figures given (others, e.g. per-epoch ones, are not gauges)."""
+        for name, gauge in self.gauges.items():
+            if name in figures:
+                gauge.set(float(figures[name]), tags=self.tags)
 
 
 def gpu_exclusive(gpus_per_trial: float) -> bool | None:
@@ -325,6 +340,12 @@ def run_sweep(
     storage = (
         store.output + "/_tune" if store.is_uri else str(Path(store.output).resolve() / "_tune")
     )
+    # files a trial's deployment phase exports: OUTPUT/artifacts/<trial_id>/
+    artifacts = (
+        store.output + "/artifacts"
+        if store.is_uri
+        else str(Path(store.output).resolve() / "artifacts")
+    )
     energy = dict(energy or {})
     gpus = gpus_per_budget(
         {s.budget_mb for s in specs}, resources, energy, connection.resources.get("GPU", 0)
@@ -345,6 +366,7 @@ def run_sweep(
             "threads": resources.cpus_per_trial,
             "energy": energy,
             "gpus": gpus,
+            "artifacts": artifacts,
         },
         tune_config=tune.TuneConfig(
             max_concurrent_trials=resources.max_concurrent,
@@ -373,3 +395,131 @@ def run_sweep(
         crashed=recorder.crashed,
         wall_time_s=time.perf_counter() - start,
     )
+
+
+# ---------------------------------------------------------------- tasks for the search
+
+
+@ray.remote(num_cpus=0)
+class _ProgressBox:
+    """Figures that search tasks report while they train, until the driver takes them."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, dict[str, float]]] = []
+
+    def put(self, key: int, figures: dict[str, float]) -> None:
+        self.items.append((key, figures))
+
+    def take(self) -> list[tuple[int, dict[str, float]]]:
+        items, self.items = self.items, []
+        return items
+
+
+@ray.remote
+def _search_task(config: dict[str, Any], shared: dict[str, Any], key: int, box: Any | None) -> str:
+    """One spec in a Ray worker; its record as JSON. Live figures go to the Ray gauges
+    and, when the driver asked for them (``box``), to the driver."""
+    spec = TrialSpec.from_json(config["spec"])
+    live = LiveMetrics(spec)
+
+    def progress(figures: dict[str, float]) -> None:
+        live({k: v for k, v in figures.items() if k in LiveMetrics.DESCRIPTIONS})
+        if box is not None:
+            box.put.remote(key, dict(figures))
+
+    return _run_spec(spec, config, shared, progress).to_json()
+
+
+class SpecRunner:
+    """Runs TrialSpecs as plain Ray tasks, ``capacity`` at once, for a driver that picks
+    each next trial from the results so far (the Optuna ask/tell loop of
+    ``orchestrator.search``): ``submit``, then ``wait`` returns the trials that ended.
+
+    Tune is not used here because Tune wants every trial (or a searcher that owns the
+    loop) up front; a task per spec keeps the same trial body (``_run_spec``), the same
+    resources per trial, datasets decoded once into the object store, worker processes
+    reused between trials, and a re-run of a task whose worker died (``max_retries``).
+    A task that still dies is a ``failed`` record with Ray's error. With
+    ``forward_progress`` the trials' live figures come back to ``wait``'s
+    ``on_progress``, whose False cancels the trial (it ends without a record).
+    """
+
+    def __init__(
+        self,
+        resources: Resources,
+        *,
+        budgets_mb: set[float],
+        capacity: int,
+        energy: dict[str, Any] | None = None,
+        address: str | None = None,
+        dashboard: bool = False,
+        forward_progress: bool = False,
+    ) -> None:
+        connection = connect(address, dashboard)
+        check_resources(resources, connection.resources)
+        if connection.dashboard_url:
+            print(f"Ray dashboard: {connection.dashboard_url}")
+        self.capacity = capacity
+        self.resources = resources
+        self.energy = dict(energy or {})
+        self.gpus = gpus_per_budget(
+            budgets_mb, resources, self.energy, connection.resources.get("GPU", 0)
+        )
+        self.box = _ProgressBox.remote() if forward_progress else None
+        self.shared: dict[str, Any] = {}
+        self.tried: set[str] = set()  # dataset keys already shared (or not shareable)
+        self.running: dict[Any, tuple[int, TrialSpec]] = {}  # ObjectRef -> (key, spec)
+
+    def submit(self, key: int, spec: TrialSpec) -> None:
+        """Start ``spec`` as soon as the cluster has room; ``key`` names it in ``wait``."""
+        from workers.datasets import shared_key
+
+        dataset = shared_key(spec.dataset, spec.dataset_args)
+        if dataset not in self.tried:
+            self.tried.add(dataset)
+            self.shared.update(share_datasets([spec]))
+        config = {
+            "spec": spec.to_json(),
+            "threads": self.resources.cpus_per_trial,
+            "energy": self.energy,
+            "gpus": self.gpus,
+        }
+        task = _search_task.options(
+            num_cpus=self.resources.cpus_per_trial,
+            num_gpus=self.gpus[str(spec.budget_mb)],
+            max_retries=self.resources.max_retries,
+            name=f"trial {spec.trial_id} {spec.label}",
+        )
+        self.running[task.remote(config, self.shared, key, self.box)] = (key, spec)
+
+    def wait(
+        self, timeout_s: float, on_progress: Callable[[int, dict[str, float]], bool]
+    ) -> list[tuple[int, TrialRecord | None]]:
+        """Trials that ended within ``timeout_s``: (key, record), record None when the
+        trial was cancelled. Live figures that arrived first go to ``on_progress``."""
+        if self.box is not None:
+            for key, figures in ray.get(self.box.take.remote()):
+                ref = next((r for r, (k, _) in self.running.items() if k == key), None)
+                if ref is not None and not on_progress(key, figures):
+                    ray.cancel(ref)
+        if not self.running:
+            return []
+        ready, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout_s)
+        if ready:  # and every other one already done
+            ready, _ = ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
+        out = []
+        for ref in ready:
+            key, spec = self.running.pop(ref)
+            try:
+                out.append((key, TrialRecord.from_json(ray.get(ref))))
+            except ray.exceptions.TaskCancelledError:
+                out.append((key, None))
+            except ray.exceptions.RayError as exc:
+                out.append((key, TrialRecord(spec=spec, status="failed", error=f"ray: {exc}")))
+        return out
+
+    def close(self) -> None:
+        """Cancel the trials still running (an interrupted search)."""
+        for ref in self.running:
+            ray.cancel(ref)
+        self.running.clear()

@@ -6,7 +6,8 @@ there count nothing (custom kernels: bitsandbytes 4-bit matmuls, mamba-ssm scans
 
 Inference is measured on a copy of the trained model with its adapters merged where
 that is possible (``inference_model``), so the model the trial goes on using is never
-changed:
+changed; ``measure_inference`` measures a model that is ready as it is (the deployment
+phase's variants, ``workers.deploy``):
 
 - latency: median of ``repeats`` timed forwards after ``warmup`` untimed ones, each
   between device synchronisations, at batch 1 and at the trial's batch size;
@@ -33,7 +34,7 @@ import statistics
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +133,25 @@ def _strip_patched_forwards(model: nn.Module) -> None:
 
 
 @torch.no_grad()
+def _replace_by_linear(
+    model: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """Put a plain ``nn.Linear`` holding ``weight`` and ``bias`` in place of module ``name``."""
+    linear = nn.Linear(
+        weight.shape[1],
+        weight.shape[0],
+        bias=bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, linear)
+
+
+@torch.no_grad()
 def _fold_delta_weights(model: nn.Module) -> None:
     """Replace every layer exposing ``delta_weight()`` by a plain ``nn.Linear`` holding
     weight + delta (the update its forward adds)."""
@@ -139,19 +159,59 @@ def _fold_delta_weights(model: nn.Module) -> None:
         (name, m) for name, m in model.named_modules() if callable(getattr(m, "delta_weight", None))
     ]
     for name, layer in targets:
-        weight = layer.weight + layer.delta_weight()
-        linear = nn.Linear(
-            weight.shape[1],
-            weight.shape[0],
-            bias=layer.bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        linear.weight.copy_(weight)
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        _replace_by_linear(model, name, layer.weight + layer.delta_weight(), layer.bias)
+
+
+def _four_bit_layers(model: nn.Module) -> list[nn.Module]:
+    """bitsandbytes ``Linear4bit`` layers (QLoRA's frozen base)."""
+    if "bitsandbytes" not in sys.modules:  # a model with 4-bit layers has imported it
+        return []
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+@torch.no_grad()
+def _dequantize_and_merge_4bit(model: nn.Module) -> None:
+    """QLoRA's dequantize-then-merge: every peft LoRA layer over a 4-bit base becomes a
+    plain fp32 ``nn.Linear`` holding the dequantized base weight + the adapters' update.
+
+    peft's own merge re-quantizes the sum to 4 bits, which changes the function by the
+    new rounding (5-15% of the output on the tiny test models); a deployment that wants
+    the trained function in float (and quantizes it again on its own terms) starts here.
+    """
+    four_bit = {id(m) for m in _four_bit_layers(model)}
+    if not four_bit:
+        return
+    from peft.tuners.lora import LoraLayer
+
+    from workers.methods.qlora import dequantized_weight
+
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer) and id(m.get_base_layer()) in four_bit
+    ]
+    for name, layer in targets:
+        base = layer.get_base_layer()
+        weight = dequantized_weight(base)
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                weight = weight + layer.get_delta_weight(adapter).float()
+        bias = None if base.bias is None else base.bias.float()
+        _replace_by_linear(model, name, weight, bias)
+
+
+def _fp32_reference(model: nn.Module) -> nn.Module:
+    """``model``, or a copy whose 4-bit layers compute in fp32 instead of 16 bits: the
+    function a dequantized fp32 merge must reproduce (bf16 rounding of the activations
+    alone moves the tiny test models' outputs by ~0.4%, above ``MERGE_TOLERANCE``)."""
+    if all(m.compute_dtype in (None, torch.float32) for m in _four_bit_layers(model)):
+        return model
+    reference = _copy(model)
+    for layer in _four_bit_layers(reference):
+        layer.compute_dtype = torch.float32
+    return reference
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -164,9 +224,13 @@ def _copy(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _merged_copy(model: nn.Module) -> nn.Module | None:
-    """A copy with every adapter folded into the weights; None if that is not possible."""
+def _merged_copy(model: nn.Module, dequantize: bool) -> nn.Module | None:
+    """A copy with every adapter folded into the weights; None if that is not possible.
+    ``dequantize``: adapters over 4-bit bases merge into fp32 weights (see
+    ``_dequantize_and_merge_4bit``); otherwise peft merges them (and re-quantizes)."""
     clone = _copy(model)
+    if dequantize:
+        _dequantize_and_merge_4bit(clone)
     if "peft" in sys.modules:
         from peft import PeftModel
 
@@ -193,7 +257,7 @@ def _same_function(a: nn.Module, b: nn.Module, size: int, device: torch.device) 
 
 
 def inference_model(
-    model: nn.Module, size: int, device: torch.device
+    model: nn.Module, size: int, device: torch.device, dequantize: bool = False
 ) -> tuple[nn.Module, bool | None]:
     """A copy of ``model`` for inference, adapters merged where possible.
 
@@ -203,12 +267,18 @@ def inference_model(
     must compute the trained model's function within ``MERGE_TOLERANCE``: a merge
     that does not is dropped for an unmerged copy; an unmerged copy that does not
     raises RuntimeError. ``model`` itself is not changed.
+
+    ``dequantize`` (the deployment phase): LoRA adapters over QLoRA's 4-bit bases merge
+    into the dequantized fp32 weights, and the merge is checked against the trained
+    model with its 4-bit layers computing in fp32. Without it (the trial's inference
+    cost) peft's 4-bit merge changes the function, so QLoRA models stay unmerged.
     """
     if not _adapter_layers(model):
         clone, merged = _copy(model), None
     else:
-        clone = _merged_copy(model)
-        if clone is not None and (gap := _same_function(clone, model, size, device)) > (
+        clone = _merged_copy(model, dequantize)
+        reference = _fp32_reference(model) if dequantize and clone is not None else model
+        if clone is not None and (gap := _same_function(clone, reference, size, device)) > (
             MERGE_TOLERANCE
         ):
             log.warning("inference cost: merging changed the outputs by %.2g: unmerged", gap)
@@ -248,16 +318,49 @@ def inference_cost(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     clone, merged = inference_model(model, size, device)
-    clone.eval()
-    weights = _weight_bytes(clone)
-    dtype = _input_dtype(clone)
+    return measure_inference(
+        clone,
+        size,
+        batch_size,
+        device,
+        repeats=repeats,
+        warmup=warmup,
+        autocast=autocast,
+        merged=merged,
+    )
+
+
+def measure_inference(
+    model: nn.Module,
+    size: int,
+    batch_size: int,
+    device: torch.device,
+    *,
+    repeats: int = 10,
+    warmup: int = 3,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    merged: bool | None = None,
+    not_stored: Collection[torch.Tensor] = (),
+) -> InferenceCost:
+    """Latency and peak memory of inference with ``model`` itself (put in eval mode, on
+    ``device``), measured as ``inference_cost`` describes; ``merged`` is passed through.
+
+    ``not_stored``: tensors of the model that its weights' figure leaves out: the float
+    copies that simulated quantization computes with (``workers.quantization``), whose
+    stored form (int8 codes + scales) is what the figure counts.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    model.eval()
+    weights = _weight_bytes(model) - _weight_bytes_of(not_stored)
+    dtype = _input_dtype(model)
     latency, peak = {}, {}
     for batch in sorted({1, batch_size}):
         x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
 
         def forward(x: torch.Tensor = x) -> None:
             with torch.inference_mode(), autocast():
-                clone(x)
+                model(x)
 
         latency[batch] = _median_ms(forward, device, repeats, warmup)
         peak[batch] = (weights + _forward_peak_bytes(forward, x, device)) / MB
@@ -301,7 +404,12 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
 
 
 def _weight_bytes(model: nn.Module) -> int:
-    keys = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
+    return _weight_bytes_of([*model.parameters(), *model.buffers()])
+
+
+def _weight_bytes_of(tensors: Collection[torch.Tensor]) -> int:
+    """Bytes of the distinct storages under ``tensors``."""
+    keys = {_storage_key(t) for t in tensors}
     return sum(k[1] for k in keys if k is not None)
 
 

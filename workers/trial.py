@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import gc
+import itertools
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from workers.datasets import (
     resident_on,
     select,
 )
+from workers.deploy import DeployConfig, deploy
 from workers.energy import EnergyConfig, EnergyMeasurement, select_meter
 from workers.methods import MethodContext, apply_method, count_parameters
 
@@ -73,6 +75,7 @@ def run_trial(
     energy: EnergyConfig | None = None,
     exclusive: bool | None = None,
     progress: ProgressSink | None = None,
+    artifacts_dir: str | None = None,
 ) -> TrialRecord:
     """Train and evaluate ``spec``; every outcome is a record.
 
@@ -81,8 +84,10 @@ def run_trial(
     it (in memory, or a provider that fetches it from a shared store); None loads it.
     ``energy`` chooses the energy meter (default: the first available); ``exclusive``
     is the scheduler's word on whether the trial holds its device alone; ``progress``
-    receives live figures while a fine-tuning trial trains. None of them changes what
-    the trial computes, so none is part of the spec.
+    receives live figures while a fine-tuning trial trains. ``artifacts_dir`` (a folder
+    or URI of this trial's own) receives the files the deployment phase exports (the
+    spec's ``deploy``; None: none are kept). None of them changes what the trial
+    computes, so none is part of the spec.
 
     Example:
         >>> record = run_trial(TrialSpec(backbone="vit_test", dataset="digits"))
@@ -101,7 +106,16 @@ def run_trial(
         if spec.kind == "baseline":
             _baseline(spec, device, record, data, energy or EnergyConfig(), exclusive)
         else:
-            _finetune(spec, device, record, data, energy or EnergyConfig(), exclusive, progress)
+            _finetune(
+                spec,
+                device,
+                record,
+                data,
+                energy or EnergyConfig(),
+                exclusive,
+                progress,
+                artifacts_dir,
+            )
         record.status = "ok"
     except memory.OverBudget as exc:
         record.status, record.error = "over_budget", str(exc)
@@ -134,6 +148,7 @@ def _finetune(
     energy: EnergyConfig,
     exclusive: bool | None,
     progress: ProgressSink | None,
+    artifacts_dir: str | None,
 ) -> None:
     t_trial = time.perf_counter()
     _seed_everything(spec.seed)
@@ -263,6 +278,7 @@ def _finetune(
     record.eval_time_s = time.perf_counter() - t_eval
     optimizer.state.clear()  # room for the inference copy under the cap
     _fill_inference(record, model, size, train.batch_size, device, autocast)
+    _deploy(spec, record, model, data, size, feed, device, artifacts_dir)
 
 
 def _prepare_checkpointing(
@@ -550,6 +566,60 @@ def _fill_inference(
         cost.peak_mem_mb_batch,
     )
     record.infer_mem_source, record.infer_merged = cost.mem_source, cost.merged
+
+
+def _deploy(
+    spec: TrialSpec,
+    record: TrialRecord,
+    model: nn.Module,
+    data: ImageData,
+    size: int,
+    feed: Callable[..., Any],
+    device: torch.device,
+    artifacts_dir: str | None,
+) -> None:
+    """The deployment phase (``workers.deploy``) when the spec asks for one: its variants
+    calibrated on the first training batches of a seeded shuffle (no augmentation),
+    evaluated on the test split as the trained model was (fp32), measured at the
+    trial's batch size; the shipped variant's figures in the flat deploy_* columns."""
+    if not spec.deploy:
+        return
+    config = DeployConfig(**spec.deploy)
+    batch_size = spec.train.batch_size
+    order = torch.Generator().manual_seed(spec.seed)
+    calibration = [
+        xb
+        for xb, _ in itertools.islice(
+            feed(data.train_x, data.train_y, batch_size, generator=order),
+            config.calibration_batches,
+        )
+    ]
+
+    def evaluate(variant: nn.Module) -> float:
+        test = (data.test_x, data.test_y, data.num_classes)
+        return _evaluate(variant, *test, feed, spec, nullcontext())[0]
+
+    result = deploy(
+        model,
+        config,
+        backbone=spec.backbone,
+        size=size,
+        batch_size=batch_size,
+        device=device,
+        calibration=calibration,
+        evaluate=evaluate,
+        artifacts_dir=artifacts_dir,
+        metadata={"trial_id": spec.trial_id, "num_classes": str(data.num_classes)},
+    )
+    shipped = result.shipped
+    record.deploy_variant, record.deploy_merged = shipped.variant, result.merged
+    record.deploy_accuracy, record.deploy_size_mb = shipped.accuracy, shipped.size_mb
+    record.deploy_latency_ms_b1 = shipped.latency_ms_b1
+    record.deploy_latency_ms_batch = shipped.latency_ms_batch
+    record.deploy_peak_mem_mb_b1 = shipped.peak_mem_mb_b1
+    record.deploy_peak_mem_mb_batch = shipped.peak_mem_mb_batch
+    record.deploy_simulated = shipped.simulated
+    record.deploy_results, record.deploy_artifacts = result.to_json(), result.artifacts
 
 
 def _optimizer(spec: TrialSpec, model: nn.Module) -> torch.optim.Optimizer:

@@ -51,15 +51,6 @@ def test_missing_sweep_folder_is_a_user_error(
     assert "no records folder" in err and "Traceback" not in err
 
 
-def test_search_is_refused_until_it_exists(
-    tiny_grid: dict[str, Any],
-    write_grid: Callable[[dict[str, Any]], Path],
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    assert main(["search", str(write_grid(tiny_grid))]) == 2
-    assert "not available" in capsys.readouterr().err
-
-
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "orchestrate" in capsys.readouterr().out

@@ -105,3 +105,30 @@ def test_a_variant_whose_column_is_missing_is_skipped_with_a_note() -> None:
 def test_unknown_variant_names_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="netscore_mem"):
         netscores(_record(accuracy=0.5), ["nsm"])
+
+
+def test_deploy_variants_score_the_deployed_model() -> None:
+    # deployed accuracy 0.5 -> 50 %; 4 MiB on disk; 25 ms: 2500 / (2 * 5). The trained
+    # model's accuracy (0.9) does not enter.
+    df = _record(
+        accuracy=0.9,
+        deploy_accuracy=0.5,
+        deploy_size_mb=4.0,
+        deploy_latency_ms_b1=25.0,
+        deploy_peak_mem_mb_b1=256.0,
+        macs=4e9,
+    )
+    result = netscores(df)
+    assert result.table["netscore_deploy_latency"].iloc[0] == pytest.approx(20 * math.log10(250))
+    # 0.25 GiB, 4 GMAC: 2500 / (0.5 * 2)
+    assert result.table["netscore_deploy_mem"].iloc[0] == pytest.approx(20 * math.log10(2500))
+
+
+def test_deploy_variants_join_the_default_set_only_with_a_deployment_phase() -> None:
+    plain = _record(accuracy=0.9, params_total=1e6, macs=1e9)
+    assert not any("deploy" in name for name in netscores(plain).table.columns)
+    assert not any("deploy" in name for name in netscores(plain).skipped)
+    asked = netscores(plain, ["netscore_deploy_latency"])
+    assert asked.skipped == {
+        "netscore_deploy_latency": "no deploy_accuracy, deploy_size_mb, deploy_latency_ms_b1"
+    }

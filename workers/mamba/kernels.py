@@ -6,7 +6,8 @@ extra: ``pip install -e .[gpu]`` on a machine with a CUDA toolchain). Here they 
 optional: ``scan_implementation`` and ``conv_implementation`` pick, per device, the
 fused kernel when its package imports, else the pure-PyTorch path (``workers.mamba.scan``
 and ``nn.Conv1d``). Every projection stays a module call outside these kernels, so
-PEFT wrappers of the linear layers apply on both paths.
+PEFT wrappers of the linear layers apply on both paths; the scan's operands pass through
+a ``ScanInputs`` module (an identity) so that post-training quantization can reach them.
 
 mamba-ssm: https://github.com/state-spaces/mamba
 causal-conv1d: https://github.com/Dao-AILab/causal-conv1d
@@ -73,6 +74,22 @@ def selective_scan(
     device. ``A``, ``D`` and ``delta_bias`` must be fp32, as the fused kernel requires."""
     scan = scan_implementation(u.device)
     return scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+
+class ScanInputs(nn.Module):
+    """The selective scan's input-dependent operands at their call site: an identity.
+
+    ``u`` and ``delta`` (batch, dim, length), ``B`` and ``C`` (batch, state, length), as
+    the mixer hands them to ``selective_scan``. It holds no parameters (state dicts are
+    unchanged); post-training quantization replaces it by a module that rounds the
+    operands to int8 (``workers.quantization.QuantScanInputs``), and calibration observes
+    them through its forward hooks.
+    """
+
+    def forward(
+        self, u: torch.Tensor, delta: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return u, delta, B, C
 
 
 def _conv_module(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:

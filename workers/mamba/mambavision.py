@@ -42,7 +42,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from workers.mamba.kernels import selective_scan
+from workers.mamba.kernels import ScanInputs, selective_scan
 from workers.mamba.vim import IMAGENET_MEAN, IMAGENET_STD, s4d_real_log
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class MambaVisionMixer(nn.Module):
         # official: F.conv1d(..., padding="same") with these modules' weights (no bias)
         self.conv1d_x = nn.Conv1d(half, half, d_conv, groups=half, bias=False, padding="same")
         self.conv1d_z = nn.Conv1d(half, half, d_conv, groups=half, bias=False, padding="same")
+        self.scan_inputs = ScanInputs()  # the scan operands' call site (a quantization hook)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, d_inner, L)
@@ -77,12 +78,13 @@ class MambaVisionMixer(nn.Module):
             [self.dt_rank, self.d_state, self.d_state], dim=-1
         )
         delta = self.dt_proj(dt).transpose(1, 2)
+        x, delta, B, C = self.scan_inputs(x, delta, B.transpose(1, 2), C.transpose(1, 2))
         y = selective_scan(
             x,
             delta,
             -torch.exp(self.A_log.float()),
-            B.transpose(1, 2),
-            C.transpose(1, 2),
+            B,
+            C,
             self.D.float(),
             delta_bias=self.dt_proj.bias.float(),  # a second time, as the official code
             delta_softplus=True,

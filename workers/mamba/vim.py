@@ -37,7 +37,7 @@ from timm.layers import DropPath, PatchEmbed, lecun_normal_, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from workers.mamba.kernels import causal_conv1d_silu, selective_scan
+from workers.mamba.kernels import ScanInputs, causal_conv1d_silu, selective_scan
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class BiMambaMixer(nn.Module):
         self.conv1d_b, self.x_proj_b, self.dt_proj_b = self._branch(d_inner, d_conv)
         self.D_b = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        # the scan operands' call sites (identities without parameters: quantization hooks)
+        self.scan_inputs, self.scan_inputs_b = ScanInputs(), ScanInputs()
 
     def _branch(self, d_inner: int, d_conv: int) -> tuple[nn.Conv1d, nn.Linear, nn.Linear]:
         conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
@@ -98,6 +100,7 @@ class BiMambaMixer(nn.Module):
         dt_proj: nn.Module,
         A_log: torch.Tensor,
         D: torch.Tensor,
+        scan_inputs: nn.Module,
     ) -> torch.Tensor:
         """One direction: conv, selective scan gated by z; (B, 2 d_inner, L) -> (B, d_inner, L)."""
         x, z = xz.chunk(2, dim=1)
@@ -106,16 +109,23 @@ class BiMambaMixer(nn.Module):
             [self.dt_rank, self.d_state, self.d_state], dim=-1
         )
         delta = dt_proj(dt).transpose(1, 2)  # the bias is added here, before the softplus
+        x, delta, B, C = scan_inputs(x, delta, B.transpose(1, 2), C.transpose(1, 2))
         A = -torch.exp(A_log.float())
-        return selective_scan(
-            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D.float(), z=z, delta_softplus=True
-        )
+        return selective_scan(x, delta, A, B, C, D.float(), z=z, delta_softplus=True)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 d_inner, L)
-        forward = self._ssm(xz, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        forward = self._ssm(
+            xz, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, self.scan_inputs
+        )
         backward = self._ssm(
-            xz.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+            xz.flip(-1),
+            self.conv1d_b,
+            self.x_proj_b,
+            self.dt_proj_b,
+            self.A_b_log,
+            self.D_b,
+            self.scan_inputs_b,
         )
         return self.out_proj(((forward + backward.flip(-1)) / 2).transpose(1, 2))
 

@@ -1,0 +1,312 @@
+"""The deployment phase of a trial: the trained model as it would ship, measured.
+
+The question behind the seed papers is what to *deploy* on a small device. After a
+trial trains, this phase (the grid's ``deploy:`` section, the spec's ``deploy`` field)
+builds the shipped model and measures it, so that the deployment-aware NetScore
+variants and the Pareto front can use inference cost:
+
+1. merge: a copy of the trained model with its adapters folded into the base weights
+   (``workers.cost.inference_model`` with ``dequantize``): LoRA and AdaLoRA by peft,
+   QLoRA dequantized then merged in fp32, SNELLA's sparse update added to the weight,
+   BitFit and full fine-tuning trivially (nothing to merge). This is variant ``float``,
+   the reference of every ratio, always measured;
+2. variants: post-training quantization of that copy (``workers.quantization``):
+   ``int8`` (weights only, any backbone), ``w8a8`` (int8 weights and linear-layer
+   inputs, calibrated on ``calibration_batches`` training batches), ``quamba2`` (w8a8 +
+   the Quamba/Quamba2 recipe in the Mamba mixers; Mamba backbones only: on another
+   backbone the variant is skipped, its reason in the results);
+3. measure each: top-1 accuracy on the test split (the caller's ``evaluate``), inference
+   latency at batch 1 and at the batch size (median, warm-up excluded, synchronised)
+   and peak memory (``workers.cost.measure_inference``; weights counted as stored: int8
+   codes + scales for the quantized ones), size of its safetensors file on disk;
+4. export (``export``): ``merged`` keeps every variant's safetensors file
+   (``<variant>.safetensors``: its state dict, int8 codes and scales included),
+   ``adapter`` keeps only the trained parameters (``adapter.safetensors``: adapters,
+   biases, the head, under the trained model's names), ``none`` keeps nothing; files
+   go to the trial's artifacts folder (a local folder or a URI, copied through pyarrow).
+
+No int8 kernel runs in this version, on any device: quantization is simulated
+(quantize-dequantize, see ``workers.quantization``) and its results are labelled
+``simulated``: accuracy is the int8 model's, memory and size are those of the int8
+storage, latency is float latency plus the rounding's (not a speed-up to expect).
+Everything runs in fp32, whatever the trial's training precision.
+
+A variant that fails (an error, out of memory) is a result with its reason, not a
+failed trial: the training results stand.
+
+Example:
+    >>> config = DeployConfig(variants=("int8", "w8a8"))
+    >>> config.variants, config.ship
+    (('float', 'int8', 'w8a8'), 'w8a8')
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from orchestrator.spec import is_int, is_number
+from workers.backbones import MAMBA, family
+from workers.cost import inference_model, measure_inference
+from workers.memory import MB
+from workers.quantization import quantize_model, simulation_tensors
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("float", "int8", "w8a8", "quamba2")  # canonical order: least to most processed
+EXPORTS = ("merged", "adapter", "none")
+# Timed forwards per batch size (median) after untimed warm-up ones.
+REPEATS = 10
+WARMUP = 3
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """The grid's ``deploy:`` section. Resolved: ``float`` always among the variants (the
+    reference), variants in ``VARIANTS`` order, ``ship`` named."""
+
+    variants: tuple[str, ...] = ("float", "int8")  # what to build and measure
+    ship: str = ""  # the variant of the record's flat deploy_* columns ("": the last listed)
+    calibration_batches: int = 4  # training batches that calibrate w8a8 / quamba2 activations
+    percentile: float = 99.99  # quamba2: percentile of |x| that clips the scan's operands
+    bc_groups: int = 4  # quamba2: groups of state channels with their own B and C scales
+    export: str = "merged"  # merged | adapter | none (see the module doc)
+
+    def __post_init__(self) -> None:
+        variants = (self.variants,) if isinstance(self.variants, str) else self.variants
+        if not isinstance(variants, list | tuple) or not variants:
+            raise ValueError(f"variants must be a non-empty list of {list(VARIANTS)}")
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant {unknown[0]!r}; valid: {', '.join(VARIANTS)}")
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"variants must not repeat, got {list(variants)}")
+        variants = tuple(v for v in VARIANTS if v in variants or v == "float")
+        object.__setattr__(self, "variants", variants)
+        object.__setattr__(self, "ship", self.ship or variants[-1])
+        problems = []
+        if self.ship not in variants:
+            problems.append(f"ship must be one of the variants {list(variants)}, got {self.ship!r}")
+        if not is_int(self.calibration_batches) or self.calibration_batches < 1:
+            problems.append(
+                f"calibration_batches must be an integer >= 1, got {self.calibration_batches!r}"
+            )
+        if not is_number(self.percentile) or not 50.0 < self.percentile <= 100.0:
+            problems.append(f"percentile must be a number in (50, 100], got {self.percentile!r}")
+        if not is_int(self.bc_groups) or self.bc_groups < 1:
+            problems.append(f"bc_groups must be an integer >= 1, got {self.bc_groups!r}")
+        if self.export not in EXPORTS:
+            problems.append(f"export must be one of {list(EXPORTS)}, got {self.export!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved section as plain JSON values (what a TrialSpec carries)."""
+        return {**dataclasses.asdict(self), "variants": list(self.variants)}
+
+
+def not_applicable(variant: str, backbone: str) -> str:
+    """Why ``variant`` cannot be built for ``backbone`` ("" when it can)."""
+    if variant == "quamba2" and (own := family(backbone)) != MAMBA:
+        return f"quamba2 applies to Mamba backbones only; {backbone} is of the {own} family"
+    return ""
+
+
+@dataclass
+class VariantResult:
+    """What one deployed variant measured (units in the names; sizes in MiB)."""
+
+    variant: str
+    accuracy: float | None = None  # top-1 on the test split, fraction
+    latency_ms_b1: float | None = None  # median forward, batch 1
+    latency_ms_batch: float | None = None  # median forward, the trial's batch size
+    peak_mem_mb_b1: float | None = None  # stored weights + input + forward peak, batch 1
+    peak_mem_mb_batch: float | None = None
+    size_mb: float | None = None  # its safetensors file
+    simulated: bool = False  # quantize-dequantize in float, no int8 kernel
+    file: str = ""  # where its file was exported ("" = measured, not kept)
+    skipped: str = ""  # why it has no figures (not applicable, or failed: ...)
+
+
+@dataclass
+class Deployment:
+    """Every variant's results; ``ship`` names the one the record's flat columns take."""
+
+    ship: str
+    merged: bool | None  # as InferenceCost.merged: None = the model had no adapters
+    variants: dict[str, VariantResult] = field(default_factory=dict)
+    artifacts: str = ""  # folder or URI of the exported files ("" = nothing exported)
+
+    @property
+    def shipped(self) -> VariantResult:
+        return self.variants[self.ship]
+
+    def to_json(self) -> str:
+        """variant -> its figures as JSON, variants in order (the record's ``deploy_results``)."""
+        rows = {name: dataclasses.asdict(r) for name, r in self.variants.items()}
+        return json.dumps(rows, allow_nan=False)
+
+
+def deploy(
+    model: nn.Module,
+    config: DeployConfig,
+    *,
+    backbone: str,
+    size: int,
+    batch_size: int,
+    device: torch.device,
+    calibration: Sequence[torch.Tensor],
+    evaluate: Callable[[nn.Module], float],
+    artifacts_dir: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Deployment:
+    """Merge, quantize, measure and export the trained ``model`` (left unchanged).
+
+    ``calibration``: input batches from the training split; ``evaluate(model)``: its
+    top-1 accuracy on the test split; ``artifacts_dir``: where exported files go (None:
+    nothing is kept); ``metadata``: strings stored in every exported file's header.
+
+    Example:
+        >>> out = deploy(model, DeployConfig(), backbone="vit_test", size=32,
+        ...              batch_size=64, device=torch.device("cpu"), calibration=[xb],
+        ...              evaluate=lambda m: accuracy(m))  # doctest: +SKIP
+        >>> out.shipped.size_mb / out.variants["float"].size_mb  # doctest: +SKIP
+        0.27
+    """
+    try:
+        reference, merged = inference_model(model, size, device, dequantize=True)
+    except torch.OutOfMemoryError as exc:  # the trial keeps its training results
+        why = f"failed: the merged copy does not fit ({str(exc).splitlines()[0]})"
+        log.warning("deploy: %s", why)
+        variants = {
+            v: VariantResult(v, simulated=v != "float", skipped=why) for v in config.variants
+        }
+        return Deployment(config.ship, None, variants)
+    export = config.export if artifacts_dir else "none"
+    if config.export != "none" and not artifacts_dir:
+        log.info("deploy: no artifacts folder given, nothing is exported")
+    out = Deployment(config.ship, merged, artifacts=artifacts_dir if export != "none" else "")
+    header = {**(metadata or {}), "backbone": backbone, "merged": str(merged)}
+    with tempfile.TemporaryDirectory(prefix="vramsweep-deploy-") as scratch:
+        if export == "adapter":
+            trained = {
+                n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad
+            }
+            path = Path(scratch) / "adapter.safetensors"
+            safetensors.torch.save_file(trained, path, metadata=header)
+            _publish(path, f"{artifacts_dir}/{path.name}")
+        ctx = _Context(
+            config=config,
+            backbone=backbone,
+            size=size,
+            batch_size=batch_size,
+            device=device,
+            calibration=calibration,
+            evaluate=evaluate,
+            scratch=Path(scratch),
+            export_to=artifacts_dir if export == "merged" else None,
+            header=header,
+        )
+        for variant in config.variants:
+            out.variants[variant] = _variant(variant, reference, ctx)
+    if out.shipped.skipped:
+        log.warning("deploy: the shipped variant %s has no figures", config.ship)
+    return out
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every variant of one deployment is built and measured with."""
+
+    config: DeployConfig
+    backbone: str
+    size: int
+    batch_size: int
+    device: torch.device
+    calibration: Sequence[torch.Tensor]
+    evaluate: Callable[[nn.Module], float]
+    scratch: Path  # a temporary folder for the files
+    export_to: str | None  # folder or URI that keeps the variants' files
+    header: dict[str, str]  # metadata of every file
+
+
+def _variant(variant: str, reference: nn.Module, ctx: _Context) -> VariantResult:
+    """Build ``variant`` from the merged float ``reference`` and measure it; a failure is
+    the result's ``skipped`` reason."""
+    result = VariantResult(variant, simulated=variant != "float")
+    if reason := not_applicable(variant, ctx.backbone):
+        result.skipped = reason
+        log.info("deploy: %s skipped: %s", variant, reason)
+        return result
+    config = ctx.config
+    try:
+        built = reference
+        if variant != "float":
+            built = quantize_model(
+                copy.deepcopy(reference),
+                variant,
+                ctx.calibration,
+                percentile=config.percentile,
+                bc_groups=config.bc_groups,
+            )
+        result.accuracy = ctx.evaluate(built)
+        cost = measure_inference(
+            built,
+            ctx.size,
+            ctx.batch_size,
+            ctx.device,
+            repeats=REPEATS,
+            warmup=WARMUP,
+            not_stored=simulation_tensors(built),
+        )
+        result.latency_ms_b1, result.latency_ms_batch = cost.latency_ms_b1, cost.latency_ms_batch
+        result.peak_mem_mb_b1 = cost.peak_mem_mb_b1
+        result.peak_mem_mb_batch = cost.peak_mem_mb_batch
+        path = ctx.scratch / f"{variant}.safetensors"
+        safetensors.torch.save_model(built, str(path), metadata={**ctx.header, "variant": variant})
+        result.size_mb = path.stat().st_size / MB
+        if ctx.export_to is not None:
+            result.file = _publish(path, f"{ctx.export_to}/{path.name}")
+        path.unlink()
+    except Exception as exc:  # noqa: BLE001 - a variant that fails is a result
+        result.skipped = f"failed: {type(exc).__name__}: {exc}"
+        log.warning("deploy: %s failed", variant, exc_info=True)
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def _publish(local: Path, target: str) -> str:
+    """Copy the finished file ``local`` to ``target``, a local path (written beside it,
+    then renamed: never half a file) or a URI (through pyarrow's file systems; an object
+    store's put is atomic). Returns ``target``."""
+    if "://" in target:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(target)
+        fs.create_dir(path.rpartition("/")[0], recursive=True)
+        with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+            shutil.copyfileobj(src, dst)
+        return target
+    dest = Path(target)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return str(dest)

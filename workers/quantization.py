@@ -1,0 +1,437 @@
+"""Post-training quantization of a trained model to 8 bits: three recipes, simulated in float.
+
+Every recipe stores weights as symmetric int8 codes with one fp32 scale per output
+channel, scale = max |w| of the channel / 127, so that each weight is within scale / 2
+of its stored value (round to nearest). Activations, when quantized, are per-tensor
+static int8 with a scale fixed by calibration on a few training batches. The recipes:
+
+- ``int8``: weight-only, every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``, any backbone;
+- ``w8a8``: int8 weights as ``int8`` and int8 inputs of every ``nn.Linear``, the clipping
+  range the largest |x| seen in the calibration batches (min-max calibration);
+- ``quamba2``: ``w8a8`` plus, in every Mamba mixer (a module owning a
+  ``workers.mamba.kernels.ScanInputs``), the recipe of Quamba / Quamba2:
+
+  * a Hadamard rotation of the inputs of ``in_proj`` and ``out_proj``, fused into their
+    weights (W -> W H, stored quantized) and applied online to the activation (x -> x H),
+    so that (x H)(W H)^T = x W^T: the float function is unchanged, and a few outlier
+    channels are spread over all channels before the activation is rounded;
+  * percentile clipping (``percentile`` of |x|, not its max) of the selective scan's
+    input u, shared by ``x_proj``, which reads the same tensor, and of delta, B and C;
+  * B and C with one scale per group of state channels (``bc_groups``), Quamba2's
+    per-state-group quantization.
+
+  Chiang et al., "Quamba: A Post-Training Quantization Recipe for Selective State Space
+  Models", ICLR 2025, https://arxiv.org/abs/2410.13229; "Quamba2: A Robust and Scalable
+  Post-training Quantization Framework for Selective State Space Models", ICML 2025,
+  https://arxiv.org/abs/2503.22879 (code: https://github.com/enyac-group/Quamba).
+
+  Not done here: Quamba2's sort-and-cluster of the SSM input's channels and its
+  reordering of the weights (per-tensor u instead), 4-bit weights (W4A8/W4A16), the
+  quantized cached state (vision models run whole sequences, not token by token), and
+  fusing the norm and the rotation into the residual stream (the rotation runs online).
+
+Simulation: no int8 kernel runs. Each quantized layer keeps its int8 codes and scales as
+persistent buffers (what a state dict, an exported file and the memory figure hold) and
+computes with their dequantized float copy, a non-persistent buffer named ``weight``
+(what code reading ``layer.weight`` expects: the fused causal-conv kernel does);
+activations are rounded and dequantized in place (quantize-dequantize). Accuracy is the
+int8 model's; latency is float latency plus the rounding's, so it is labelled
+``simulated`` in the record. The scan itself computes in float, as Quamba's kernels do
+after dequantizing their int8 operands.
+
+Calibration observes the float model (forward hooks, as Quamba's observers), then
+``convert`` replaces the layers. A percentile is computed per calibration batch and
+averaged over the batches (Quamba's observer keeps a running average too): an exact
+percentile over all batches would keep every activation of every batch.
+
+Example:
+    >>> model = quantize_model(model, "quamba2", calibration=[xb1, xb2])  # doctest: +SKIP
+    >>> sorted({type(m).__name__ for m in model.modules()} & {"QuantLinear", "QuantScanInputs"})
+    ['QuantLinear', 'QuantScanInputs']
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.mamba.kernels import ScanInputs
+
+log = logging.getLogger(__name__)
+
+QMAX = 127  # symmetric int8 codes in [-127, 127]: zero is exact, the range symmetric
+TINY = 1e-8  # smallest clipping range (an all-zero channel still gets a usable scale)
+RECIPES = ("int8", "w8a8", "quamba2")
+
+
+# ---------------------------------------------------------------- rounding
+
+
+def scale_of(clip: torch.Tensor) -> torch.Tensor:
+    """The int8 scale that maps [-clip, clip] onto [-127, 127]."""
+    return clip.float().clamp_min(TINY) / QMAX
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes round(x / scale), saturated to [-127, 127]."""
+    return torch.clamp(torch.round(x / scale), -QMAX, QMAX).to(torch.int8)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to its int8 grid and back (values beyond the range saturate)."""
+    return (torch.clamp(torch.round(x / scale), -QMAX, QMAX) * scale).to(x.dtype)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel int8: (codes shaped like ``weight``, fp32 scales (out,))."""
+    flat = weight.detach().float().flatten(1)
+    scale = scale_of(flat.abs().amax(dim=1))
+    codes = quantize(flat, scale[:, None]).view(weight.shape)
+    return codes, scale
+
+
+# ---------------------------------------------------------------- Hadamard rotation
+
+
+def hadamard_block(n: int) -> int:
+    """The rotation's block size for a dimension of ``n``: the largest power of two that
+    divides it (384 -> 128). 1 means no rotation (odd ``n``)."""
+    return n & -n
+
+
+@functools.cache
+def _sylvester(block: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(block)
+
+
+def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` times the block-diagonal orthonormal Hadamard matrix H (blocks of ``block``)
+    along its last dimension. H is symmetric and H H = I: rotating twice is the identity."""
+    h = _sylvester(block).to(x.device, x.dtype)
+    shape = x.shape
+    return (x.reshape(*shape[:-1], shape[-1] // block, block) @ h).reshape(shape)
+
+
+# ---------------------------------------------------------------- observers
+
+
+@dataclass
+class RangeObserver:
+    """Clipping range of an activation over the calibration batches, per group.
+
+    ``percentile`` 100: the largest |x| seen in any batch. Below 100: that percentile of
+    |x| in each batch, averaged over the batches. Values arrive shaped (groups, n).
+    """
+
+    percentile: float = 100.0
+    _max: torch.Tensor | None = None
+    _sum: torch.Tensor | None = None
+    batches: int = 0
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.detach().abs().float()
+        if self.percentile >= 100.0:
+            top = values.amax(dim=1)
+            self._max = top if self._max is None else torch.maximum(self._max, top)
+        else:
+            k = min(values.shape[1], max(1, math.ceil(self.percentile / 100.0 * values.shape[1])))
+            top = values.kthvalue(k, dim=1).values
+            self._sum = top if self._sum is None else self._sum + top
+        self.batches += 1
+
+    def clip(self) -> torch.Tensor:
+        if not self.batches:
+            raise RuntimeError("the observer saw no calibration batch")
+        if self._max is not None:
+            return self._max
+        assert self._sum is not None
+        return self._sum / self.batches
+
+
+def _groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(batch, state, length) -> (groups, batch * state / groups * length)."""
+    batch, state, length = x.shape
+    return x.reshape(batch, groups, state // groups, length).transpose(0, 1).reshape(groups, -1)
+
+
+# ---------------------------------------------------------------- quantized layers
+
+
+class QuantWeight(nn.Module):
+    """Base of the quantized layers: int8 ``qweight`` and fp32 ``weight_scale`` (per output
+    channel) persistent; ``weight``, their dequantized float copy, non-persistent and
+    recomputed whenever a state dict is loaded."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        codes, scale = quantize_weight(weight)
+        self.register_buffer("qweight", codes)
+        self.register_buffer("weight_scale", scale.to(weight.device))
+        self.register_buffer("weight", torch.empty_like(weight, dtype=torch.float32), False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), False)
+        self._dequantize()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._dequantize())
+
+    @torch.no_grad()
+    def _dequantize(self) -> None:
+        shape = (-1,) + (1,) * (self.qweight.dim() - 1)
+        self.weight.copy_(self.qweight.float() * self.weight_scale.view(shape))
+
+
+class QuantLinear(QuantWeight):
+    """``nn.Linear`` with int8 weights; ``act``: its input rounded to int8 with a static
+    per-tensor scale (``input_scale``); ``rotation``: a Hadamard block size, the input
+    rotated first and the rotation fused into the stored weight."""
+
+    def __init__(self, linear: nn.Linear, *, act: bool, rotation: int = 1) -> None:
+        weight = linear.weight.detach().float()
+        super().__init__(rotate(weight, rotation) if rotation > 1 else weight, linear.bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.rotation = rotation
+        scale = torch.ones((), device=weight.device) if act else None
+        self.register_buffer("input_scale", scale)
+
+    def extra_repr(self) -> str:
+        act = "int8" if self.input_scale is not None else "float"
+        return f"{self.in_features}, {self.out_features}, input={act}, rotation={self.rotation}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation > 1:
+            x = rotate(x, self.rotation)
+        if self.input_scale is not None:
+            x = fake_quantize(x, self.input_scale)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias)
+
+
+class QuantConv(QuantWeight):
+    """``nn.Conv1d`` / ``nn.Conv2d`` (zero padding) with int8 weights, float input."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d) -> None:
+        super().__init__(conv.weight.detach().float(), conv.bias)
+        self.conv = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return self.conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantScanInputs(nn.Module):
+    """The selective scan's operands rounded to int8: u and delta per tensor, B and C with
+    one scale per group of ``state / groups`` state channels (scales shaped (groups,))."""
+
+    def __init__(self, groups: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.groups = groups
+        for name, shape in (("u", ()), ("delta", ()), ("b", (groups,)), ("c", (groups,))):
+            self.register_buffer(f"{name}_scale", torch.ones(shape, device=device))
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"
+
+    def _grouped(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        per_state = scale.repeat_interleave(x.shape[1] // self.groups)
+        return fake_quantize(x, per_state[None, :, None].to(x.dtype))
+
+    def forward(
+        self, u: torch.Tensor, delta: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            fake_quantize(u, self.u_scale),
+            fake_quantize(delta, self.delta_scale),
+            self._grouped(B, self.b_scale),
+            self._grouped(C, self.c_scale),
+        )
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+@dataclass(frozen=True)
+class Site:
+    """One module the recipe replaces, and how."""
+
+    name: str
+    kind: str  # linear | conv | scan
+    act: bool = False  # linear: int8 input
+    rotation: int = 1  # linear: Hadamard block size of the input (1: none)
+    percentile: float = 100.0  # linear input / scan operands: clipping percentile
+    groups: int = 1  # scan: state groups of B and C
+
+
+@dataclass
+class Plan:
+    """The sites of one recipe on one model, and their observers while calibrating."""
+
+    sites: list[Site]
+    observers: dict[str, list[RangeObserver]] = field(default_factory=dict)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the recipe quantizes activations (static scales from calibration)."""
+        return any(s.act or s.kind == "scan" for s in self.sites)
+
+
+def mamba_mixers(model: nn.Module) -> list[str]:
+    """Names of the modules that own a ``ScanInputs`` (the Mamba mixers)."""
+    owners = {
+        name.rpartition(".")[0] for name, m in model.named_modules() if isinstance(m, ScanInputs)
+    }
+    return sorted(owners)
+
+
+def plan(model: nn.Module, recipe: str, percentile: float = 99.99, bc_groups: int = 4) -> Plan:
+    """The sites of ``recipe`` (one of ``RECIPES``) on ``model``; see the module doc."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {list(RECIPES)}, got {recipe!r}")
+    act = recipe in ("w8a8", "quamba2")
+    rotated: set[str] = set()
+    ssm_inputs: set[str] = set()
+    if recipe == "quamba2":
+        mixers = mamba_mixers(model)
+        if not mixers:
+            raise ValueError("quamba2 needs a Mamba backbone: the model has no Mamba mixer")
+        prefix = [f"{m}." if m else "" for m in mixers]
+        rotated = {p + c for p in prefix for c in ("in_proj", "out_proj")}
+        ssm_inputs = {p + c for p in prefix for c in ("x_proj", "x_proj_b")}
+    sites = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear:
+            rotation = hadamard_block(module.in_features) if name in rotated else 1
+            clip = percentile if name in ssm_inputs else 100.0
+            sites.append(Site(name, "linear", act, rotation, clip))
+        elif type(module) in (nn.Conv1d, nn.Conv2d) and module.padding_mode == "zeros":
+            sites.append(Site(name, "conv"))
+        elif recipe == "quamba2" and isinstance(module, ScanInputs):
+            sites.append(Site(name, "scan", percentile=percentile, groups=bc_groups))
+    return Plan(sites)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, quant_plan: Plan, batches: Iterable[torch.Tensor]) -> None:
+    """Run ``batches`` through the float ``model`` (eval mode) and fill the plan's observers
+    with the ranges of every activation the recipe quantizes."""
+    handles = []
+
+    def observe_input(site: Site, observers: list[RangeObserver]) -> object:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = rotate(args[0], site.rotation) if site.rotation > 1 else args[0]
+            observers[0].update(x.reshape(1, -1))
+
+        return hook
+
+    def observe_scan(site: Site, observers: list[RangeObserver]) -> object:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            u, delta, B, C = args
+            if B.shape[1] % site.groups:
+                raise ValueError(
+                    f"bc_groups={site.groups} does not divide the {B.shape[1]} states of "
+                    f"{site.name}"
+                )
+            observers[0].update(u.reshape(1, -1))
+            observers[1].update(delta.reshape(1, -1))
+            observers[2].update(_groups(B, site.groups))
+            observers[3].update(_groups(C, site.groups))
+
+        return hook
+
+    modules = dict(model.named_modules())
+    for site in quant_plan.sites:
+        if site.kind == "linear" and site.act:
+            observers = [RangeObserver(site.percentile)]
+            handles.append(
+                modules[site.name].register_forward_pre_hook(observe_input(site, observers))
+            )
+        elif site.kind == "scan":
+            observers = [RangeObserver(site.percentile) for _ in range(4)]
+            handles.append(
+                modules[site.name].register_forward_pre_hook(observe_scan(site, observers))
+            )
+        else:
+            continue
+        quant_plan.observers[site.name] = observers
+    model.eval()
+    try:
+        for xb in batches:
+            model(xb)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def convert(model: nn.Module, quant_plan: Plan) -> nn.Module:
+    """Replace every site of the plan by its quantized layer, in place; scales from the
+    observers (or placeholders of 1 when the plan was not calibrated: a state dict of the
+    quantized model is to be loaded into it)."""
+    modules = dict(model.named_modules())
+    for site in quant_plan.sites:
+        module = modules[site.name]
+        observers = quant_plan.observers.get(site.name)
+        if site.kind == "linear":
+            new: nn.Module = QuantLinear(module, act=site.act, rotation=site.rotation)
+            if site.act and observers:
+                new.input_scale.copy_(scale_of(observers[0].clip()[0]))
+        elif site.kind == "conv":
+            new = QuantConv(module)
+        else:
+            new = QuantScanInputs(site.groups, device=_device_of(model))
+            if observers:
+                for name, observer in zip(("u", "delta", "b", "c"), observers, strict=True):
+                    clip = observer.clip()  # (groups,) for B and C, (1,) for u and delta
+                    grouped = name in ("b", "c")
+                    getattr(new, f"{name}_scale").copy_(scale_of(clip if grouped else clip[0]))
+        parent, _, child = site.name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, new)
+    return model
+
+
+def quantize_model(
+    model: nn.Module,
+    recipe: str,
+    calibration: Sequence[torch.Tensor] | None,
+    *,
+    percentile: float = 99.99,
+    bc_groups: int = 4,
+) -> nn.Module:
+    """``model`` quantized in place by ``recipe``: planned, calibrated on the input batches
+    ``calibration`` when the recipe quantizes activations, converted.
+
+    ``calibration`` None builds the quantized structure only (scales of 1), to load an
+    exported state dict of the same recipe into.
+    """
+    quant_plan = plan(model, recipe, percentile, bc_groups)
+    if quant_plan.needs_calibration and calibration is not None:
+        if not calibration:
+            raise ValueError(f"{recipe} quantizes activations: it needs calibration batches")
+        calibrate(model, quant_plan, calibration)
+    convert(model, quant_plan)
+    log.info("%s: %d layers quantized", recipe, len(quant_plan.sites))
+    return model
+
+
+def simulation_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The dequantized float weights that simulation computes with (not stored)."""
+    return [m.weight for m in model.modules() if isinstance(m, QuantWeight)]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
