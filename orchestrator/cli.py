@@ -255,7 +255,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     import optuna
 
     from orchestrator.search import SearchMismatch, dashboard_command, run_search, write_result
-    from orchestrator.tune_driver import SpecRunner
+    from orchestrator.tune_driver import ARTIFACTS, SpecRunner
 
     optuna.logging.disable_default_handler()  # Optuna's lines go through our logging (-v)
     optuna.logging.enable_propagation()
@@ -281,6 +281,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 address=args.address,
                 dashboard=not args.no_dashboard,
                 forward_progress=s.pruner.kind != "none",
+                artifacts=store.folder(ARTIFACTS),
             )
         except ValueError as exc:  # resources the cluster cannot provide
             raise UsageError(str(exc)) from None

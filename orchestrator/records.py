@@ -336,6 +336,10 @@ class RecordStore:
     def records_dir(self) -> str:
         return f"{self._root}/records"
 
+    def folder(self, name: str) -> str:
+        """Absolute path (or URI) of folder ``name`` beside ``records/``."""
+        return f"{self.output.rstrip('/')}/{name}" if self.is_uri else f"{self._root}/{name}"
+
     def path_of(self, trial_id: str) -> str:
         return f"{self.records_dir}/{trial_id}.parquet"
 

@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune status tables: we draw our own bar
@@ -39,6 +38,9 @@ class SweepOutcome:
     recorded: int
     crashed: int  # trials whose process died before reporting (recorded as failed)
     wall_time_s: float
+
+
+ARTIFACTS = "artifacts"  # OUTPUT/artifacts/<trial_id>/: files a trial's deployment exports
 
 
 def _trainable(config: dict[str, Any], shared: dict[str, Any]) -> None:
@@ -70,6 +72,7 @@ def _run_spec(
         exclusive=gpu_exclusive(config["gpus"][str(spec.budget_mb)]),
         progress=progress,
         artifacts_dir=f"{config['artifacts']}/{spec.trial_id}" if config.get("artifacts") else None,
+        epoch_validation=config.get("epoch_validation", False),
     )
     record.node_id = ray.get_runtime_context().get_node_id()
     return record
@@ -337,15 +340,6 @@ def run_sweep(
             f"Ray dashboard: {connection.dashboard_url} (token authentication: "
             "`ray get-auth-token` prints the token)"
         )
-    storage = (
-        store.output + "/_tune" if store.is_uri else str(Path(store.output).resolve() / "_tune")
-    )
-    # files a trial's deployment phase exports: OUTPUT/artifacts/<trial_id>/
-    artifacts = (
-        store.output + "/artifacts"
-        if store.is_uri
-        else str(Path(store.output).resolve() / "artifacts")
-    )
     energy = dict(energy or {})
     gpus = gpus_per_budget(
         {s.budget_mb for s in specs}, resources, energy, connection.resources.get("GPU", 0)
@@ -366,7 +360,7 @@ def run_sweep(
             "threads": resources.cpus_per_trial,
             "energy": energy,
             "gpus": gpus,
-            "artifacts": artifacts,
+            "artifacts": store.folder(ARTIFACTS),
         },
         tune_config=tune.TuneConfig(
             max_concurrent_trials=resources.max_concurrent,
@@ -378,7 +372,7 @@ def run_sweep(
         ),
         run_config=tune.RunConfig(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage,
+            storage_path=store.folder("_tune"),
             callbacks=[recorder],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=resources.max_retries),
@@ -454,6 +448,7 @@ class SpecRunner:
         address: str | None = None,
         dashboard: bool = False,
         forward_progress: bool = False,
+        artifacts: str | None = None,
     ) -> None:
         connection = connect(address, dashboard)
         check_resources(resources, connection.resources)
@@ -466,6 +461,7 @@ class SpecRunner:
             budgets_mb, resources, self.energy, connection.resources.get("GPU", 0)
         )
         self.box = _ProgressBox.remote() if forward_progress else None
+        self.artifacts = artifacts
         self.shared: dict[str, Any] = {}
         self.tried: set[str] = set()  # dataset keys already shared (or not shareable)
         self.running: dict[Any, tuple[int, TrialSpec]] = {}  # ObjectRef -> (key, spec)
@@ -483,6 +479,8 @@ class SpecRunner:
             "threads": self.resources.cpus_per_trial,
             "energy": self.energy,
             "gpus": self.gpus,
+            "artifacts": self.artifacts,
+            "epoch_validation": self.box is not None,  # a pruner reads per-epoch accuracy
         }
         task = _search_task.options(
             num_cpus=self.resources.cpus_per_trial,

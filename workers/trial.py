@@ -25,6 +25,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,17 @@ ProgressSink = Callable[[dict[str, float]], None]
 PROGRESS_INTERVAL_S = 2.0
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a trial runs and reports beside its spec (see ``run_trial``'s arguments)."""
+
+    energy: EnergyConfig
+    exclusive: bool | None
+    progress: ProgressSink | None
+    artifacts_dir: str | None
+    epoch_validation: bool
+
+
 def run_trial(
     spec: TrialSpec,
     *,
@@ -76,6 +88,7 @@ def run_trial(
     exclusive: bool | None = None,
     progress: ProgressSink | None = None,
     artifacts_dir: str | None = None,
+    epoch_validation: bool = False,
 ) -> TrialRecord:
     """Train and evaluate ``spec``; every outcome is a record.
 
@@ -86,8 +99,10 @@ def run_trial(
     is the scheduler's word on whether the trial holds its device alone; ``progress``
     receives live figures while a fine-tuning trial trains. ``artifacts_dir`` (a folder
     or URI of this trial's own) receives the files the deployment phase exports (the
-    spec's ``deploy``; None: none are kept). None of them changes what the trial
-    computes, so none is part of the spec.
+    spec's ``deploy``; None: none are kept). ``epoch_validation`` also sends
+    ``{"epoch": e, "val_accuracy": a}`` to ``progress`` after every epoch when the
+    dataset has a validation split (a search's pruner reads it). None of them changes
+    what the trial computes, so none is part of the spec.
 
     Example:
         >>> record = run_trial(TrialSpec(backbone="vit_test", dataset="digits"))
@@ -103,19 +118,11 @@ def run_trial(
         if device.type == "cuda":
             memory.configure_cuda_allocator()  # before this process's first allocation
         record.device = _device_name(device)
-        if spec.kind == "baseline":
-            _baseline(spec, device, record, data, energy or EnergyConfig(), exclusive)
-        else:
-            _finetune(
-                spec,
-                device,
-                record,
-                data,
-                energy or EnergyConfig(),
-                exclusive,
-                progress,
-                artifacts_dir,
-            )
+        options = RunOptions(
+            energy or EnergyConfig(), exclusive, progress, artifacts_dir, epoch_validation
+        )
+        run = _baseline if spec.kind == "baseline" else _finetune
+        run(spec, device, record, data, options)
         record.status = "ok"
     except memory.OverBudget as exc:
         record.status, record.error = "over_budget", str(exc)
@@ -145,10 +152,7 @@ def _finetune(
     device: torch.device,
     record: TrialRecord,
     data: ImageData | DataProvider | None,
-    energy: EnergyConfig,
-    exclusive: bool | None,
-    progress: ProgressSink | None,
-    artifacts_dir: str | None,
+    options: RunOptions,
 ) -> None:
     t_trial = time.perf_counter()
     _seed_everything(spec.seed)
@@ -186,7 +190,8 @@ def _finetune(
     feed = functools.partial(batches, size=size, mean=data.mean, std=data.std, device=device)
     augment = Augment.of(data_options(spec.dataset, spec.dataset_args))
     gen = torch.Generator().manual_seed(spec.seed)
-    energy_meter = select_meter(energy, device, exclusive=exclusive)
+    energy_meter = select_meter(options.energy, device, exclusive=options.exclusive)
+    progress = options.progress
     record.energy_source = "unavailable"  # until a window is measured
 
     def forward_backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -214,6 +219,7 @@ def _finetune(
         )  # fmt: skip
 
     try:
+        epoch = 0
         while step < total_steps:
             losses = []
             for xb, yb in feed(
@@ -247,6 +253,14 @@ def _finetune(
                     t_reported = time.perf_counter()
                 if step >= total_steps:
                     break
+            epoch += 1
+            if options.epoch_validation and progress and data.val_x is not None:
+                # a pruner's signal; counted in the training time and energy it costs
+                val = _evaluate(
+                    model, data.val_x, data.val_y, data.num_classes, feed, spec, autocast
+                )
+                progress({"epoch": epoch, "val_accuracy": val[0]})
+                model.train()
         if progress and step:
             report()
         if energy_meter.window_open:
@@ -278,7 +292,7 @@ def _finetune(
     record.eval_time_s = time.perf_counter() - t_eval
     optimizer.state.clear()  # room for the inference copy under the cap
     _fill_inference(record, model, size, train.batch_size, device, autocast)
-    _deploy(spec, record, model, data, size, feed, device, artifacts_dir)
+    _deploy(spec, record, model, data, size, feed, device, options.artifacts_dir)
 
 
 def _prepare_checkpointing(
@@ -445,8 +459,7 @@ def _baseline(
     device: torch.device,
     record: TrialRecord,
     data: ImageData | DataProvider | None,
-    energy: EnergyConfig,
-    exclusive: bool | None,
+    options: RunOptions,
 ) -> None:
     """A training-free baseline (``workers.baselines``) under the trial's cap and meters.
 
@@ -459,7 +472,7 @@ def _baseline(
     _seed_everything(spec.seed)
     data = _data(spec, device, record, data)
     _apply_cap(spec, device, record)
-    meter = select_meter(energy, device, exclusive=exclusive)
+    meter = select_meter(options.energy, device, exclusive=options.exclusive)
     record.energy_source = "unavailable"  # until a window is measured
     ctx = BaselineContext(
         dataset=spec.dataset,

@@ -439,3 +439,43 @@ def test_search_without_a_search_section_is_a_grid_error(
     assert main(["search", str(write_grid(tiny_grid))]) == 2
     err = capsys.readouterr().err
     assert "search: the grid has no search section" in err and "Traceback" not in err
+
+
+def test_real_trials_are_pruned_on_their_validation_accuracy(tmp_path: Path) -> None:
+    from workers.trial import run_trial
+
+    raw = copy.deepcopy(TINY_GRID)
+    raw["output"] = str(tmp_path)
+    raw["datasets"]["synthetic"] = dict(raw["datasets"]["synthetic"], val_fraction=0.25)
+    raw["train"] = {"epochs": 4, "batch_size": 16}
+    raw["methods"] = {"full": {}}
+    raw["search"] = {
+        "objectives": ["accuracy"],
+        # learning rates that learn, and ones that cannot move the weights
+        "space": {"train": {"lr": [1.0e-2, 5.0e-3, 2.0e-3, 1.0e-9, 1.0e-8, 1.0e-7]}},
+        "trials": 8,
+        "sampler": "random",
+        "seed": 0,
+        "storage": MEMORY,
+        "pruner": {"kind": "median", "startup_trials": 2, "warmup_epochs": 1},
+    }
+    grid = parse_grid(raw)
+    epochs: dict[str, list[float]] = {}
+
+    def trial(spec: TrialSpec, progress: Callable[[dict[str, float]], None]) -> TrialRecord:
+        def sink(figures: dict[str, float]) -> None:
+            if "epoch" in figures:
+                epochs.setdefault(spec.trial_id, []).append(figures["val_accuracy"])
+            progress(figures)
+
+        return run_trial(spec, progress=sink, epoch_validation=True)
+
+    store = RecordStore(tmp_path)
+    result = run_search(grid, store, lambda _: InProcessRunner(trial))
+    pruned = result.outcomes.get("pruned", 0)
+    assert pruned >= 1
+    recorded = store.existing_ids()
+    stopped = [t for t, accs in epochs.items() if t not in recorded]
+    assert len(stopped) == pruned
+    assert all(1 < len(epochs[t]) < 4 for t in stopped)  # after warm-up, before the end
+    assert all(len(accs) == 4 for t, accs in epochs.items() if t in recorded)

@@ -142,6 +142,23 @@ def test_live_progress_while_training(
     assert rec.data_wait_s < rec.first_step_s < wall.total_seconds()
 
 
+def test_per_epoch_validation_for_a_pruner(synthetic_data: ImageData) -> None:
+    seen: list[dict[str, float]] = []
+    spec = _spec(
+        dataset_args=SYNTH | {"val_fraction": 0.25},
+        train=TrainConfig(epochs=3, batch_size=16),
+    )
+    rec = run_trial(spec, data=synthetic_data, progress=seen.append, epoch_validation=True)
+    assert rec.status == "ok", rec.error
+    epochs = [p for p in seen if "epoch" in p]
+    assert [p["epoch"] for p in epochs] == [1, 2, 3]
+    # after the last epoch the model is the trained one: its validation accuracy
+    assert epochs[-1]["val_accuracy"] == rec.val_accuracy
+    unasked: list[dict[str, float]] = []
+    plain = run_trial(spec, data=synthetic_data, progress=unasked.append)
+    assert plain.status == "ok" and unasked and all("epoch" not in p for p in unasked)
+
+
 def test_same_spec_same_result(synthetic_data: ImageData) -> None:
     a = run_trial(_spec(method="lora", seed=3), data=synthetic_data)
     b = run_trial(_spec(method="lora", seed=3), data=synthetic_data)
