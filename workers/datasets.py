@@ -387,22 +387,27 @@ def crop_transforms(n: int, augment: Augment, generator: torch.Generator) -> tor
     return theta
 
 
-def resample(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+def resample(
+    x: torch.Tensor, theta: torch.Tensor, size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Bilinear samples of ``x`` (B, C, H, W) at ``size`` x ``size`` points mapped by the
-    axis-aligned affine maps ``theta`` (B, 2, 3), as ``grid_sample`` with border padding.
+    axis-aligned affine maps ``theta`` (B, 2, 3), as ``grid_sample`` with border padding,
+    returned as ``dtype``.
 
     A map without rotation is separable: per image, out = Ry @ x @ Rx^T with two
     interpolation matrices. From a small stored image (CIFAR's 32 px to 224 px) those
-    two batched matmuls cost less than ``grid_sample``'s per-pixel grid; from a large
-    one their dense inner dimension costs more, and ``grid_sample`` is used.
+    two batched matmuls cost less than ``grid_sample``'s per-pixel grid, and a bf16
+    batch (a bf16 trial's) comes from bf16 matmuls directly; from a large one their
+    dense inner dimension costs more, and ``grid_sample`` is used.
     """
     height, width = x.shape[-2:]
     if max(height, width) * 2 > size:
         grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    rows = _interpolation_matrix(theta[:, 1, 1], theta[:, 1, 2], height, size)
-    cols = _interpolation_matrix(theta[:, 0, 0], theta[:, 0, 2], width, size)
-    return torch.matmul(torch.matmul(rows[:, None], x), cols.transpose(1, 2)[:, None])
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.to(dtype)
+    rows = _interpolation_matrix(theta[:, 1, 1], theta[:, 1, 2], height, size).to(dtype)
+    cols = _interpolation_matrix(theta[:, 0, 0], theta[:, 0, 2], width, size).to(dtype)
+    return torch.matmul(torch.matmul(rows[:, None], x.to(dtype)), cols.transpose(1, 2)[:, None])
 
 
 def _interpolation_matrix(
@@ -433,12 +438,15 @@ def batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     augment: Augment | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalised float batches at ``size`` px; shuffled when ``generator`` is given.
+    """Yield normalised ``dtype`` batches at ``size`` px; shuffled when ``generator`` is
+    given.
 
-    Every step is one batched tensor op on ``device``: gather, convert, resize (or,
-    with ``augment``, crop + flip + resize as one ``grid_sample`` whose random maps are
-    drawn from ``generator``), normalise. ``x`` may already live on ``device``.
+    Every step is one batched tensor op on ``device``: gather, convert, normalise, resize
+    (or, with ``augment``, crop + flip + resize in one ``resample`` whose random maps
+    are drawn from ``generator``). ``x`` may already live on ``device``. A trial that
+    computes in bf16 asks for bf16 batches: autocast would cast them at the first layer.
     """
     if augment is not None and generator is None:
         raise ValueError("augmented batches need a generator (their crops are seeded)")
@@ -460,10 +468,10 @@ def batches(
         xb = torch.addcmul(shift, x[idx].to(device, non_blocking=True).float(), scale)
         if augment is not None:
             theta = crop_transforms(len(xb), augment, generator).to(device)  # type: ignore[arg-type]
-            xb = resample(xb, theta, size)
+            xb = resample(xb, theta, size, dtype)
         elif xb.shape[-2:] != (size, size):
             xb = F.interpolate(xb, size=(size, size), mode="bilinear", align_corners=False)
-        yield xb, y[idx].to(device, non_blocking=True)
+        yield xb.to(dtype), y[idx].to(device, non_blocking=True)
 
 
 def _stratified_split(labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:

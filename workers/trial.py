@@ -188,6 +188,9 @@ def _finetune(
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
     meter = memory.ActivationMeter(model, blocks)
     feed = functools.partial(batches, size=size, mean=data.mean, std=data.std, device=device)
+    # batches in the dtype the model computes in (autocast would cast them at its first
+    # layer); the deployment phase computes in fp32 and gets fp32 batches
+    train_feed = functools.partial(feed, dtype=_compute_dtype(train.precision))
     augment = Augment.of(data_options(spec.dataset, spec.dataset_args))
     gen = torch.Generator().manual_seed(spec.seed)
     energy_meter = select_meter(options.energy, device, exclusive=options.exclusive)
@@ -222,7 +225,7 @@ def _finetune(
         epoch = 0
         while step < total_steps:
             losses = []
-            for xb, yb in feed(
+            for xb, yb in train_feed(
                 data.train_x, data.train_y, train.batch_size, generator=gen, augment=augment
             ):
                 if step == 0 and ckpt.wants_profile:
@@ -257,7 +260,7 @@ def _finetune(
             if options.epoch_validation and progress and data.val_x is not None:
                 # a pruner's signal; counted in the training time and energy it costs
                 val = _evaluate(
-                    model, data.val_x, data.val_y, data.num_classes, feed, spec, autocast
+                    model, data.val_x, data.val_y, data.num_classes, train_feed, spec, autocast
                 )
                 progress({"epoch": epoch, "val_accuracy": val[0]})
                 model.train()
@@ -282,11 +285,11 @@ def _finetune(
 
     t_eval = time.perf_counter()
     record.accuracy, record.top5_accuracy, record.loss = _evaluate(
-        model, data.test_x, data.test_y, data.num_classes, feed, spec, autocast
+        model, data.test_x, data.test_y, data.num_classes, train_feed, spec, autocast
     )
     if data.val_x is not None:
         record.val_accuracy = _evaluate(
-            model, data.val_x, data.val_y, data.num_classes, feed, spec, autocast
+            model, data.val_x, data.val_y, data.num_classes, train_feed, spec, autocast
         )[0]
     _sync(device)
     record.eval_time_s = time.perf_counter() - t_eval
@@ -651,6 +654,10 @@ def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def _compute_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def _autocast(precision: str, device: torch.device) -> Any:

@@ -294,6 +294,25 @@ def test_separable_resample_equals_grid_sample(side: int, size: int) -> None:
     assert torch.allclose(resample(x, theta, size), expected, atol=1e-3)
 
 
+def test_bf16_batches_are_the_fp32_ones_rounded(synthetic_data: ImageData) -> None:
+    augment = Augment(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True)
+    d = synthetic_data
+
+    def first(dtype: torch.dtype) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(1)
+        return next(
+            batches(
+                d.train_x, d.train_y, 16, size=64, mean=d.mean, std=d.std,
+                device=torch.device("cpu"), generator=gen, augment=augment, dtype=dtype,
+            )
+        )[0]  # fmt: skip
+
+    fp32, bf16 = first(torch.float32), first(torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: relative error about 2^-8 of the values' range
+    assert (bf16.float() - fp32).abs().max() < 0.02 * fp32.abs().max()
+
+
 def test_crop_areas_and_ratios_follow_the_options() -> None:
     augment = Augment(scale=(0.25, 0.5), ratio=(0.5, 2.0), flip=False)
     theta = crop_transforms(4000, augment, torch.Generator().manual_seed(0))

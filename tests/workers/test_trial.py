@@ -159,6 +159,17 @@ def test_per_epoch_validation_for_a_pruner(synthetic_data: ImageData) -> None:
     assert plain.status == "ok" and unasked and all("epoch" not in p for p in unasked)
 
 
+def test_bf16_trial_gets_bf16_batches(synthetic_data: ImageData) -> None:
+    fp32 = run_trial(_spec(), data=synthetic_data)
+    bf16 = run_trial(
+        _spec(train=TrainConfig(epochs=1, batch_size=16, max_steps=3, precision="bf16")),
+        data=synthetic_data,
+    )
+    assert fp32.status == bf16.status == "ok", bf16.error
+    assert bf16.batch_mb == pytest.approx(fp32.batch_mb / 2)  # 2 bytes a value, not 4
+    assert 0.0 <= bf16.accuracy <= 1.0
+
+
 def test_same_spec_same_result(synthetic_data: ImageData) -> None:
     a = run_trial(_spec(method="lora", seed=3), data=synthetic_data)
     b = run_trial(_spec(method="lora", seed=3), data=synthetic_data)
