@@ -20,7 +20,7 @@ from orchestrator.spec import TrialSpec
 log = logging.getLogger(__name__)
 
 
-def _excluded(spec: TrialSpec, rules: tuple[dict[str, tuple[Any, ...]], ...]) -> bool:
+def excluded(spec: TrialSpec, rules: tuple[dict[str, tuple[Any, ...]], ...]) -> bool:
     return any(all(getattr(spec, axis) in vals for axis, vals in rule.items()) for rule in rules)
 
 
@@ -45,7 +45,7 @@ def expand(grid: Grid) -> list[TrialSpec]:
             seed=seed,
             deploy=grid.deploy,  # every fine-tuned model goes through the deployment phase
         )
-        if not _excluded(spec, grid.exclude):
+        if not excluded(spec, grid.exclude):
             specs.append(spec)
     for baseline, dataset, budget, seed in itertools.product(
         grid.baselines, grid.datasets, grid.budgets_mb, grid.seeds

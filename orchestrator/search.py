@@ -66,7 +66,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from orchestrator import netscore
-from orchestrator.expansion import _excluded
+from orchestrator.expansion import excluded
 from orchestrator.grid import Dimension, Grid, Search
 from orchestrator.records import RecordStore, TrialRecord
 from orchestrator.report import Section, markdown_table
@@ -520,7 +520,7 @@ class _Loop:
         except BaseException:  # not in flight yet, so not abandoned: no trial left running
             self.study.tell(trial, state=TrialState.FAIL)
             raise
-        if _excluded(spec, self.grid.exclude):
+        if excluded(spec, self.grid.exclude):
             self.tell_fail(trial, "excluded", spec.label, "excluded by the grid")
             return
         trial.set_user_attr("trial_id", spec.trial_id)

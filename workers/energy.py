@@ -426,14 +426,6 @@ class NvmlPowerMeter(EnergyMeter):
         return len(self._samples)
 
 
-def _pci_bus_id(device: torch.device) -> str:
-    """NVML's bus id of a CUDA device (survives CUDA_VISIBLE_DEVICES renumbering)."""
-    import torch
-
-    props = torch.cuda.get_device_properties(device)
-    return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
-
-
 def _nvml_gpu(ctx: MeterContext, probe: Callable[[_NvmlGpu], object], what: str) -> _NvmlGpu:
     """The trial's GPU through NVML, if ``probe`` can read it; else MeterUnavailable."""
     if ctx.device.type != "cuda":
@@ -442,7 +434,9 @@ def _nvml_gpu(ctx: MeterContext, probe: Callable[[_NvmlGpu], object], what: str)
         import pynvml
     except ImportError:
         raise MeterUnavailable("nvidia-ml-py (pynvml) is not installed") from None
-    gpu = _NvmlGpu(pynvml, _pci_bus_id(ctx.device))
+    from workers.memory import pci_bus_id  # imports torch: not at this module's import
+
+    gpu = _NvmlGpu(pynvml, pci_bus_id(ctx.device))
     try:
         gpu.open()
     except pynvml.NVMLError as exc:

@@ -203,6 +203,12 @@ def cuda_peaks(device: torch.device) -> dict[str, float]:
     }
 
 
+def pci_bus_id(device: torch.device) -> str:
+    """The PCI bus id NVML names ``device`` by (CUDA and NVML number GPUs differently)."""
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+
+
 def nvml_process_mb(device: torch.device, pid: int | None = None) -> float | None:
     """Device memory NVML attributes to this process (CUDA context included), MiB.
 
@@ -217,9 +223,7 @@ def nvml_process_mb(device: torch.device, pid: int | None = None) -> float | Non
     try:
         pynvml.nvmlInit()
         try:
-            props = torch.cuda.get_device_properties(device)
-            bus_id = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
-            handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+            handle = pynvml.nvmlDeviceGetHandleByPciBusId(pci_bus_id(device))
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.pid == pid and proc.usedGpuMemory is not None:
                     return proc.usedGpuMemory / MB
