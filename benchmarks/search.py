@@ -65,7 +65,7 @@ def grid(output: str, sampler: str = "tpe", seed: int = 0, trials: int = 150) ->
         "output": output,
         "budget_mb": BUDGET_MB,
         "seeds": [0],
-        "datasets": {"synthetic": {}},
+        "datasets": {"synthetic": {"val_fraction": 0.2}},  # the pruner reads validation
         "backbones": list(BACKBONES),
         "methods": {"full": {}, "lora": {"r": 8}, "bitfit": {}},
         "checkpointing": list(CHECKPOINTING),

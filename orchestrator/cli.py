@@ -303,7 +303,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     frame = frame[frame["trial_id"].isin(set(result.trial_ids))]
     if not frame.empty:
         files = write_report(
-            frame, store, f"{grid.name}: budget-constrained search", sections=[result.section()]
+            frame,
+            store,
+            f"{grid.name}: budget-constrained search",
+            sections=[result.section()],
+            folder="search",
         )
         print(f"report: {files.html}")
     print(f"result: {md_path}\n        {json_path}")

@@ -347,10 +347,10 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     exclude = _exclusions(fail, _or_empty(raw, "exclude", []), grid)
     grid = dataclasses.replace(grid, exclude=exclude)
     _check_pairs(fail, grid)
-    if raw.get("search") is not None:
-        grid = dataclasses.replace(grid, search=_search(fail, raw["search"], grid))
     if raw.get("deploy") is not None:
         grid = dataclasses.replace(grid, deploy=_deploy(fail, raw["deploy"], grid))
+    if raw.get("search") is not None:  # after deploy: its objectives may need that phase
+        grid = dataclasses.replace(grid, search=_search(fail, raw["search"], grid))
     return grid
 
 
@@ -535,6 +535,12 @@ def _search(fail: Any, raw: Any, grid: Grid) -> Search:
                 "(accuracy and NetScore variants are maximised, the costs minimised)",
             )
     _no_duplicates(fail, "search.objectives", objectives)
+    deployed = [name for name in objectives if name.startswith("netscore_deploy")]
+    if deployed and not grid.deploy:
+        raise fail(
+            "search.objectives",
+            f"{deployed[0]} scores the deployment phase: add a deploy: section to the grid",
+        )
 
     budget = raw.get("budget_mb")
     if budget is None:
@@ -576,6 +582,21 @@ def _search(fail: Any, raw: Any, grid: Grid) -> Search:
     )
     if pruner.kind != "none" and len(objectives) > 1:
         raise fail("search.pruner", "Optuna prunes single-objective searches only")
+    if pruner.kind != "none":
+        # the pruner compares per-epoch validation accuracy: it needs a validation split
+        # and an objective that is maximised like it
+        if SEARCH_OBJECTIVES[objectives[0]] != "max":
+            raise fail(
+                "search.pruner",
+                f"prunes on validation accuracy, so the objective must be maximised; "
+                f"{objectives[0]!r} is minimised",
+            )
+        for dataset in grid.datasets:
+            if not dataset.args.get("val_fraction"):
+                raise fail(
+                    f"datasets.{dataset.name}",
+                    "the search's pruner needs a validation split: set val_fraction",
+                )
     scalars = {k: raw[k] for k in SEARCH_SCALARS if raw.get(k) is not None}
     if "timeout_s" in scalars:
         scalars["timeout_s"] = _float_or_same(scalars["timeout_s"])

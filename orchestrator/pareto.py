@@ -16,8 +16,8 @@ brute-force methods are kept as references for the tests and the benchmark.
 Example:
     >>> import pandas as pd
     >>> df = pd.DataFrame({"status": ["ok"] * 3, "accuracy": [0.9, 0.8, 0.7],
-    ...                    "peak_mem_mb": [100.0, 50.0, 60.0]})
-    >>> pareto_front(df)["pareto"].tolist()
+    ...                    "peak_mem_mb": [100.0, 50.0, 60.0], "dataset": ["digits"] * 3})
+    >>> dataset_fronts(df, BASE_OBJECTIVES)[0].table["pareto"].tolist()
     [True, True, False]
 """
 
@@ -34,9 +34,8 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-# Objective -> "max" or "min". Energy joins when every candidate has it measured.
+# Objective -> "max" or "min": the front the command line prints.
 BASE_OBJECTIVES: dict[str, str] = {"accuracy": "max", "peak_mem_mb": "min"}
-ENERGY_OBJECTIVE: dict[str, str] = {"energy_j": "min"}
 # The trade-offs the report shows: three 2-D views and the 3-D one.
 VIEWS: dict[str, dict[str, str]] = {
     "accuracy_memory": {"accuracy": "max", "peak_mem_mb": "min"},
@@ -60,6 +59,10 @@ MEASURES = (
     "macs",
     "infer_latency_ms_b1",
     "infer_peak_mem_mb_b1",
+    "deploy_accuracy",
+    "deploy_size_mb",
+    "deploy_latency_ms_b1",
+    "deploy_peak_mem_mb_b1",
 )
 # A minimised objective's default reference: this much worse than its worst candidate,
 # so that every candidate on the front adds volume.
@@ -308,57 +311,12 @@ def knee_index(values: np.ndarray, senses: Sequence[str]) -> int:
 # ---------------------------------------------------------------- tables
 
 
-def objectives_for(df: pd.DataFrame) -> dict[str, str]:
-    """Accuracy and peak memory; energy too when every ok trial has it measured."""
-    objectives = dict(BASE_OBJECTIVES)
-    ok = df[df["status"] == "ok"] if "status" in df else df
-    if "energy_j" in ok and len(ok) and ok["energy_j"].notna().all():
-        objectives.update(ENERGY_OBJECTIVE)
-    return objectives
-
-
 def _candidates(df: pd.DataFrame, objectives: Mapping[str, str]) -> pd.Series:
     missing = [c for c in objectives if c not in df.columns]
     if missing:
         raise KeyError(f"objective columns missing from the table: {missing}")
     ok = df["status"].eq("ok") if "status" in df else pd.Series(True, index=df.index)
     return ok & df[list(objectives)].notna().all(axis=1)
-
-
-def pareto_front(df: pd.DataFrame, objectives: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """``df`` with a boolean ``pareto`` column (False for non-candidates), per dataset."""
-    objectives = dict(objectives or objectives_for(df))
-    candidates = _candidates(df, objectives)
-    out = df.copy()
-    out["pareto"] = False
-    groups = out[candidates].groupby("dataset", dropna=False) if "dataset" in out else None
-    for _, rows in groups if groups is not None else [(None, out[candidates])]:
-        values = rows[list(objectives)].to_numpy(dtype=float)
-        out.loc[rows.index, "pareto"] = non_dominated(values, list(objectives.values()))
-    return out
-
-
-def front_table(df: pd.DataFrame, objectives: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """The Pareto-optimal trials, best accuracy first, with the columns a reader needs."""
-    marked = pareto_front(df, objectives)
-    cols = [
-        c
-        for c in (
-            *TRIAL_COLUMNS,
-            "accuracy",
-            "peak_mem_mb",
-            "energy_j",
-            "energy_source",  # says when the energy is estimated
-            "energy_exclusive",  # False: a share of a shared GPU's energy
-            "train_time_s",
-            "params_trainable",
-        )
-        if c in marked.columns
-    ]
-    front = marked[marked["pareto"]]
-    return front.sort_values(["accuracy", "peak_mem_mb"], ascending=[False, True])[
-        cols
-    ].reset_index(drop=True)
 
 
 def config_label(row: Mapping[str, object]) -> str:
@@ -479,18 +437,6 @@ def dataset_fronts(
             )
         )
     return fronts
-
-
-def summary_by_config(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and spread over seeds of every configuration (ok trials only)."""
-    keys = [c for c in ("backbone", "method", "checkpointing", "dataset", "budget_mb") if c in df]
-    agg = aggregate_seeds(df)
-    if agg.empty:
-        return pd.DataFrame(columns=keys)
-    agg = agg.rename(columns={"accuracy": "accuracy_mean"})
-    cols = [*keys, "seeds", "accuracy_mean", "accuracy_std", "peak_mem_mb", "train_time_s"]
-    summary = agg[[c for c in cols if c in agg]]
-    return summary.sort_values("accuracy_mean", ascending=False, ignore_index=True)
 
 
 def status_counts(df: pd.DataFrame) -> dict[str, int]:

@@ -75,6 +75,9 @@ class TrialRecord:
     )
     data_wait_s: float | None = _col("float", "time from trial start until its data was ready, s")
     train_images: int | None = _col("int", "training images used (after subset/validation)")
+    data_device_mb: float | None = _col(
+        "float", "dataset kept on the trial's CUDA device (inside its cap and peak), MiB"
+    )
     # time
     train_time_s: float | None = _col("float", "wall time of the training loop, s")
     eval_time_s: float | None = _col("float", "wall time of the evaluation, s")

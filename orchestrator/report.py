@@ -215,14 +215,16 @@ def front_summary(front: pareto.Front) -> str:
     return text + "."
 
 
+# The raw components of every NetScore variant, in the units the scores use: the
+# accuracies first, then each size/cost component once (defined in netscore.VARIANTS).
 NETSCORE_COMPONENTS = (
     ("top-1 (%)", "accuracy", 0.01),
-    ("params (M)", "params_total", 1e6),
-    ("MACs (G)", "macs", 1e9),
-    ("train memory (GiB)", "peak_mem_mb", 1024.0),
-    ("train energy (kJ)", "energy_j", 1e3),
-    ("latency b1 (ms)", "infer_latency_ms_b1", 1.0),
-    ("infer memory b1 (GiB)", "infer_peak_mem_mb_b1", 1024.0),
+    ("deployed top-1 (%)", "deploy_accuracy", 0.01),
+    *dict.fromkeys(
+        (f"{c.label} ({c.unit})", c.column, c.scale)
+        for v in netscore.VARIANTS.values()
+        for c in (v.size, v.cost)
+    ),
 )
 
 
@@ -740,19 +742,22 @@ def write_report(
     beta: float = netscore.BETA,
     gamma: float = netscore.GAMMA,
     sections: Sequence[Section] = (),
+    folder: str = "",
 ) -> ReportFiles:
-    """Analyse the records and write the report files next to them; returns their paths.
-    ``sections`` come first (``orchestrate search`` puts its result there)."""
+    """Analyse the records and write the report files next to them (in ``folder`` under
+    the output, if given); returns their paths. ``sections`` come first (``orchestrate
+    search`` puts its result there, in its own folder: a sweep's report stays)."""
     analysis = analyse(df, alpha=alpha, beta=beta, gamma=gamma)
     figures = {"pareto.png": pareto_figure(analysis), "netscore.png": netscore_figure(analysis)}
-    paths = {name: store.write_bytes(name, png) for name, png in figures.items()}
+    prefix = f"{folder.strip('/')}/" if folder else ""
+    paths = {name: store.write_bytes(prefix + name, png) for name, png in figures.items()}
     markdown = render_markdown(analysis, title, figures, sections).encode("utf-8")
     page = render_html(analysis, title, figures, sections).encode("utf-8")
     log.info("report: %d trials, %d configurations", len(df), len(analysis.configs))
     return ReportFiles(
-        html=store.write_bytes("report.html", page),
+        html=store.write_bytes(prefix + "report.html", page),
         png=paths["pareto.png"],
-        markdown=store.write_bytes("report.md", markdown),
+        markdown=store.write_bytes(prefix + "report.md", markdown),
         figures=tuple(paths.values()),
     )
 

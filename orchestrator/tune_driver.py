@@ -417,8 +417,8 @@ def _search_task(config: dict[str, Any], shared: dict[str, Any], key: int, box: 
     live = LiveMetrics(spec)
 
     def progress(figures: dict[str, float]) -> None:
-        live({k: v for k, v in figures.items() if k in LiveMetrics.DESCRIPTIONS})
-        if box is not None:
+        live(figures)
+        if box is not None and "epoch" in figures:  # the driver's pruner reads epochs only
             box.put.remote(key, dict(figures))
 
     return _run_spec(spec, config, shared, progress).to_json()

@@ -71,15 +71,22 @@ class InferenceCost:
 # ---------------------------------------------------------------- MACs
 
 
+def call_macs(forward: Callable[[], Any]) -> int:
+    """Multiply-accumulates (FLOPs // 2) of one call of ``forward``, without gradients."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        forward()
+    return counter.get_total_flops() // 2
+
+
 def forward_macs(model: nn.Module, size: int, device: torch.device) -> int:
     """Multiply-accumulates of one forward of one ``size`` x ``size`` image (FLOPs // 2).
 
     The model runs in eval mode without gradients; every module's mode is restored.
     """
-    counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.no_grad(), counter:
-        model(torch.zeros(1, 3, size, size, device=device, dtype=_input_dtype(model)))
-    return counter.get_total_flops() // 2
+    x = torch.zeros(1, 3, size, size, device=device, dtype=_input_dtype(model))
+    with _eval_mode(model):
+        return call_macs(lambda: model(x))
 
 
 @contextmanager

@@ -812,7 +812,8 @@ def dtd(config: DtdConfig) -> ImageData:
     classes = sorted(p.name for p in (folder / "images").iterdir() if p.is_dir())
     index = {name: i for i, name in enumerate(classes)}
     k = config.split
-    # ImageData has no validation split: val joins train, the official test is held out
+    # the official val joins train (a grid asks for its own split with val_fraction);
+    # the official test is held out
     parts = {
         "train": _dtd_list(folder, f"train{k}.txt") + _dtd_list(folder, f"val{k}.txt"),
         "test": _dtd_list(folder, f"test{k}.txt"),

@@ -186,9 +186,11 @@ class EnergyMeter(ABC):
         if self._t0 is None:
             raise RuntimeError(f"{self.source}: no window is open; call begin_window() first")
         t0, self._t0 = self._t0, None
-        self._sync()
-        seconds = self._clock() - t0
-        joules, exclusive = self._end()
+        try:
+            self._sync()
+            seconds = self._clock() - t0
+        finally:  # even when the sync fails: stop pollers, release NVML
+            joules, exclusive = self._end()
         return EnergyMeasurement(
             joules=joules,
             seconds=seconds,

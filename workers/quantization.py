@@ -107,17 +107,19 @@ def hadamard_block(n: int) -> int:
 
 
 @functools.cache
-def _sylvester(block: int) -> torch.Tensor:
+def _sylvester(block: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The orthonormal Hadamard matrix of size ``block``, built once per device and
+    dtype (a deployed model rotates in every forward: no copy to the device each time)."""
     h = torch.ones(1, 1)
     while h.shape[0] < block:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(block)
+    return (h / math.sqrt(block)).to(device, dtype)
 
 
 def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     """``x`` times the block-diagonal orthonormal Hadamard matrix H (blocks of ``block``)
     along its last dimension. H is symmetric and H H = I: rotating twice is the identity."""
-    h = _sylvester(block).to(x.device, x.dtype)
+    h = _sylvester(block, x.device, x.dtype)
     shape = x.shape
     return (x.reshape(*shape[:-1], shape[-1] // block, block) @ h).reshape(shape)
 

@@ -9,6 +9,7 @@ memory cap becomes ``oom`` (CUDA) or ``over_budget`` (accounted, CPU).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import gc
@@ -52,7 +53,13 @@ from workers.datasets import (
     select,
 )
 from workers.deploy import DeployConfig, deploy
-from workers.energy import EnergyConfig, EnergyMeasurement, select_meter
+from workers.energy import (
+    EnergyConfig,
+    EnergyMeasurement,
+    EnergyMeter,
+    MeterError,
+    select_meter,
+)
 from workers.methods import MethodContext, apply_method, count_parameters
 
 log = logging.getLogger(__name__)
@@ -135,12 +142,13 @@ def run_trial(
         record.status = "failed"
         record.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
         log.warning("trial %s failed: %s", spec.trial_id, exc)
-    if device.type == "cuda":
-        # leave the worker healthy for the next trial: the model (its blocks' patched
-        # forwards are reference cycles) and any failed step's tensors go now
-        gc.collect()
-        torch.cuda.empty_cache()
-    record.ended_at = _now()
+    finally:  # also when a search stops the trial (a BaseException passes through)
+        if device.type == "cuda":
+            # leave the worker healthy for the next trial: the model (its blocks' patched
+            # forwards are reference cycles) and any failed step's tensors go now
+            gc.collect()
+            torch.cuda.empty_cache()
+        record.ended_at = _now()
     return record
 
 
@@ -217,10 +225,11 @@ def _finetune(
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / MB
         progress(
-            {"step": step, "loss": losses[-1], "peak_mem_mb": peak or 0.0,
-             "energy_j": energy_meter.so_far()}
+            {"step": step, "loss": losses[-1].item(), "peak_mem_mb": peak or 0.0,
+             "energy_j": _energy_so_far(energy_meter)}
         )  # fmt: skip
 
+    excluded_s = excluded_j = 0.0  # per-epoch validation, not training
     try:
         epoch = 0
         while step < total_steps:
@@ -229,7 +238,8 @@ def _finetune(
                 data.train_x, data.train_y, train.batch_size, generator=gen, augment=augment
             ):
                 if step == 0 and ckpt.wants_profile:
-                    _prepare_checkpointing(ckpt, model, xb, yb, spec, autocast)
+                    resident = data.nbytes if data.train_x.device == device else 0
+                    _prepare_checkpointing(ckpt, model, xb, yb, spec, autocast, resident)
                 loss, replanned = _step_with_replans(
                     forward_backward, xb, yb, ckpt, model, optimizer, device
                 )
@@ -240,7 +250,7 @@ def _finetune(
                 step += 1
                 if adapted.on_optimizer_step is not None:
                     adapted.on_optimizer_step(step)
-                losses.append(loss.item())
+                losses.append(loss.detach())  # read at the end: no device sync per step
                 if step == 1 or recheck or replanned:
                     recheck = not _check_accounted(
                         model, optimizer, meter, xb, spec, record, cap, ckpt
@@ -258,27 +268,38 @@ def _finetune(
                     break
             epoch += 1
             if options.epoch_validation and progress and data.val_x is not None:
-                # a pruner's signal; counted in the training time and energy it costs
+                # a pruner's signal, taken out of the training time and energy (the
+                # record of a searched trial stands beside a grid trial's of the same id)
+                t_val, j_val = time.perf_counter(), _energy_so_far(energy_meter)
                 val = _evaluate(
                     model, data.val_x, data.val_y, data.num_classes, train_feed, spec, autocast
                 )
                 progress({"epoch": epoch, "val_accuracy": val[0]})
                 model.train()
+                _sync(device)
+                excluded_s += time.perf_counter() - t_val
+                excluded_j += _energy_so_far(energy_meter) - j_val
         if progress and step:
             report()
         if energy_meter.window_open:
-            _fill_energy(record, energy_meter.end_window())
+            try:
+                _fill_energy(record, energy_meter.end_window(), excluded_s, excluded_j)
+            except MeterError as exc:  # the device stopped answering: no energy figure
+                record.energy_fallback = f"{energy_meter.source} failed: {exc}"
+                log.warning("energy not measured: %s", exc)
     finally:  # also on an oom / over_budget record: what ran, and under which plan
         record.steps = step
         record.checkpointed_blocks = len(ckpt.checkpointed())
         _fill_plan(record, ckpt)
         if energy_meter.window_open:  # a failed step: stop the meter's poller
-            energy_meter.end_window()
+            with contextlib.suppress(MeterError):  # the step's own error is the record's
+                energy_meter.end_window()
     _sync(device)
     t_end = time.perf_counter()
+    t_end -= excluded_s
     record.train_time_s = t_end - t_start
     record.throughput_img_s = images_after_first / (t_end - t_first) if t_end > t_first else None
-    record.train_loss = float(np.mean(losses)) if losses else None
+    record.train_loss = torch.stack(losses).float().mean().item() if losses else None
     if device.type == "cuda":
         _fill_cuda_peaks(record, device)
         record.peak_mem_mb = record.cuda_max_allocated_mb
@@ -305,9 +326,11 @@ def _prepare_checkpointing(
     yb: torch.Tensor,
     spec: TrialSpec,
     autocast: Any,
+    resident_bytes: int,
 ) -> None:
-    """Profile the blocks on the first batch; an adaptive strategy plans its budget."""
-    static = memory.predicted_static_bytes(
+    """Profile the blocks on the first batch; an adaptive strategy plans its budget
+    (less what the model, its optimizer, the batch and a device-resident dataset take)."""
+    static = resident_bytes + memory.predicted_static_bytes(
         model, spec.train.optimizer, xb.numel() * xb.element_size()
     )
 
@@ -426,6 +449,7 @@ def _data(
     data = select(data, options)
     if resident_on(device, options, data, spec.budget_mb):
         data = data.to(device)
+        record.data_device_mb = data.nbytes / MB
     _sync(device)
     record.data_wait_s = time.perf_counter() - start
     record.train_images = len(data.train_y)
@@ -549,8 +573,23 @@ def _fill_cuda_peaks(record: TrialRecord, device: torch.device) -> None:
     record.mem_meters = ",".join(meters)
 
 
-def _fill_energy(record: TrialRecord, m: EnergyMeasurement) -> None:
-    record.energy_j, record.energy_window_s, record.energy_avg_w = m.joules, m.seconds, m.avg_watts
+def _energy_so_far(meter: EnergyMeter) -> float:
+    """The open window's energy so far; 0 when the meter fails (its window's end says)."""
+    try:
+        return meter.so_far()
+    except MeterError:
+        return 0.0
+
+
+def _fill_energy(
+    record: TrialRecord, m: EnergyMeasurement, excluded_s: float = 0.0, excluded_j: float = 0.0
+) -> None:
+    """The window's energy, less the parts of it that were not the trial's training."""
+    record.energy_j = max(m.joules - excluded_j, 0.0)
+    record.energy_window_s = m.seconds - excluded_s
+    record.energy_avg_w = (
+        record.energy_j / record.energy_window_s if record.energy_window_s > 0 else 0.0
+    )
     record.energy_source, record.energy_exclusive = m.source, m.exclusive
     record.energy_estimated, record.energy_fallback = m.estimated, m.fallback
 
@@ -564,13 +603,14 @@ def _fill_inference(
     autocast: Any,
 ) -> None:
     """Inference latency and memory of the adapted model; a trial whose inference copy
-    does not fit keeps its training results (the columns stay empty)."""
+    does not fit, or cannot be made, keeps its training results (the columns stay empty:
+    a measurement that failed is no reason to lose what was trained)."""
     model.zero_grad(set_to_none=True)
     try:
         cost = inference_cost(
             model, size, batch_size, device, repeats=5, warmup=2, autocast=lambda: autocast
         )
-    except torch.OutOfMemoryError as exc:
+    except Exception as exc:  # noqa: BLE001 - out of memory, an unmergeable copy, ...
         log.warning("inference cost not measured: %s", str(exc).splitlines()[0])
         return
     record.infer_latency_ms_b1, record.infer_latency_ms_batch = (
@@ -597,9 +637,27 @@ def _deploy(
     """The deployment phase (``workers.deploy``) when the spec asks for one: its variants
     calibrated on the first training batches of a seeded shuffle (no augmentation),
     evaluated on the test split as the trained model was (fp32), measured at the
-    trial's batch size; the shipped variant's figures in the flat deploy_* columns."""
+    trial's batch size; the shipped variant's figures in the flat deploy_* columns.
+    A phase that fails keeps the trained trial's record, its reason in deploy_results."""
     if not spec.deploy:
         return
+    try:
+        _run_deploy(spec, record, model, data, size, feed, device, artifacts_dir)
+    except Exception as exc:  # noqa: BLE001 - the training results stand
+        log.warning("deployment phase failed: %s", exc)
+        record.deploy_results = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _run_deploy(
+    spec: TrialSpec,
+    record: TrialRecord,
+    model: nn.Module,
+    data: ImageData,
+    size: int,
+    feed: Callable[..., Any],
+    device: torch.device,
+    artifacts_dir: str | None,
+) -> None:
     config = DeployConfig(**spec.deploy)
     batch_size = spec.train.batch_size
     order = torch.Generator().manual_seed(spec.seed)

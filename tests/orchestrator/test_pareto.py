@@ -7,18 +7,15 @@ import pandas as pd
 import pytest
 
 from orchestrator.pareto import (
+    BASE_OBJECTIVES,
     _hypervolume_brute,
     _non_dominated_brute,
     aggregate_seeds,
     dataset_fronts,
     default_reference,
-    front_table,
     hypervolume,
     knee_index,
     non_dominated,
-    objectives_for,
-    pareto_front,
-    summary_by_config,
 )
 
 
@@ -73,66 +70,20 @@ def test_front_ignores_failed_and_unmeasured_trials() -> None:
             ("e", "ok", None, 10.0),  # no accuracy: not a candidate
             ("f", "ok", 0.60, 60.0),  # dominated by d
         ]
-    )
-    marked = pareto_front(df)
-    assert marked.set_index("trial_id")["pareto"].to_dict() == {
+    ).assign(dataset="digits")
+    (front,) = dataset_fronts(df, BASE_OBJECTIVES)
+    assert front.table.set_index("trial_id")["pareto"].to_dict() == {
         "a": True,
-        "b": False,
-        "c": False,
         "d": True,
-        "e": False,
         "f": False,
     }
-
-
-def test_energy_joins_only_when_every_ok_trial_has_it() -> None:
-    partial = _table([("a", "ok", 0.8, 10.0, 5.0), ("b", "ok", 0.7, 20.0, None)])
-    assert "energy_j" not in objectives_for(partial)
-    full = _table([("a", "ok", 0.8, 10.0, 5.0), ("b", "ok", 0.8, 10.0, 1.0)])
-    assert objectives_for(full) == {"accuracy": "max", "peak_mem_mb": "min", "energy_j": "min"}
-    # with energy, b (less energy, otherwise equal) dominates a
-    assert pareto_front(full)["pareto"].tolist() == [False, True]
-
-
-def test_front_table_orders_by_accuracy_and_keeps_ties() -> None:
-    df = _table(
-        [
-            ("a", "ok", 0.7, 10.0),
-            ("b", "ok", 0.9, 40.0),
-            ("c", "ok", 0.9, 40.0),
-            ("d", "ok", 0.5, 50.0),
-        ]
-    )
-    front = front_table(df)
-    assert front["trial_id"].tolist() in (["b", "c", "a"], ["c", "b", "a"])
+    assert front.unmeasured == 3  # b, c (not ok) and e
 
 
 def test_missing_objective_column_is_an_error() -> None:
+    table = pd.DataFrame({"status": ["ok"], "accuracy": [0.5], "dataset": ["digits"]})
     with pytest.raises(KeyError, match="peak_mem_mb"):
-        pareto_front(pd.DataFrame({"status": ["ok"], "accuracy": [0.5]}))
-
-
-def test_summary_aggregates_seeds() -> None:
-    df = pd.DataFrame(
-        {
-            "status": ["ok", "ok", "ok", "failed"],
-            "backbone": ["v", "v", "t", "t"],
-            "method": ["lora"] * 4,
-            "checkpointing": ["none"] * 4,
-            "dataset": ["digits"] * 4,
-            "budget_mb": [2048.0] * 4,
-            "seed": [0, 1, 0, 1],
-            "accuracy": [0.8, 0.6, 0.9, None],
-            "peak_mem_mb": [10.0, 10.0, 5.0, None],
-            "train_time_s": [1.0, 3.0, 2.0, None],
-        }
-    )
-    summary = summary_by_config(df).set_index("backbone")
-    assert summary.loc["v", "seeds"] == 2
-    assert summary.loc["v", "accuracy_mean"] == pytest.approx(0.7)
-    assert summary.loc["v", "accuracy_std"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
-    assert summary.loc["t", "seeds"] == 1  # the failed seed is not averaged in
-    assert summary.index.tolist() == ["t", "v"]  # best mean accuracy first
+        dataset_fronts(table, BASE_OBJECTIVES)
 
 
 def _random_table(rng: np.random.Generator, k: int, ties: bool) -> tuple[np.ndarray, list[str]]:
@@ -275,8 +226,8 @@ def test_aggregate_seeds_mean_std_and_energy_labels() -> None:
 def test_fronts_are_per_dataset_and_over_seed_means() -> None:
     records = _configs_table()
     # over single trials, x's lucky seed (0.95) is on the front of dataset a
-    trial_front = pareto_front(records, {"accuracy": "max", "peak_mem_mb": "min"})
-    assert trial_front.loc[trial_front["pareto"], "method"].tolist().count("x") == 1
+    (trial_front, _) = dataset_fronts(records, {"accuracy": "max", "peak_mem_mb": "min"})
+    assert trial_front.front["method"].tolist().count("x") == 1
     fronts = dataset_fronts(aggregate_seeds(records), {"accuracy": "max", "peak_mem_mb": "min"})
     assert [f.dataset for f in fronts] == ["a", "b"]
     a, b = fronts

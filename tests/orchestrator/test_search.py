@@ -418,7 +418,8 @@ def test_search_end_to_end_through_ray(
         assert f"dashboard: optuna-dashboard sqlite:///{output.resolve()}/search.db" in out
         records = RecordStore(output).collect()
         assert 1 <= len(records) <= 3 and (records["status"] == "ok").all()
-        assert "Budget-constrained search" in (output / "report.md").read_text()
+        assert "Budget-constrained search" in (output / "search" / "report.md").read_text()
+        assert not (output / "report.md").exists()  # a sweep's report is not overwritten
         saved = json.loads((output / "search.json").read_text())
         assert saved["best"] and saved["best"][0]["trial_id"] in set(records["trial_id"])
 
@@ -479,3 +480,29 @@ def test_real_trials_are_pruned_on_their_validation_accuracy(tmp_path: Path) -> 
     assert len(stopped) == pruned
     assert all(1 < len(epochs[t]) < 4 for t in stopped)  # after warm-up, before the end
     assert all(len(accs) == 4 for t, accs in epochs.items() if t in recorded)
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "says"),
+    [
+        ({"objectives": ["energy_j"]}, "search.pruner", "'energy_j' is minimised"),
+        ({"val_fraction": 0.0}, "datasets.synthetic", "needs a validation split"),
+    ],
+)
+def test_a_pruner_needs_validation_accuracy_to_agree_with_its_objective(
+    tmp_path: Path, change: dict[str, Any], where: str, says: str
+) -> None:
+    raw = landscape_grid(tmp_path, pruner={"kind": "median"})
+    if "objectives" in change:
+        raw["search"]["objectives"] = change["objectives"]
+    else:
+        raw["datasets"]["synthetic"]["val_fraction"] = change["val_fraction"]
+    with pytest.raises(GridError, match=says) as err:
+        parse_grid(raw)
+    assert err.value.where == where
+
+
+def test_a_deployment_objective_needs_a_deploy_section(tmp_path: Path) -> None:
+    raw = landscape_grid(tmp_path, objectives=["netscore_deploy_latency"])
+    with pytest.raises(GridError, match="add a deploy: section"):
+        parse_grid(raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,37 @@ def test_bf16_trial_gets_bf16_batches(synthetic_data: ImageData) -> None:
     assert fp32.status == bf16.status == "ok", bf16.error
     assert bf16.batch_mb == pytest.approx(fp32.batch_mb / 2)  # 2 bytes a value, not 4
     assert 0.0 <= bf16.accuracy <= 1.0
+
+
+def test_epoch_validation_is_not_training_time(
+    synthetic_data: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = trial_module._evaluate
+
+    def slow_evaluate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(0.25)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "_evaluate", slow_evaluate)
+    spec = _spec(dataset_args=SYNTH | {"val_fraction": 0.25}, train=TrainConfig(epochs=3))
+    plain = run_trial(spec, data=synthetic_data, progress=lambda _: None)
+    pruned = run_trial(spec, data=synthetic_data, progress=lambda _: None, epoch_validation=True)
+    assert plain.status == pruned.status == "ok"
+    # three validations of >= 0.25 s each would add >= 0.75 s: they are taken out
+    assert pruned.train_time_s < plain.train_time_s + 0.3
+    assert pruned.energy_window_s < plain.energy_window_s + 0.3
+
+
+def test_a_failed_measurement_keeps_the_trained_trial(
+    synthetic_data: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("the inference copy computes another function")
+
+    monkeypatch.setattr(trial_module, "inference_cost", broken)
+    rec = run_trial(_spec(), data=synthetic_data)
+    assert rec.status == "ok" and 0.0 <= rec.accuracy <= 1.0
+    assert rec.infer_latency_ms_b1 is None and rec.infer_merged is None
 
 
 def test_same_spec_same_result(synthetic_data: ImageData) -> None:

@@ -240,16 +240,6 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def call_macs(forward: Callable[[], Any]) -> int:
-    """Multiply-accumulates (FLOPs / 2) of one call of ``forward``, counted by torch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        forward()
-    return counter.get_total_flops() // 2
-
-
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """Top-1 and top-5 (top-k for fewer classes) hits of ``scores`` (n, classes); a class
     whose score is -inf (not a candidate) never counts as a hit."""

@@ -34,7 +34,6 @@ from workers.baselines.base import (
     BaselineContext,
     BaselineResult,
     Stopwatch,
-    call_macs,
     load_error,
     local_dir,
     parameter_bytes,
@@ -42,6 +41,7 @@ from workers.baselines.base import (
     require_files,
     topk_correct,
 )
+from workers.cost import call_macs
 from workers.datasets import ImageData, batches
 
 log = logging.getLogger(__name__)

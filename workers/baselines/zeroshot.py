@@ -33,7 +33,6 @@ from workers.baselines.base import (
     BaselineContext,
     BaselineResult,
     Stopwatch,
-    call_macs,
     class_names,
     load_error,
     local_dir,
@@ -42,6 +41,7 @@ from workers.baselines.base import (
     require_files,
     topk_correct,
 )
+from workers.cost import call_macs
 from workers.datasets import ImageData, batches
 
 log = logging.getLogger(__name__)
