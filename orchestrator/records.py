@@ -315,6 +315,41 @@ def describe_schema() -> str:
 # ---------------------------------------------------------------- store
 
 
+def write_file(target: str, data: bytes, fs: Any = None) -> str:
+    """Write ``data`` to ``target`` so that no reader ever sees half of it: a local path
+    (temporary file, fsync, rename, fsync of the folder) or a URI / a path in the pyarrow
+    file system ``fs`` (an object store's put is atomic; file:// URIs, for tests, are
+    not). Returns ``target``."""
+    if fs is None and "://" in target:
+        import pyarrow.fs as pafs
+
+        fs, target_path = pafs.FileSystem.from_uri(target)
+    else:
+        target_path = target
+    if fs is not None:
+        fs.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(target_path) as out:
+            out.write(data)
+        return target
+    dest = Path(target)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power loss
+    finally:
+        os.close(dir_fd)
+    return target
+
+
 class RecordStore:
     """The records of one sweep output folder: atomic writes, listing, collection.
 
@@ -362,27 +397,10 @@ class RecordStore:
         return path
 
     def write_bytes_at(self, path: str, data: bytes) -> None:
-        if self.is_uri:  # an object store's put is atomic (file:// URIs, for tests, are not)
-            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            with self._fs.open_output_stream(path) as out:
-                out.write(data)
-            return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power loss
-        finally:
-            os.close(dir_fd)
+        if self.is_uri:
+            write_file(path, data, self._fs)
+        else:
+            write_file(path, data)
 
     def record_paths(self) -> list[str]:
         """Finished record files (temporary files of interrupted writes are ignored)."""

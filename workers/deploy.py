@@ -46,8 +46,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +56,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from orchestrator.records import write_file
 from orchestrator.spec import is_int, is_number
 from workers.backbones import MAMBA, family
 from workers.cost import inference_model, measure_inference
@@ -290,23 +289,6 @@ def _variant(variant: str, reference: nn.Module, ctx: _Context) -> VariantResult
 
 
 def _publish(local: Path, target: str) -> str:
-    """Copy the finished file ``local`` to ``target``, a local path (written beside it,
-    then renamed: never half a file) or a URI (through pyarrow's file systems; an object
-    store's put is atomic). Returns ``target``."""
-    if "://" in target:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(target)
-        fs.create_dir(path.rpartition("/")[0], recursive=True)
-        with open(local, "rb") as src, fs.open_output_stream(path) as dst:
-            shutil.copyfileobj(src, dst)
-        return target
-    dest = Path(target)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return str(dest)
+    """Copy the finished file ``local`` to ``target`` (a local path or a URI), never as
+    half a file (``orchestrator.records.write_file``). Returns ``target``."""
+    return write_file(target, local.read_bytes())
