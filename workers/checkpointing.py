@@ -43,7 +43,7 @@ from torch.utils.checkpoint import (
 )
 
 from workers import checkpoint_plan
-from workers.memory import ActivationMeter
+from workers.memory import ActivationMeter, sync
 from workers.registry import NoArgs, Registry
 
 log = logging.getLogger(__name__)
@@ -282,11 +282,6 @@ class Profile:
         return self.outside_bytes + sum(b.saved_bytes for b in self.blocks)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_blocks(
     model: nn.Module,
     forward: Callable[[], torch.Tensor],
@@ -444,11 +439,11 @@ def _fwd_bwd_time(
     wrt: list[torch.Tensor],
     device: torch.device,
 ) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     out = _run(block, plain, mode, x)
     torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 

@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from workers.memory import MB
+from workers.memory import MB, sync
 
 log = logging.getLogger(__name__)
 
@@ -382,11 +382,6 @@ def measure_inference(
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_ms(
     forward: Callable[[], None], device: torch.device, repeats: int, warmup: int
 ) -> float:
@@ -394,10 +389,10 @@ def _median_ms(
         forward()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         forward()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)
 
@@ -423,11 +418,11 @@ def _weight_bytes_of(tensors: Collection[torch.Tensor]) -> int:
 def _forward_peak_bytes(forward: Callable[[], None], x: torch.Tensor, device: torch.device) -> int:
     """Input bytes + the peak bytes that one ``forward()`` allocates on top."""
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         before = torch.cuda.memory_allocated(device) - x.numel() * x.element_size()
         torch.cuda.reset_peak_memory_stats(device)
         forward()
-        _sync(device)
+        sync(device)
         return torch.cuda.max_memory_allocated(device) - before
     tracker = _LiveTensors()
     with tracker:

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 MB = 1024.0 * 1024.0
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (timings and meters read after it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class OverBudget(RuntimeError):
     """The accounted peak memory of a trial exceeded its budget (CPU cap)."""
 

@@ -215,7 +215,7 @@ def _finetune(
 
     model.train()
     step, images_after_first, losses, recheck = 0, 0, [], False
-    _sync(device)
+    memory.sync(device)
     t_start = time.perf_counter()
     t_first = t_reported = t_start
 
@@ -276,7 +276,7 @@ def _finetune(
                 )
                 progress({"epoch": epoch, "val_accuracy": val[0]})
                 model.train()
-                _sync(device)
+                memory.sync(device)
                 excluded_s += time.perf_counter() - t_val
                 excluded_j += _energy_so_far(energy_meter) - j_val
         if progress and step:
@@ -294,7 +294,7 @@ def _finetune(
         if energy_meter.window_open:  # a failed step: stop the meter's poller
             with contextlib.suppress(MeterError):  # the step's own error is the record's
                 energy_meter.end_window()
-    _sync(device)
+    memory.sync(device)
     t_end = time.perf_counter()
     t_end -= excluded_s
     record.train_time_s = t_end - t_start
@@ -312,7 +312,7 @@ def _finetune(
         record.val_accuracy = _evaluate(
             model, data.val_x, data.val_y, data.num_classes, train_feed, spec, autocast
         )[0]
-    _sync(device)
+    memory.sync(device)
     record.eval_time_s = time.perf_counter() - t_eval
     optimizer.state.clear()  # room for the inference copy under the cap
     _fill_inference(record, model, size, train.batch_size, device, autocast)
@@ -450,7 +450,7 @@ def _data(
     if resident_on(device, options, data, spec.budget_mb):
         data = data.to(device)
         record.data_device_mb = data.nbytes / MB
-    _sync(device)
+    memory.sync(device)
     record.data_wait_s = time.perf_counter() - start
     record.train_images = len(data.train_y)
     return data
@@ -725,11 +725,6 @@ def _autocast(precision: str, device: torch.device) -> Any:
         raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _seed_everything(seed: int) -> None:
