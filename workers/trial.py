@@ -205,8 +205,13 @@ def _finetune(
     progress = options.progress
     record.energy_source = "unavailable"  # until a window is measured
 
+    # the saved-tensor meter runs only on the steps whose accounting is read: the first,
+    # re-checks after a re-plan, and every step of an adaptive plan on CUDA (an OOM
+    # there re-plans and checks the retried step)
+    metered = [True]
+
     def forward_backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        with meter, autocast:
+        with meter if metered[0] else nullcontext(), autocast:
             loss = F.cross_entropy(model(xb), yb)
             objective = loss + adapted.regularizer() if adapted.regularizer else loss
         optimizer.zero_grad(set_to_none=True)
@@ -255,6 +260,7 @@ def _finetune(
                     recheck = not _check_accounted(
                         model, optimizer, meter, xb, spec, record, cap, ckpt
                     )
+                metered[0] = recheck or (ckpt.adaptive and device.type == "cuda")
                 if step == 1:  # warm-up (first-step allocations, profiling) is not measured
                     energy_meter.begin_window()
                     t_first = time.perf_counter()
