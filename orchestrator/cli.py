@@ -230,14 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_front(frame)
     files = write_report(frame, store, grid.name)
     print(f"report: {files.html}")
-    failed = int((frame["status"] == "failed").sum())
-    if failed:
-        print(
-            f"{failed} trial(s) failed; see the error column (orchestrate collect {store.output})",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return _exit_status(frame, store)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -312,6 +305,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"report: {files.html}")
     print(f"result: {md_path}\n        {json_path}")
     print(f"dashboard: {dashboard_command(result.storage)}")
+    return _exit_status(frame, store)
+
+
+def _exit_status(frame: pd.DataFrame, store: RecordStore) -> int:
+    """1 (and where to look) when a trial of ``frame`` ended ``failed``, else 0."""
     failed = int((frame["status"] == "failed").sum()) if not frame.empty else 0
     if failed:
         print(

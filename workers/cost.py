@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from workers.memory import MB, sync
+from workers.memory import MB, storage_key, sync
 
 log = logging.getLogger(__name__)
 
@@ -397,21 +397,13 @@ def _median_ms(
     return statistics.median(times)
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
-    try:
-        storage = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # sparse, meta or functional tensors
-        return None
-    return storage.data_ptr(), storage.nbytes()
-
-
 def _weight_bytes(model: nn.Module) -> int:
     return _weight_bytes_of([*model.parameters(), *model.buffers()])
 
 
 def _weight_bytes_of(tensors: Collection[torch.Tensor]) -> int:
     """Bytes of the distinct storages under ``tensors``."""
-    keys = {_storage_key(t) for t in tensors}
+    keys = {storage_key(t) for t in tensors}
     return sum(k[1] for k in keys if k is not None)
 
 
@@ -452,7 +444,7 @@ class _LiveTensors(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         inputs = tree_leaves((args, kwargs or {}))
         for t in inputs:
-            if isinstance(t, torch.Tensor) and (key := _storage_key(t)) not in self._refs:
+            if isinstance(t, torch.Tensor) and (key := storage_key(t)) not in self._refs:
                 self._known.add(key)
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
@@ -461,7 +453,7 @@ class _LiveTensors(TorchDispatchMode):
         return out
 
     def _track(self, t: torch.Tensor) -> None:
-        key = _storage_key(t)
+        key = storage_key(t)
         if key is None or key in self._known:
             return
         if key not in self._refs:

@@ -41,7 +41,8 @@ class OverBudget(RuntimeError):
         self.budget_mb = budget_mb
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+def storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    """(address, bytes) of the storage under ``t``: tensors that share memory share it."""
     try:
         storage = t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # sparse, meta or functional tensors
@@ -67,7 +68,7 @@ class ActivationMeter:
         blocks: Sequence[tuple[str, nn.Module]] = (),
         exclude: Sequence[torch.Tensor] = (),
     ) -> None:
-        self._exclude = {_storage_key(t) for t in [*model.parameters(), *exclude]}
+        self._exclude = {storage_key(t) for t in [*model.parameters(), *exclude]}
         self.peak_bytes = 0
         self.last_bytes = 0  # the last forward's (a re-planned step is judged on its own)
         self._seen: set[tuple[int, int]] = set()
@@ -95,7 +96,7 @@ class ActivationMeter:
         return hook
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
+        key = storage_key(t)
         if key is not None and key not in self._exclude and key not in self._seen:
             self._seen.add(key)
             self._bytes += key[1]
@@ -141,7 +142,7 @@ class MemoryAccount:
 def _nbytes(tensors: Any) -> int:
     seen: dict[tuple[int, int], int] = {}
     for t in tensors:
-        key = _storage_key(t)
+        key = storage_key(t)
         if key is not None:
             seen[key] = key[1]
     return sum(seen.values())

@@ -322,7 +322,11 @@ def _finetune(
     record.eval_time_s = time.perf_counter() - t_eval
     optimizer.state.clear()  # room for the inference copy under the cap
     _fill_inference(record, model, size, train.batch_size, device, autocast)
-    _deploy(spec, record, model, data, size, feed, device, options.artifacts_dir)
+    try:
+        _deploy(spec, record, model, data, size, feed, device, options.artifacts_dir)
+    except Exception as exc:  # noqa: BLE001 - a failed deployment keeps the trained trial
+        log.warning("deployment phase failed: %s", exc)
+        record.deploy_results = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
 
 
 def _prepare_checkpointing(
@@ -643,27 +647,9 @@ def _deploy(
     """The deployment phase (``workers.deploy``) when the spec asks for one: its variants
     calibrated on the first training batches of a seeded shuffle (no augmentation),
     evaluated on the test split as the trained model was (fp32), measured at the
-    trial's batch size; the shipped variant's figures in the flat deploy_* columns.
-    A phase that fails keeps the trained trial's record, its reason in deploy_results."""
+    trial's batch size; the shipped variant's figures in the flat deploy_* columns."""
     if not spec.deploy:
         return
-    try:
-        _run_deploy(spec, record, model, data, size, feed, device, artifacts_dir)
-    except Exception as exc:  # noqa: BLE001 - the training results stand
-        log.warning("deployment phase failed: %s", exc)
-        record.deploy_results = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
-
-
-def _run_deploy(
-    spec: TrialSpec,
-    record: TrialRecord,
-    model: nn.Module,
-    data: ImageData,
-    size: int,
-    feed: Callable[..., Any],
-    device: torch.device,
-    artifacts_dir: str | None,
-) -> None:
     config = DeployConfig(**spec.deploy)
     batch_size = spec.train.batch_size
     order = torch.Generator().manual_seed(spec.seed)
