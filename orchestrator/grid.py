@@ -669,16 +669,19 @@ def _method_dimensions(fail: Any, value: Any, grid: Grid) -> dict[str, tuple[Dim
         if not isinstance(ranges, dict) or not ranges:
             raise fail(where, f"must map argument names to ranges, got {ranges!r}")
         base = methods[name].args
+        # every argument, also those a resolved spec leaves out at their default
+        every = dataclasses.asdict(METHODS.make_config(name, base))
         dims = []
         for arg, spec in ranges.items():
-            if arg not in base:
-                valid = ", ".join(sorted(base)) or "(it takes none)"
+            if arg not in every:
+                valid = ", ".join(sorted(every)) or "(it takes none)"
                 raise fail(f"{where}.{arg}", f"unknown argument of {name}; valid: {valid}")
 
             def check(v: Any, name: str = name, arg: str = arg, base: dict = base) -> Any:
-                return METHODS.resolve_args(name, {**base, arg: v})[arg]
+                config = METHODS.make_config(name, {**base, arg: v})
+                return METHODS.resolve_args(name, {**base, arg: v}).get(arg, getattr(config, arg))
 
-            dims.append(_dimension(fail, f"{where}.{arg}", arg, spec, type(base[arg]), check))
+            dims.append(_dimension(fail, f"{where}.{arg}", arg, spec, type(every[arg]), check))
         out[name] = tuple(dims)
     return out
 

@@ -115,12 +115,29 @@ class Registry:
             raise RegistryError(f"{self.kind} {name!r}: {exc}") from None
 
     def resolve_args(self, name: str, args: dict[str, Any] | None) -> dict[str, Any]:
-        """``args`` validated and completed with defaults, as a plain JSON-able dict."""
-        return _jsonable(dataclasses.asdict(self.make_config(name, args)))
+        """``args`` validated and completed with defaults, as a plain JSON-able dict.
+
+        A field that a config lists in its ``LATER_FIELDS`` class attribute (added after
+        records existed) is left out while it has its default, so that a trial that does
+        not use it keeps the trial id it had before the field existed.
+        """
+        config = self.make_config(name, args)
+        resolved = _jsonable(dataclasses.asdict(config))
+        defaults = {f.name: f for f in dataclasses.fields(config)}
+        for key in getattr(config, "LATER_FIELDS", ()):
+            if key in resolved and resolved[key] == _jsonable(_default(defaults[key])):
+                del resolved[key]
+        return resolved
 
     def build(self, name: str, args: dict[str, Any] | None, *pos: Any, **kw: Any) -> Any:
         """Call the builder of ``name`` with its validated config and extra arguments."""
         return self.get(name).builder(self.make_config(name, args), *pos, **kw)
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def _jsonable(value: Any) -> Any:
