@@ -44,6 +44,7 @@ TOP_LEVEL = (
     "energy",
     "search",
     "deploy",
+    "plugins",
 )
 REQUIRED = ("name", "output", "budget_mb", "seeds", "datasets", "backbones", "methods")
 
@@ -251,6 +252,9 @@ class Grid:
     energy: dict[str, Any] = field(default_factory=dict)  # workers.energy.EnergyConfig fields
     search: Search | None = None  # the `search:` section, for `orchestrate search`
     deploy: dict[str, Any] = field(default_factory=dict)  # workers.deploy.DeployConfig, resolved
+    # modules imported (here, and in every worker) before the registries are read: the
+    # `plugins:` entries, a path entry as the name of the module it holds
+    plugins: tuple[str, ...] = ()
     source: str = "<grid>"
 
 
@@ -275,7 +279,7 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     from workers.backbones import BACKBONES
     from workers.baselines import BASELINES
     from workers.checkpointing import CHECKPOINTING
-    from workers.datasets import DATASETS
+    from workers.data import DATASETS
     from workers.energy import EnergyConfig
     from workers.methods import METHODS
 
@@ -292,6 +296,8 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     for key in REQUIRED:
         if key not in raw:
             raise fail(key, "required field is missing")
+    # LOST EDIT (plug-ins): here stood `plugins = _plugins(fail, _or_empty(raw, "plugins",
+    # []), source)  # they add registry names`; `_plugins` itself was lost (see below)
 
     name = raw["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -317,7 +323,9 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     _no_duplicates(fail, "seeds", seeds)
 
     datasets = _components(fail, "datasets", raw["datasets"], DATASETS)
+    _check_datasets(fail, datasets)
     backbones = _components(fail, "backbones", raw["backbones"], BACKBONES)
+    # LOST EDIT (backbones): here stood `_check_backbones(fail, backbones)`
     methods = _components(fail, "methods", raw["methods"], METHODS)
     checkpointing = _components(
         fail, "checkpointing", raw.get("checkpointing", ["none"]), CHECKPOINTING
@@ -409,6 +417,18 @@ def _components(fail: Any, where: str, value: Any, registry: Any) -> tuple[Compo
         except ValueError as exc:
             raise fail(f"{where}.{name}", str(exc)) from None
     return tuple(out)
+
+
+def _check_datasets(fail: Any, datasets: tuple[Component, ...]) -> None:
+    """Each dataset's files as far as they can be checked without decoding them (a
+    folder exists, a class folder holds images, a column is there)."""
+    from workers.data import SourceError, check_source
+
+    for dataset in datasets:
+        try:
+            check_source(dataset.name, dataset.args)
+        except SourceError as exc:
+            raise fail(f"datasets.{dataset.name}.{exc.field}", str(exc)) from None
 
 
 def _dataclass_from(fail: Any, where: str, cls: type, value: Any) -> Any:

@@ -17,21 +17,22 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from workers.registry import Registry
+from workers.registry import Entry, Registry, RegistryError
+from workers.structure import Structure
 
 log = logging.getLogger(__name__)
-
-BACKBONES = Registry("backbone")
 
 # Backbone families (each backbone is registered with exactly one as its tag); a
 # method declares the families it applies to.
@@ -49,29 +50,97 @@ SAFE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
 WRAPPER_PREFIXES = ("module.", "model.")
 
 
-def family(name: str) -> str:
-    """The family of registered backbone ``name``."""
-    tags = BACKBONES.get(name).tags & set(FAMILIES)
-    if len(tags) != 1:
-        raise RuntimeError(f"backbone {name!r} must be registered with one family, has {tags}")
-    return next(iter(tags))
-
-
 @dataclass(frozen=True)
 class BackboneConfig:
     """Arguments every backbone accepts in a grid (``backbones: {name: {...}}``)."""
+
+    # fields added after records existed: left out of a trial's id at their default
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("model_args",)
 
     # None: random init; "hub": the timm hub weights of this variant; anything else:
     # a timm hub id ("hf-hub:org/name") or a local .pth/.bin/.safetensors file.
     pretrained: str | None = None
     img_size: int = 0  # input resolution; 0 = the variant's native resolution
     drop_path_rate: float = 0.0  # stochastic depth
+    # passed to the architecture's constructor (timm.create_model keyword arguments)
+    model_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.img_size < 0 or (self.img_size and self.img_size < 8):
             raise ValueError(f"img_size must be 0 (native) or >= 8, got {self.img_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        reserved = sorted(set(self.model_args) & {"num_classes", "pretrained", "img_size"})
+        if reserved:
+            raise ValueError(
+                f"model_args may not set {reserved}: the dataset sets num_classes, "
+                "and pretrained / img_size are backbone arguments of their own"
+            )
+
+
+# ---------------------------------------------------------------- any timm model
+
+HF_HUB = "hf-hub:"
+
+
+@functools.lru_cache(maxsize=1)
+def timm_names() -> frozenset[str]:
+    """Every architecture name timm can build (``timm.list_models()``)."""
+    import timm
+
+    return frozenset(timm.list_models())
+
+
+def _any_timm(name: str) -> Entry | None:
+    """The entry of a timm model that is not registered here (a name or an hf-hub id)."""
+    if not (name.startswith(HF_HUB) or name in timm_names()):
+        return None
+    builder = partial(_timm_model, name)
+    return Entry(name, builder, BackboneConfig, f"timm model {name}")
+
+
+def _timm_model(variant: str, config: BackboneConfig, num_classes: int) -> nn.Module:
+    """Any timm model: ``img_size`` where the architecture takes it (the others run at
+    any resolution as they are), ``drop_path_rate`` where it has stochastic depth."""
+    import timm
+
+    native = int(timm.get_pretrained_cfg(variant, allow_unregistered=True).input_size[-1]) if (
+        not variant.startswith(HF_HUB)
+    ) else 0
+    takes_img_size = bool(config.img_size) and _accepts(variant, "img_size")
+    return _timm_backbone(variant, config, num_classes, native, takes_img_size=takes_img_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _accepts(variant: str, argument: str) -> bool:
+    """Whether the timm architecture ``variant`` takes keyword ``argument`` (built on the
+    meta device with it: no memory, no download)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            timm.create_model(variant, pretrained=False, **{argument: _PROBE[argument]})
+    except TypeError as exc:
+        if argument in str(exc):
+            return False
+        raise
+    return True
+
+
+_PROBE = {"img_size": 224, "drop_path_rate": 0.1}
+
+
+BACKBONES = Registry("backbone", fallback=_any_timm, candidates=lambda: sorted(timm_names()))
+
+
+def family(name: str, args: dict[str, Any] | None = None) -> str:
+    """The family of backbone ``name``: its registered tag, else the first of those its
+    structure shows (``workers.structure``), else ``"other"``."""
+    tags = BACKBONES.get(name).tags & set(FAMILIES)
+    if len(tags) == 1:
+        return next(iter(tags))
+    found = structure(name, args).families
+    return next((f for f in FAMILIES if f in found), "other")
 
 
 def create_backbone(
@@ -119,8 +188,11 @@ def _timm_backbone(
     from timm.models import build_model_with_cfg
 
     size = config.img_size or native_size
+    model_args = {**model_args, **config.model_args}
     if takes_img_size:
         model_args["img_size"] = size
+    if config.drop_path_rate:  # not every architecture has stochastic depth
+        model_args["drop_path_rate"] = config.drop_path_rate
     hub = config.pretrained if _is_hub_ref(config.pretrained) else None
     factory = timm.create_model if model_cls is None else partial(build_model_with_cfg, model_cls)
     try:
@@ -128,7 +200,6 @@ def _timm_backbone(
             hub if hub and hub.startswith("hf-hub:") else variant,
             pretrained=hub is not None,
             num_classes=num_classes,
-            drop_path_rate=config.drop_path_rate,
             **model_args,
         )
     except (OSError, RuntimeError) as exc:
@@ -140,6 +211,7 @@ def _timm_backbone(
         ) from exc
     if config.pretrained and hub is None:
         load_pretrained_file(model, Path(config.pretrained))
+    size = size or int(model.pretrained_cfg["input_size"][-1])
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, size, size))
     return model
 
@@ -216,7 +288,10 @@ def _mamba_backbone(
 
     size = config.img_size or native_size
     model = model_cls(
-        img_size=size, num_classes=num_classes, drop_path_rate=config.drop_path_rate, **model_args
+        img_size=size,
+        num_classes=num_classes,
+        drop_path_rate=config.drop_path_rate,
+        **{**model_args, **config.model_args},
     )
     released = mamba_hub.HubWeights(*hub) if hub else None
     if released:
@@ -227,6 +302,58 @@ def _mamba_backbone(
         path = mamba_hub.download(mamba_hub.resolve(ref, released)) if is_hub else Path(ref)
         load_pretrained_file(model, path)
     return model
+
+
+# ---------------------------------------------------------------- validation
+
+CHECK_CLASSES = 10  # head size of the models built to validate a grid (any works)
+
+
+def check_backbone(name: str, args: dict[str, Any] | None = None) -> Structure:
+    """Build backbone ``name`` on the meta device (no memory, no download) and run one
+    forward at its input size there; its ``Structure``. Raises ``RegistryError`` with
+    the reason (an unknown name or argument, an input size it cannot take)."""
+    return _checked(name, json.dumps(args or {}, sort_keys=True))
+
+
+def structure(name: str, args: dict[str, Any] | None = None) -> Structure:
+    """The ``Structure`` of backbone ``name`` with ``args`` (see ``check_backbone``)."""
+    return check_backbone(name, args)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(name: str, args_json: str) -> Structure:
+    from workers.structure import describe
+
+    args = json.loads(args_json)
+    pretrained = args.get("pretrained")
+    if pretrained and not _is_hub_ref(pretrained) and not Path(pretrained).expanduser().is_file():
+        raise RegistryError(f"backbone {name!r}: pretrained weights not found: {pretrained}")
+    config = BACKBONES.make_config(name, {**args, "pretrained": None})
+    try:
+        with torch.device("meta"):
+            model = BACKBONES.get(name).builder(config, num_classes=CHECK_CLASSES)
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
+        raise RegistryError(f"backbone {name!r} cannot be built with {args}: {exc}") from None
+    size = input_size(model)
+    try:
+        with torch.device("meta"), torch.no_grad():
+            out = model.eval()(torch.empty(1, 3, size, size))
+    except NotImplementedError:  # an op without a meta kernel: the forward is not checked
+        return describe(model)
+    except Exception as exc:  # noqa: BLE001 - any failure is the grid's error to report
+        if "meta" in str(exc):  # data-dependent code (.item()) cannot run without data
+            log.info("backbone %s: forward not checked on the meta device (%s)", name, exc)
+            return describe(model)
+        raise RegistryError(
+            f"backbone {name!r} does not run on {size} px inputs with {args}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    if tuple(out.shape) != (1, CHECK_CLASSES):
+        raise RegistryError(
+            f"backbone {name!r} gives outputs of shape {tuple(out.shape)}, not (batch, classes)"
+        )
+    return describe(model)
 
 
 # ---------------------------------------------------------------- variants

@@ -1,10 +1,9 @@
 """Gradient-checkpointing strategies: per block, what to keep for backward and what to recompute.
 
-A backbone's *blocks* are its modules named ``...blocks.<i>`` or ``...layers.<i>`` in
-forward order (ViT: ``blocks.3``; TinyViT: ``stages.1.blocks.0``; MobileNet: the stage
-``blocks.2``; MambaVision: ``levels.2.blocks.0``; Vim: ``layers.5``, the official name
-that its checkpoints use): one block-sequence interface for every backbone. Each block
-runs in one of three modes:
+A backbone's *blocks* are its chain of blocks as ``workers.structure.find_blocks`` finds
+them (ViT: ``blocks.3``; TinyViT: ``stages.1.blocks.0``; MobileNet: the stage ``blocks.2``;
+ResNet: ``layer2.1``; Swin: ``layers.1.blocks.0``; any timm model): one block-sequence
+interface for every backbone. Each block runs in one of three modes:
 
 - ``save``: plain autograd, every activation kept;
 - ``selective``: non-reentrant checkpoint with a selective policy: outputs of the
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -45,14 +43,13 @@ from torch.utils.checkpoint import (
 from workers import checkpoint_plan
 from workers.memory import ActivationMeter, sync
 from workers.registry import NoArgs, Registry
+from workers.structure import find_blocks
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTING = Registry("checkpointing")
 MODES = ("save", "selective", "recompute")
 PROFILED = "profiled"  # tag of a strategy that needs the block profile to choose
-
-_BLOCK_NAME = re.compile(r"(^|\.)(blocks|layers)\.\d+$")
 
 _aten = torch.ops.aten
 # Ops whose outputs the selective mode keeps: the expensive ones. Everything else
@@ -73,11 +70,6 @@ EXPENSIVE_OPS = frozenset(
     if hasattr(_aten, name)
     for op in (getattr(_aten, name).default,)
 )
-
-
-def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's blocks, in forward (registration) order."""
-    return [(n, m) for n, m in model.named_modules() if _BLOCK_NAME.search(n)]
 
 
 class KeepForRecompute(torch.autograd.Function):
@@ -306,16 +298,15 @@ def profile_blocks(
     rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    inputs: dict[str, tuple[torch.Tensor, bool]] = {}
+    inputs: dict[str, _BlockCall] = {}
 
     def capture(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            inputs[name] = (x.detach(), bool(x.requires_grad))
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            inputs.setdefault(name, _BlockCall.of(args, kwargs))
 
         return hook
 
-    hooks = [b.register_forward_pre_hook(capture(n)) for n, b in blocks]
+    hooks = [b.register_forward_pre_hook(capture(n), with_kwargs=True) for n, b in blocks]
     try:
         for _, block in blocks:
             set_mode(block, "recompute")
@@ -332,15 +323,15 @@ def profile_blocks(
         kept_before = 0  # what the blocks so far kept (recompute mode: their inputs)
         previous_entry = 0
         prefix = 0
-        for i, (name, block) in enumerate(blocks):
-            x, needs_grad = inputs[name]
+        called = [(n, b) for n, b in blocks if n in inputs]  # a block forward skips: no cost
+        for i, (name, block) in enumerate(called):
             entry = meter.entry_bytes.get(name, previous_entry)
             if i == 0:
                 prefix, gap = entry, 0
             else:
                 gap = max(0, entry - previous_entry - kept_before)
             with context() if context else nullcontext():
-                one = _profile_one(name, block, x, needs_grad, gap, device, repeats if timed else 0)
+                one = _profile_one(name, block, inputs[name], gap, device, repeats if timed else 0)
             profiles.append(one)
             kept_before = 0 if one.frozen else one.input_bytes
             previous_entry = entry
@@ -359,16 +350,63 @@ def profile_blocks(
     return Profile(tuple(profiles), prefix, tail)
 
 
+@dataclass(frozen=True)
+class _BlockCall:
+    """A block's first input (detached), whether it needed a gradient, and the other
+    arguments of the call (replayed as they were)."""
+
+    x: torch.Tensor
+    needs_grad: bool
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    @classmethod
+    def of(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _BlockCall:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"a block's first argument must be a tensor, got {type(x).__name__}")
+        rest = tuple(_detached(a) for a in args[1:])
+        kw = {k: _detached(v) for k, v in kwargs.items()} if args else {}
+        return cls(x.detach(), bool(x.requires_grad), rest, kw)
+
+    def bind(self, plain: Callable[..., Any]) -> Callable[[torch.Tensor], Any]:
+        if not self.args and not self.kwargs:
+            return plain
+        return functools.partial(_call_with, plain, self.args, self.kwargs)
+
+
+def _call_with(plain: Callable[..., Any], args: tuple, kwargs: dict, x: torch.Tensor) -> Any:
+    return plain(x, *args, **kwargs)
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    """The tensors of a block's output that carry a gradient (a tensor, or a tuple/list)."""
+    items = out if isinstance(out, tuple | list) else (out,)
+    return [t for t in items if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _backward(out: Any, wrt: list[torch.Tensor]) -> None:
+    """Gradients of every output w.r.t. ``wrt``, returned (never accumulated in .grad)."""
+    outs = _outputs(out)
+    if outs:
+        grads = [torch.ones_like(t) for t in outs]
+        torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+
+
 def _profile_one(
     name: str,
     block: nn.Module,
-    x: torch.Tensor,
-    needs_grad: bool,
+    call: _BlockCall,
     gap: int,
     device: torch.device,
     repeats: int,
 ) -> BlockProfile:
-    plain = block._vramsweep_plain_forward
+    plain = call.bind(block._vramsweep_plain_forward)
+    x, needs_grad = call.x, call.needs_grad
     trains = any(p.requires_grad for p in block.parameters())
     if not needs_grad and not trains:
         return BlockProfile(name, 0, gap, 0, 0, 0.0, 0.0, frozen=True)
@@ -399,7 +437,7 @@ def _profile_one(
     selective: int | None = meter.peak_bytes
     wrt = [x] if needs_grad else [p for p in block.parameters() if p.requires_grad]
     try:  # a backward through the recompute (into no .grad) proves the mode applies
-        torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
+        _backward(out, wrt)
     except RuntimeError as exc:
         # an in-place op (e.g. a squeeze-excite's ReLU) overwrote a kept output
         log.info("block %s: no selective mode (%s)", name, str(exc).splitlines()[0])
@@ -441,8 +479,7 @@ def _fwd_bwd_time(
 ) -> float:
     sync(device)
     t0 = time.perf_counter()
-    out = _run(block, plain, mode, x)
-    torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
+    _backward(_run(block, plain, mode, x), wrt)
     sync(device)
     return time.perf_counter() - t0
 

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import types
 import typing
@@ -51,9 +52,19 @@ class Entry:
 class Registry:
     """Name -> (builder, config dataclass). Names are lowercase and unique."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(
+        self,
+        kind: str,
+        fallback: Callable[[str], Entry | None] | None = None,
+        candidates: Callable[[], list[str]] | None = None,
+    ) -> None:
+        """``fallback(name)``: the entry of a name that is not registered but that the
+        registry still knows how to build (any timm model for backbones), or None.
+        ``candidates()``: such names, for the close matches of an unknown name."""
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._fallback = fallback
+        self._candidates = candidates
 
     def register(
         self,
@@ -86,14 +97,31 @@ class Registry:
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._entries
+        return isinstance(name, str) and self._find(name) is not None
+
+    def is_registered(self, name: str) -> bool:
+        """True for a registered name (not one the fallback resolves)."""
+        return name in self._entries
+
+    def _find(self, name: str) -> Entry | None:
+        entry = self._entries.get(name)
+        if entry is None and self._fallback is not None:
+            entry = self._fallback(name)
+        return entry
 
     def get(self, name: str) -> Entry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            valid = ", ".join(self.names()) or "(none registered yet)"
-            raise RegistryError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+        entry = self._find(name) if isinstance(name, str) else None
+        if entry is not None:
+            return entry
+        raise RegistryError(self.unknown_message(name))
+
+    def unknown_message(self, name: Any) -> str:
+        """What to tell about an unknown name: the registered names and close matches."""
+        valid = ", ".join(self.names()) or "(none registered yet)"
+        message = f"unknown {self.kind} {name!r}; valid: {valid}"
+        known = self.names() + (self._candidates() if self._candidates else [])
+        close = difflib.get_close_matches(str(name), known, n=5, cutoff=0.6)
+        return message + (f"; did you mean {', '.join(close)}?" if close else "")
 
     def make_config(self, name: str, args: dict[str, Any] | None) -> Any:
         """The validated config of ``name`` built from ``args`` (defaults filled in)."""

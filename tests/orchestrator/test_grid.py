@@ -103,7 +103,7 @@ MALFORMED: list[Any] = [
     pytest.param(
         set_("methods", {"lora": {"rank": 4}}),
         "methods.lora",
-        ("unknown argument(s) ['rank']", "valid: alpha, dropout, r, target"),
+        ("unknown argument(s) ['rank']", "valid: alpha, convs, dropout, r, target"),
         id="unknown-method-argument",
     ),
     pytest.param(

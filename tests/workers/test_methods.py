@@ -383,8 +383,20 @@ def test_bad_method_arguments_are_rejected(method: str, args: dict, fragment: st
 def test_method_on_a_foreign_family_is_named_with_the_alternatives() -> None:
     with pytest.raises(RegistryError, match="'lora' does not apply to backbone 'mobilenetv2_test'"):
         check_applicable("lora", "mobilenetv2_test")
-    with pytest.raises(RegistryError, match="inverted_residual backbones: .*mobilenetv2_100"):
+    with pytest.raises(RegistryError, match="inverted-residual blocks.*applies to: .*mobilenetv2_100"):
         check_applicable("mobiletl", "vit_test")
+
+
+def test_what_a_method_needs_is_read_from_the_structure() -> None:
+    """lora on a CNN needs `convs: true`; mobiletl's top_k is checked against the blocks."""
+    with pytest.raises(RegistryError, match="only convolutions: set `convs: true`"):
+        check_applicable("lora", "resnet18", {}, {"img_size": 32})
+    check_applicable("lora", "resnet18", {"convs": True}, {"img_size": 32})
+    with pytest.raises(RegistryError, match="needs attention blocks"):
+        check_applicable("lbp_wht", "resnet18", {}, {"img_size": 32})
+    check_applicable("lbp_wht", "swin_tiny_patch4_window7_224", {}, {})
+    with pytest.raises(RegistryError, match="top_k=9 exceeds its 8 inverted residual"):
+        check_applicable("mobiletl", "mobilenetv2_test", {"top_k": 9})
 
 
 def test_bitfit_train_norm_adds_layernorm_weights() -> None:

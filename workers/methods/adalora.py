@@ -18,9 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.backbones import MAMBA, TRANSFORMER
 from workers.methods.base import METHODS, Adapted, MethodContext
-from workers.methods.lora import BLOCK_LINEARS, check_adapter
+from workers.methods.lora import (
+    BLOCK_LINEARS,
+    check_adapter,
+    effective_target,
+    missing_targets,
+)
+from workers.structure import Structure
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,9 @@ class AdaloraArgs:
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
 
+    def missing(self, structure: Structure) -> str | None:
+        return missing_targets(structure, self.target)
+
 
 def orthogonality(model: nn.Module) -> torch.Tensor:
     """Mean over adapter factors of ||P^T P - I||_F (Q: ||Q Q^T - I||_F), as in the paper."""
@@ -73,7 +81,7 @@ def orthogonality(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-@METHODS.register(config_cls=AdaloraArgs, tags=(TRANSFORMER, MAMBA))
+@METHODS.register(config_cls=AdaloraArgs)
 def adalora(config: AdaloraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """AdaLoRA on the blocks' qkv/proj/fc1/fc2 (peft), rank budget over the trial's steps."""
     from peft import AdaLoraConfig, get_peft_model
@@ -93,7 +101,7 @@ def adalora(config: AdaloraArgs, model: nn.Module, ctx: MethodContext) -> Adapte
         beta2=config.beta2,
         orth_reg_weight=config.orth_reg_weight,
         total_step=total,
-        target_modules=config.target,
+        target_modules=effective_target(model, config.target),
         modules_to_save=[ctx.classifier],
     )
     peft_model = get_peft_model(model, peft_config)

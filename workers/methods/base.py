@@ -55,21 +55,48 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return total
 
 
-def check_applicable(method: str, backbone: str) -> None:
-    """Raise ``RegistryError`` unless ``method`` applies to ``backbone``'s family.
+def check_applicable(
+    method: str,
+    backbone: str,
+    method_args: dict | None = None,
+    backbone_args: dict | None = None,
+) -> None:
+    """Raise ``RegistryError`` unless ``method`` applies to ``backbone``.
 
-    A method registered without tags applies to every backbone.
+    What a method needs is read from the backbone's structure (``workers.structure``,
+    built on the meta device): its config's ``missing(structure)`` says what is absent.
+    A method without ``missing`` but registered with family tags (a plug-in may do so)
+    applies to the backbones of those families; one with neither applies to every one.
     """
-    from workers.backbones import BACKBONES, family
+    from workers.backbones import BACKBONES
 
-    fits = METHODS.get(method).tags
-    own = family(backbone)
-    if fits and own not in fits:
-        suitable = [b for b in BACKBONES.names() if family(b) in fits]
+    reason = why_not(method, backbone, method_args, backbone_args)
+    if reason:
+        fits = [b for b in BACKBONES.names() if not why_not(method, b, method_args)]
         raise RegistryError(
-            f"method {method!r} does not apply to backbone {backbone!r} ({own}); "
-            f"it applies to {' or '.join(sorted(fits))} backbones: {', '.join(suitable)}"
+            f"method {method!r} does not apply to backbone {backbone!r}: {reason}; "
+            f"registered backbones it applies to: {', '.join(fits) or '(none)'}"
         )
+
+
+def why_not(
+    method: str,
+    backbone: str,
+    method_args: dict | None = None,
+    backbone_args: dict | None = None,
+) -> str | None:
+    """What ``backbone`` lacks for ``method`` (None: the method applies)."""
+    from workers.backbones import check_backbone, family
+
+    config = METHODS.make_config(method, method_args)
+    structure = check_backbone(backbone, backbone_args)
+    missing = getattr(config, "missing", None)
+    if missing is not None:
+        return missing(structure)
+    fits = METHODS.get(method).tags
+    if fits and not fits & (structure.families | {family(backbone, backbone_args)}):
+        return f"it applies to {' or '.join(sorted(fits))} backbones"
+    return None
 
 
 def apply_method(name: str, args: dict | None, model: nn.Module, ctx: MethodContext) -> Adapted:

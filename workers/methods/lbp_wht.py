@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.backbones import TRANSFORMER
 from workers.checkpointing import find_blocks
 from workers.methods.base import METHODS, Adapted, MethodContext, is_classifier_param
-from workers.methods.lora import BLOCK_LINEARS, check_target
+from workers.methods.lora import BLOCK_LINEARS, check_target, effective_target
+from workers.structure import Structure
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,11 @@ class LbpWhtArgs:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         check_target(self.target)
+
+    def missing(self, structure: Structure) -> str | None:
+        if structure.mamba or not structure.attention:
+            return "it needs attention blocks over a token grid (a vision transformer)"
+        return None
 
 
 # ---------------------------------------------------------------- WHT bases
@@ -291,14 +296,14 @@ def _low_rank_forward(
 # ---------------------------------------------------------------- method
 
 
-@METHODS.register(config_cls=LbpWhtArgs, tags=(TRANSFORMER,))
+@METHODS.register(config_cls=LbpWhtArgs)
 def lbp_wht(config: LbpWhtArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """Low-rank WHT backprop through the blocks' linears; they, block norms and head train."""
     blocks = find_blocks(model)
     block_inputs: dict[str, _BlockInput] = {}
     model_grid = _model_grid(model)
     modules = dict(model.named_modules())
-    pattern = re.compile(config.target)
+    pattern = re.compile(effective_target(model, config.target))
     trained: set[int] = set()
     for name, module in modules.items():
         if not (isinstance(module, nn.Linear) and pattern.fullmatch(name)):

@@ -60,9 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.backbones import INVERTED_RESIDUAL
 from workers.methods.base import METHODS, Adapted, MethodContext, is_classifier_param
 from workers.registry import RegistryError
+from workers.structure import Structure, is_inverted_residual, mobilenet_units
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,14 @@ class MobileTLArgs:
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+    def missing(self, structure: Structure) -> str | None:
+        found = len(structure.inverted_residual)
+        if not found:
+            return "it needs timm MobileNet-style inverted-residual blocks (blocks.<stage>.<i>)"
+        if self.top_k > found:
+            return f"top_k={self.top_k} exceeds its {found} inverted residual blocks"
+        return None
 
 
 # ---------------------------------------------------------------- 1-bit masks
@@ -184,24 +192,13 @@ class FrozenStatsNormAct(nn.Module):
 
 def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """timm's ``blocks.<stage>.<i>`` units in forward order, with their names."""
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or not all(
-        isinstance(s, nn.Sequential) for s in blocks
-    ):
+    found = mobilenet_units(model)
+    if not found:
         raise RegistryError(
             "method 'mobiletl' needs a timm MobileNet-style model (stages of blocks under "
             f"`blocks`), got {type(model).__name__}"
         )
-    return [
-        (f"blocks.{s}.{i}", unit) for s, stage in enumerate(blocks) for i, unit in enumerate(stage)
-    ]
-
-
-def is_inverted_residual(unit: nn.Module) -> bool:
-    """A block with a depthwise convolution and BatchNorm (an IRB in the paper's sense)."""
-    convs = [m for m in unit.modules() if isinstance(m, nn.Conv2d)]
-    norms = [m for m in unit.modules() if isinstance(m, nn.BatchNorm2d)]
-    return bool(norms) and any(c.groups == c.in_channels > 1 for c in convs)
+    return found
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -232,7 +229,7 @@ def make_memory_efficient(block: nn.Module) -> None:
         _replace(block, name, StepGradActivation(block.get_submodule(name)))
 
 
-@METHODS.register(config_cls=MobileTLArgs, tags=(INVERTED_RESIDUAL,))
+@METHODS.register(config_cls=MobileTLArgs)
 def mobiletl(config: MobileTLArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """MobileTL: top-k inverted residual blocks with shift-only inner BN and 1-bit activations."""
     named = units(model)

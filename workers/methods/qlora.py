@@ -13,6 +13,7 @@ on CPU as well as on CUDA, and ``model.to("cuda")`` later carries the 4-bit stat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -20,9 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.backbones import MAMBA, TRANSFORMER
 from workers.methods.base import METHODS, Adapted, MethodContext
-from workers.methods.lora import BLOCK_LINEARS, check_adapter
+from workers.methods.lora import (
+    BLOCK_LINEARS,
+    check_adapter,
+    effective_target,
+    missing_targets,
+)
+from workers.structure import Structure
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,9 @@ class QloraArgs:
             raise ValueError(
                 f"block_size must be a power of two in [32, 4096], got {self.block_size}"
             )
+
+    def missing(self, structure: Structure) -> str | None:
+        return missing_targets(structure, self.target)
 
 
 def quantize_linears(model: nn.Module, config: QloraArgs) -> list[str]:
@@ -138,11 +147,12 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
 
 
-@METHODS.register(config_cls=QloraArgs, tags=(TRANSFORMER, MAMBA))
+@METHODS.register(config_cls=QloraArgs)
 def qlora(config: QloraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """4-bit NF4 block linears (bitsandbytes) + LoRA on them (peft), head trained in full."""
     from peft import LoraConfig, get_peft_model
 
+    config = dataclasses.replace(config, target=effective_target(model, config.target))
     names = quantize_linears(model, config)
     if not names:
         raise ValueError(f"qlora: target {config.target!r} matches no linear layer of the model")

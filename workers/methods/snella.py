@@ -47,10 +47,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from workers.backbones import MAMBA, TRANSFORMER
 from workers.checkpointing import KeepForRecompute
 from workers.methods.base import METHODS, Adapted, MethodContext, is_classifier_param
-from workers.methods.lora import BLOCK_LINEARS, check_target
+from workers.methods.lora import (
+    BLOCK_LINEARS,
+    check_target,
+    effective_target,
+    missing_targets,
+)
+from workers.structure import Structure
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,9 @@ class SnellaArgs:
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
         check_target(self.target)
+
+    def missing(self, structure: Structure) -> str | None:
+        return missing_targets(structure, self.target)
 
 
 # ---------------------------------------------------------------- the kernelized layer
@@ -330,10 +338,10 @@ class SnellaAllocator:
 # ---------------------------------------------------------------- the method
 
 
-@METHODS.register(config_cls=SnellaArgs, tags=(TRANSFORMER, MAMBA))
+@METHODS.register(config_cls=SnellaArgs)
 def snella(config: SnellaArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """Sparse kernelized updates of the blocks' linear layers, budget allocated by importance."""
-    pattern = re.compile(config.target)
+    pattern = re.compile(effective_target(model, config.target))
     targets = [
         (name, module)
         for name, module in model.named_modules()
