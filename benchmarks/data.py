@@ -4,7 +4,7 @@
    scale and ratio ranges) + horizontal flip + resize to 224 px + normalise, batch 64,
    from uint8 images stored at 32 px (CIFAR-100) and at 224 px (DTD):
 
-   - ours: ``workers.datasets.batches`` (whole dataset one uint8 tensor, every step a
+   - ours: ``workers.data.batches`` (whole dataset one uint8 tensor, every step a
      batched tensor op, crops as one ``grid_sample``);
    - torchvision: a ``Dataset`` returning one PIL image per item, with
      ``RandomResizedCrop(224)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.datasets import Augment, ImageData, batches, from_shared, to_shared
+from workers.data import Augment, ImageData, batches, from_shared, to_shared
 
 BATCH = 64
 SIZE = 224

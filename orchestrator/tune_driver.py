@@ -58,7 +58,7 @@ def _run_spec(
 ) -> TrialRecord:
     """The body of every trial in a Ray worker (a Tune trial or a search task): the
     dataset from the object store when the driver shared it, then ``run_trial``."""
-    from workers.datasets import from_shared, shared_key
+    from workers.data import from_shared, shared_key
     from workers.energy import EnergyConfig
     from workers.trial import run_trial
 
@@ -165,7 +165,7 @@ def share_datasets(specs: Sequence[TrialSpec]) -> dict[str, Any]:
     Returns ``shared_key -> ObjectRef``. A dataset that cannot be loaded here is left
     out (logged): its trials load it themselves and record the error as data.
     """
-    from workers.datasets import load_source, shared_key, to_shared
+    from workers.data import load_source, shared_key, to_shared
 
     refs: dict[str, Any] = {}
     for spec in specs:
@@ -468,7 +468,7 @@ class SpecRunner:
 
     def submit(self, key: int, spec: TrialSpec) -> None:
         """Start ``spec`` as soon as the cluster has room; ``key`` names it in ``wait``."""
-        from workers.datasets import shared_key
+        from workers.data import shared_key
 
         dataset = shared_key(spec.dataset, spec.dataset_args)
         if dataset not in self.tried:

@@ -43,7 +43,7 @@ from workers.baselines import BaselineContext, run_baseline
 from workers.checkpoint_plan import Infeasible
 from workers.checkpointing import Checkpointer, block_modes, find_blocks
 from workers.cost import forward_macs, inference_cost
-from workers.datasets import (
+from workers.data import (
     Augment,
     ImageData,
     batches,

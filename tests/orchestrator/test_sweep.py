@@ -109,14 +109,14 @@ def test_trials_read_the_shared_dataset_not_the_disk(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from workers import datasets
+    from workers import data
 
     write_cifar(tmp_path / "data")
-    monkeypatch.setenv(datasets.CACHE_ENV, str(tmp_path / "cache"))
-    real_load = datasets.load_source
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    real_load = data.load_source
     loads = []
 
-    def load_then_remove(name: str, args: dict | None) -> tuple[datasets.ImageData, str]:
+    def load_then_remove(name: str, args: dict | None) -> tuple[data.ImageData, str]:
         # once the driver has the dataset, neither its files nor a decoded copy remain
         # on disk: a trial that read the disk would fail
         loads.append(name)
@@ -125,7 +125,7 @@ def test_trials_read_the_shared_dataset_not_the_disk(
         shutil.rmtree(tmp_path / "cache")
         return out
 
-    monkeypatch.setattr(datasets, "load_source", load_then_remove)
+    monkeypatch.setattr(data, "load_source", load_then_remove)
     tiny_grid["datasets"] = {
         "cifar100": {"root": str(tmp_path / "data"), "val_fraction": 0.25, "augment": True}
     }
@@ -145,7 +145,7 @@ def test_shared_dataset_is_mapped_not_copied(tiny_grid: dict[str, Any]) -> None:
     import ray
 
     from orchestrator.tune_driver import connect
-    from workers.datasets import from_shared, load_dataset, to_shared
+    from workers.data import from_shared, load_dataset, to_shared
 
     connect()
     data = load_dataset("synthetic", tiny_grid["datasets"]["synthetic"])

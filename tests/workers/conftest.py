@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.datasets import ImageData, load_dataset
+from workers.data import ImageData, load_dataset
 from workers.methods import check_applicable
 from workers.registry import RegistryError
 

@@ -25,7 +25,7 @@ from orchestrator.spec import TrainConfig, TrialSpec
 from tests.conftest import TINY_GRID
 from workers.baselines import BASELINES, BaselineContext, dinov2, prompts, tiny, vlm, zeroshot
 from workers.cost import call_macs
-from workers.datasets import ImageData, load_dataset
+from workers.data import ImageData, load_dataset
 from workers.registry import RegistryError
 from workers.trial import run_trial
 

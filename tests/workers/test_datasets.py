@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.datasets import (
+from workers.data import (
     DATASETS,
     Augment,
     DataOptions,
@@ -125,7 +125,7 @@ def test_drop_last(synthetic_data: ImageData) -> None:
         ("digits", {"image_size": 4}, "image_size must be >= 8"),
         ("digits", {"test_fraction": 1.0}, "test_fraction must be in"),
         ("synthetic", {"num_classes": 1}, "num_classes >= 2"),
-        ("mnist", {}, "valid: cifar100, digits, dtd, synthetic"),
+        ("mnist", {}, "valid: cifar100, digits, dtd, hf, imagefolder, synthetic, torchvision"),
         ("digits", {"fraction": 0.0}, r"fraction must be in \(0, 1\]"),
         ("digits", {"fraction": 0.5, "per_class": 3}, "fraction or per_class, not both"),
         ("digits", {"per_class": -1}, "per_class must be >= 0"),

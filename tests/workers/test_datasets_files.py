@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from tests.dataset_files import write_cifar
-from workers.datasets import DATASETS, DEFAULT_ROOT, ImageData, source_args
+from workers.data import DATASETS, DEFAULT_ROOT, ImageData, source_args
 from workers.registry import RegistryError
 
 # --------------------------------------------------------------------------- CIFAR-100 files
@@ -307,23 +307,23 @@ def test_bad_config_values(name: str, args: dict, fragment: str) -> None:
 def test_decoded_dataset_is_cached_on_disk_and_reused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers import datasets
+    from workers import data
 
     write_cifar(tmp_path / "data")
-    monkeypatch.setenv(datasets.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
     args = {"root": str(tmp_path / "data")}
-    datasets._load_cached.cache_clear()
-    first = datasets.load_dataset("cifar100", args)
-    path = datasets.cache_path("cifar100", args)
+    data.clear_process_cache()
+    first = data.load_dataset("cifar100", args)
+    path = data.cache_path("cifar100", args)
     assert path.is_file() and path.parent == tmp_path / "cache"
     # a second sweep (a new process: the in-memory cache is empty) does not decode again
-    datasets._load_cached.cache_clear()
+    data.clear_process_cache()
     decoded = []
-    real_build = datasets.DATASETS.build
+    real_build = data.DATASETS.build
     monkeypatch.setattr(
-        datasets.DATASETS, "build", lambda *a, **k: decoded.append(a) or real_build(*a, **k)
+        data.DATASETS, "build", lambda *a, **k: decoded.append(a) or real_build(*a, **k)
     )
-    second = datasets.load_dataset("cifar100", dict(args, download=False))
+    second = data.load_dataset("cifar100", dict(args, download=False))
     assert decoded == []
     assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_y, second.test_y)
     assert (first.num_classes, first.mean, first.std) == (
@@ -332,22 +332,22 @@ def test_decoded_dataset_is_cached_on_disk_and_reused(
         second.std,
     )
     # another resolution is another entry; a damaged entry is decoded again
-    assert datasets.cache_path("cifar100", dict(args, image_size=16)) != path
+    assert data.cache_path("cifar100", dict(args, image_size=16)) != path
     path.write_bytes(b"not a tensor file")
-    datasets._load_cached.cache_clear()
-    third = datasets.load_dataset("cifar100", args)
+    data.clear_process_cache()
+    third = data.load_dataset("cifar100", args)
     assert len(decoded) == 1 and torch.equal(third.train_x, first.train_x)
     assert path.stat().st_size > 100  # rewritten
-    datasets._load_cached.cache_clear()
+    data.clear_process_cache()
 
 
 def test_cheap_datasets_are_not_cached_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers import datasets
+    from workers import data
 
-    monkeypatch.setenv(datasets.CACHE_ENV, str(tmp_path / "cache"))
-    datasets._load_cached.cache_clear()
-    datasets.load_dataset("synthetic", {"num_classes": 2, "images_per_class": 4, "image_size": 8})
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    data.clear_process_cache()
+    data.load_dataset("synthetic", {"num_classes": 2, "images_per_class": 4, "image_size": 8})
     assert not (tmp_path / "cache").exists()
-    datasets._load_cached.cache_clear()
+    data.clear_process_cache()

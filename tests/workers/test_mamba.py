@@ -33,7 +33,7 @@ from workers.checkpointing import (
     profile_blocks,
     set_mode,
 )
-from workers.datasets import ImageData
+from workers.data import ImageData
 from workers.mamba import hub, kernels, scan
 from workers.mamba.scan import (
     MAX_CHUNK,

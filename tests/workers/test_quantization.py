@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.backbones import create_backbone, input_size
-from workers.datasets import batches, load_dataset
+from workers.data import batches, load_dataset
 from workers.mamba.kernels import ScanInputs
 from workers.quantization import (
     QMAX,

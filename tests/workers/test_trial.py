@@ -14,7 +14,7 @@ from orchestrator.spec import TrainConfig, TrialSpec
 from tests.workers.conftest import applicable_pairs
 from workers import trial as trial_module
 from workers.checkpointing import Checkpointer
-from workers.datasets import ImageData
+from workers.data import ImageData
 from workers.energy import EnergyConfig
 from workers.methods import METHODS
 from workers.trial import run_trial

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.datasets import ImageData
+from workers.data import ImageData
 from workers.registry import NoArgs, Registry, RegistryError
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from workers.baselines.base import (
     topk_correct,
 )
 from workers.cost import call_macs
-from workers.datasets import ImageData, batches
+from workers.data import ImageData, batches
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from workers.baselines.base import (
     topk_correct,
 )
 from workers.cost import call_macs
-from workers.datasets import ImageData
+from workers.data import ImageData
 
 log = logging.getLogger(__name__)
 
