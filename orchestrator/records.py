@@ -10,7 +10,8 @@ fields of ``TrialRecord`` in declaration order, each with a unit in its name and
 doc string (``describe_schema()`` prints the table that the README shows). Its
 version, ``SCHEMA_VERSION`` (column ``schema_version``, Parquet metadata), is bumped
 whenever columns change; version 4 added the deployment phase: the spec's ``deploy``
-column and the ``deploy_*`` columns.
+column and the ``deploy_*`` columns; version 5 ``data_skipped_images``. Older record
+files still collect (their missing columns are empty).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from orchestrator.spec import TrainConfig, TrialSpec, canonical_json
 log = logging.getLogger(__name__)
 
 # 2: checkpointing plan columns; 3: dataset options (data source, wait, validation
-# accuracy); 4: the deployment phase (spec column `deploy`, deploy_* columns).
-SCHEMA_VERSION = 4
+# accuracy); 4: the deployment phase (spec column `deploy`, deploy_* columns);
+# 5: data_skipped_images.
+SCHEMA_VERSION = 5
 QUARANTINE = "quarantine"  # folder beside records/ that unreadable record files move to
 STATUSES = ("ok", "oom", "over_budget", "failed", "skipped")
 
@@ -75,6 +77,11 @@ class TrialRecord:
     )
     data_wait_s: float | None = _col("float", "time from trial start until its data was ready, s")
     train_images: int | None = _col("int", "training images used (after subset/validation)")
+    data_skipped_images: int | None = _col(
+        "int",
+        "images of the dataset's files that could not be decoded and were left out "
+        "(dataset argument on_bad_image: skip; named in the log); 0: none",
+    )
     data_device_mb: float | None = _col(
         "float", "dataset kept on the trial's CUDA device (inside its cap and peak), MiB"
     )

@@ -463,6 +463,7 @@ def _data(
     memory.sync(device)
     record.data_wait_s = time.perf_counter() - start
     record.train_images = len(data.train_y)
+    record.data_skipped_images = len(data.skipped)
     return data
 
 

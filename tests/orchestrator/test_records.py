@@ -117,6 +117,22 @@ def test_version_1_records_collect_beside_version_2(tmp_path: Path) -> None:
     assert frame.loc[old.trial_id, "accuracy"] == old.accuracy
 
 
+def test_version_4_records_collect_beside_version_5(tmp_path: Path) -> None:
+    """Records written before data_skipped_images existed still collect and read back."""
+    store = RecordStore(tmp_path)
+    old, new = _record(seed=0), _record(seed=1)
+    new.data_skipped_images = 2
+    store.write(new)
+    store.write(old)
+    path = store.path_of(old.trial_id)
+    table = pq.read_table(path)
+    pq.write_table(table.drop_columns(["data_skipped_images"]), path)
+    frame = store.collect().set_index("trial_id")
+    assert pd.isna(frame.loc[old.trial_id, "data_skipped_images"])
+    assert frame.loc[new.trial_id, "data_skipped_images"] == 2
+    assert store.read_record(old.trial_id).data_skipped_images is None
+
+
 def test_rewrite_replaces_the_record(tmp_path: Path) -> None:
     store = RecordStore(tmp_path)
     store.write(_record(status="failed", accuracy=None))
