@@ -31,3 +31,59 @@ def write_cifar(root: Path, protocol: int = 2) -> dict[str, tuple[np.ndarray, li
     meta = {b"fine_label_names": CIFAR_CLASSES, b"coarse_label_names": [b"all"]}
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=protocol))
     return {"train": train, "test": test}
+
+
+# --------------------------------------------------------------------------- own data
+
+# Digit images standing for three classes, named unsorted: class indices must follow
+# the sorted names (cat, dog, sea_lion), and "_" reads as a space in class names.
+OWN_CLASSES = {"sea_lion": 0, "cat": 1, "dog": 2}  # folder name -> the digit it shows
+OWN_SIZE = 32
+
+
+def digit_images(digit: int, count: int, offset: int = 0) -> list[np.ndarray]:
+    """``count`` sklearn digits ``digit`` as (32, 32, 3) uint8, one tint per class."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    picks = np.flatnonzero(bunch.target == digit)[offset : offset + count]
+    out = []
+    for k in picks:
+        gray = Image.fromarray((bunch.images[k] * 255 / 16).astype(np.uint8))
+        big = np.asarray(gray.resize((OWN_SIZE, OWN_SIZE), Image.Resampling.BILINEAR))
+        tint = np.array([1.0, 0.5 + 0.25 * digit, 1.0 - 0.3 * digit])
+        out.append((big[..., None] * tint).clip(0, 255).astype(np.uint8))
+    return out
+
+
+def own_split(split: str) -> dict[str, list[np.ndarray]]:
+    """Class name -> its images of ``split`` (4 train, 2 test images per class)."""
+    count, offset = (4, 0) if split == "train" else (2, 10)
+    return {name: digit_images(d, count, offset) for name, d in OWN_CLASSES.items()}
+
+
+def write_imagefolder(
+    root: Path, held_out: str = "test"
+) -> dict[str, list[tuple[int, np.ndarray, bool]]]:
+    """root/{train,<held_out>}/<class>/NN.png|jpg: even NN as PNG, odd NN as JPEG.
+
+    Returns, per split, (label, pixels, lossless) in the order the decode stores them:
+    sorted class, then sorted file name.
+    """
+    from PIL import Image
+
+    expected: dict[str, list[tuple[int, np.ndarray, bool]]] = {}
+    for split, folder in (("train", "train"), ("test", held_out)):
+        images = own_split(split)
+        for name, arrays in images.items():
+            (root / folder / name).mkdir(parents=True)
+            for j, pixels in enumerate(arrays):
+                suffix = "png" if j % 2 == 0 else "jpg"
+                Image.fromarray(pixels).save(root / folder / name / f"{j:02d}.{suffix}")
+        expected[split] = [
+            (label, pixels, j % 2 == 0)
+            for label, name in enumerate(sorted(images))
+            for j, pixels in enumerate(images[name])
+        ]
+    return expected

@@ -129,9 +129,7 @@ class ImageData:
         """A copy whose tensors live on ``device`` (the same object if they already do)."""
         if self.train_x.device == device:
             return self
-        moved = {
-            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._fields()
-        }
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._fields()}
         return ImageData(**moved)
 
     def state(self) -> dict[str, Any]:

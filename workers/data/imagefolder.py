@@ -153,8 +153,7 @@ def _log_ignored(folder: Path) -> None:
     ignored = [p for p in _files(folder) if p.suffix.lower() not in suffixes]
     if ignored:
         log.warning(
-            "imagefolder: %d files in %s are not images by their suffix and are not read, "
-            "e.g. %s",
+            "imagefolder: %d files in %s are not images (by suffix), not read; e.g. %s",
             len(ignored),
             folder,
             ignored[0],
