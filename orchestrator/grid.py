@@ -296,8 +296,7 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     for key in REQUIRED:
         if key not in raw:
             raise fail(key, "required field is missing")
-    # LOST EDIT (plug-ins): here stood `plugins = _plugins(fail, _or_empty(raw, "plugins",
-    # []), source)  # they add registry names`; `_plugins` itself was lost (see below)
+    plugins = _plugins(fail, _or_empty(raw, "plugins", []), source)  # they add registry names
 
     name = raw["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -350,6 +349,7 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
         baselines=baselines,
         resources=resources,
         energy=dataclasses.asdict(energy),
+        plugins=plugins,
         source=source,
     )
     exclude = _exclusions(fail, _or_empty(raw, "exclude", []), grid)
@@ -470,6 +470,29 @@ def _baselines(fail: Any, value: Any, registry: Any) -> tuple[Component, ...]:
         except ValueError as exc:
             raise fail(where, str(exc)) from None
     return tuple(out)
+
+
+def _plugins(fail: Any, value: Any, source: str) -> tuple[str, ...]:
+    """Load the entry-point plug-ins, then import each module the grid names (a path is
+    relative to the grid file); their module names (``workers.plugins``)."""
+    from workers.plugins import PluginError, import_plugin, load_entry_points
+
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise fail("plugins", f"must be a list of module names or paths, got {value!r}")
+    try:
+        load_entry_points()
+    except PluginError as exc:
+        raise fail("plugins", f"a plug-in installed in this environment fails: {exc}") from None
+    base = Path(source).parent if source != "<grid>" else None
+    names = []
+    for i, entry in enumerate(value):
+        try:
+            names.append(import_plugin(entry, base))
+        except PluginError as exc:
+            raise fail(f"plugins[{i}]", str(exc)) from None
+    _no_duplicates(fail, "plugins", names)
+    return tuple(names)
 
 
 def _check_pairs(fail: Any, grid: Grid) -> None:

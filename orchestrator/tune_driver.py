@@ -57,7 +57,17 @@ def _run_spec(
     progress: Callable[[dict[str, float]], None],
 ) -> TrialRecord:
     """The body of every trial in a Ray worker (a Tune trial or a search task): the
-    dataset from the object store when the driver shared it, then ``run_trial``."""
+    plug-ins imported, the dataset from the object store when the driver shared it,
+    then ``run_trial``."""
+    from workers.plugins import PluginError, load_plugins
+
+    try:  # before anything reads a registry: they add names to them
+        load_plugins(config.get("plugins", ()))
+    except PluginError as exc:  # validated on the driver: this worker's environment lacks it
+        record = TrialRecord(spec=spec, status="failed", error=f"plug-in {exc}")
+        record.node_id = ray.get_runtime_context().get_node_id()
+        return record
+
     from workers.data import from_shared, shared_key
     from workers.energy import EnergyConfig
     from workers.trial import run_trial
@@ -269,14 +279,25 @@ class Connection:
     dashboard_url: str  # "" when the dashboard does not run
 
 
-def connect(address: str | None = None, dashboard: bool = False) -> Connection:
+def connect(
+    address: str | None = None, dashboard: bool = False, py_modules: Sequence[str] = ()
+) -> Connection:
     """Start a local Ray (``address=None``) or join a cluster (``auto``, ``HOST:PORT``,
     ``ray://HOST:PORT``); a process already connected stays on its Ray. ``dashboard``
-    starts the dashboard of a local Ray."""
+    starts the dashboard of a local Ray. ``py_modules``: local package folders and
+    ``.py`` files that every worker of the job can import (the plug-ins that are not
+    installed: ``workers.plugins.shipped_paths``), shipped by Ray's runtime environment."""
     if address and not ray.is_initialized():
         _use_token_if_available()
+    if py_modules and ray.is_initialized():
+        log.warning(
+            "Ray was initialised before in this process, so %s cannot be shipped to its "
+            "workers; trials whose worker cannot import them are recorded as failed",
+            ", ".join(py_modules),
+        )
     context = ray.init(
         address=address,
+        runtime_env={"py_modules": list(py_modules)} if py_modules else None,
         include_dashboard=dashboard if not address else None,
         log_to_driver=False,
         logging_level=logging.WARNING,
@@ -324,16 +345,21 @@ def run_sweep(
     *,
     name: str,
     energy: dict[str, Any] | None = None,
+    plugins: Sequence[str] = (),
     address: str | None = None,
     dashboard: bool = False,
     show_progress: bool = True,
 ) -> SweepOutcome:
     """Run ``specs`` through Ray Tune, writing one record per trial into ``store``.
 
-    ``energy`` is the grid's ``energy:`` section (the meter each trial uses)."""
+    ``energy`` is the grid's ``energy:`` section (the meter each trial uses); ``plugins``
+    the grid's plug-in modules, imported here already, shipped to the workers when they
+    are not installed, and imported there before each trial."""
     if not specs:
         return SweepOutcome(0, 0, 0, 0.0)
-    connection = connect(address, dashboard)
+    from workers.plugins import shipped_paths
+
+    connection = connect(address, dashboard, shipped_paths(plugins))
     check_resources(resources, connection.resources)
     if connection.dashboard_url:
         print(
@@ -359,6 +385,7 @@ def run_sweep(
             "spec": tune.grid_search([s.to_json() for s in specs]),
             "threads": resources.cpus_per_trial,
             "energy": energy,
+            "plugins": list(plugins),
             "gpus": gpus,
             "artifacts": store.folder(ARTIFACTS),
         },
@@ -445,18 +472,22 @@ class SpecRunner:
         budgets_mb: set[float],
         capacity: int,
         energy: dict[str, Any] | None = None,
+        plugins: Sequence[str] = (),
         address: str | None = None,
         dashboard: bool = False,
         forward_progress: bool = False,
         artifacts: str | None = None,
     ) -> None:
-        connection = connect(address, dashboard)
+        from workers.plugins import shipped_paths
+
+        connection = connect(address, dashboard, shipped_paths(plugins))
         check_resources(resources, connection.resources)
         if connection.dashboard_url:
             print(f"Ray dashboard: {connection.dashboard_url}")
         self.capacity = capacity
         self.resources = resources
         self.energy = dict(energy or {})
+        self.plugins = list(plugins)
         self.gpus = gpus_per_budget(
             budgets_mb, resources, self.energy, connection.resources.get("GPU", 0)
         )
@@ -478,6 +509,7 @@ class SpecRunner:
             "spec": spec.to_json(),
             "threads": self.resources.cpus_per_trial,
             "energy": self.energy,
+            "plugins": self.plugins,
             "gpus": self.gpus,
             "artifacts": self.artifacts,
             "epoch_validation": self.box is not None,  # a pruner reads per-epoch accuracy
