@@ -324,7 +324,7 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     datasets = _components(fail, "datasets", raw["datasets"], DATASETS)
     _check_datasets(fail, datasets)
     backbones = _components(fail, "backbones", raw["backbones"], BACKBONES)
-    # LOST EDIT (backbones): here stood `_check_backbones(fail, backbones)`
+    _check_backbones(fail, backbones)
     methods = _components(fail, "methods", raw["methods"], METHODS)
     checkpointing = _components(
         fail, "checkpointing", raw.get("checkpointing", ["none"]), CHECKPOINTING
@@ -406,8 +406,7 @@ def _components(fail: Any, where: str, value: Any, registry: Any) -> tuple[Compo
     out = []
     for name, args in items:
         if name not in registry:
-            valid = ", ".join(registry.names()) or "(none registered yet)"
-            raise fail(where, f"unknown {registry.kind} {name!r}; valid: {valid}")
+            raise fail(where, registry.unknown_message(name))
         if args is None:
             args = {}
         if not isinstance(args, dict):
@@ -463,8 +462,7 @@ def _baselines(fail: Any, value: Any, registry: Any) -> tuple[Component, ...]:
         args = {k: v for k, v in item.items() if k != "name"}
         name = item["name"]
         if name not in registry:
-            valid = ", ".join(registry.names()) or "(none registered yet)"
-            raise fail(where, f"unknown baseline {name!r}; valid: {valid}")
+            raise fail(where, registry.unknown_message(name))
         try:
             out.append(Component(name, registry.resolve_args(name, args)))
         except ValueError as exc:
@@ -495,26 +493,61 @@ def _plugins(fail: Any, value: Any, source: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _check_backbones(fail: Any, backbones: tuple[Component, ...]) -> None:
+    """Every backbone builds (on the meta device) and runs at its input size."""
+    from workers.backbones import check_backbone
+
+    for backbone in backbones:
+        try:
+            check_backbone(backbone.name, backbone.args)
+        except ValueError as exc:
+            raise fail(f"backbones.{backbone.name}", str(exc)) from None
+
+
 def _check_pairs(fail: Any, grid: Grid) -> None:
     """Every backbone x method pair that is not excluded must be one that can run."""
     from workers.methods import check_applicable
 
+    _check_chains(fail, grid)
     for backbone in grid.backbones:
         for method in grid.methods:
             pair = {"backbone": backbone.name, "method": method.name}
-            if any(
-                set(rule) <= set(pair) and all(pair[k] in v for k, v in rule.items())
-                for rule in grid.exclude
-            ):
+            if _excluded(pair, grid.exclude):
                 continue
             try:
-                check_applicable(method.name, backbone.name)
+                check_applicable(method.name, backbone.name, method.args, backbone.args)
             except ValueError as exc:
                 raise fail(
                     "methods",
                     f"{exc}; remove one of them or add "
                     f"{{backbone: {backbone.name}, method: {method.name}}} to exclude",
                 ) from None
+
+
+def _check_chains(fail: Any, grid: Grid) -> None:
+    """A checkpointing strategy other than ``none`` needs a backbone with blocks."""
+    from workers.backbones import check_backbone
+
+    for backbone in grid.backbones:
+        if check_backbone(backbone.name, backbone.args).blocks:
+            continue
+        for strategy in grid.checkpointing:
+            pair = {"backbone": backbone.name, "checkpointing": strategy.name}
+            if strategy.name == "none" or _excluded(pair, grid.exclude):
+                continue
+            raise fail(
+                "checkpointing",
+                f"{strategy.name!r} checkpoints a chain of blocks, and no block was found in "
+                f"backbone {backbone.name!r}; add {{backbone: {backbone.name}, "
+                f"checkpointing: {strategy.name}}} to exclude",
+            )
+
+
+def _excluded(partial: dict[str, Any], exclude: tuple[dict[str, tuple[Any, ...]], ...]) -> bool:
+    return any(
+        set(rule) <= set(partial) and all(partial[k] in v for k, v in rule.items())
+        for rule in exclude
+    )
 
 
 def _exclusions(fail: Any, value: Any, grid: Grid) -> tuple[dict[str, tuple[Any, ...]], ...]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from workers.registry import Entry, Registry, RegistryError
-from workers.structure import Structure
+from workers.structure import Structure, remember_blocks
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,9 @@ def create_backbone(
     ``kwargs`` are the grid's backbone arguments (see ``BackboneConfig``).
     """
     args = dict(kwargs, pretrained=pretrained) if pretrained is not None else dict(kwargs)
-    return BACKBONES.build(name, args, num_classes=num_classes)
+    model = BACKBONES.build(name, args, num_classes=num_classes)
+    remember_blocks(model)
+    return model
 
 
 def input_size(model: nn.Module) -> int:

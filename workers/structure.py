@@ -36,8 +36,28 @@ _SEQUENCES = (nn.Sequential, nn.ModuleList)
 MEMBER_SHARE = 0.5  # a container is flattened when its members hold this share of it
 
 
+CHAIN_ATTR = "_vramsweep_blocks"  # the chain found when the backbone was built
+
+
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's chain of blocks, in forward (registration) order."""
+    """The model's chain of blocks, in forward (registration) order.
+
+    A backbone remembers the chain found when it was built (``remember_blocks``), so that
+    the chain stays the same after a method wraps its layers (peft adapters add modules
+    that the generic rule would otherwise see)."""
+    for prefix, module in model.named_modules():
+        names = getattr(module, CHAIN_ATTR, None)
+        if names is not None:
+            return [(_join(prefix, n), module.get_submodule(n)) for n in names]
+    return _find(model)
+
+
+def remember_blocks(model: nn.Module) -> None:
+    """Store the chain of ``model`` on it (see ``find_blocks``)."""
+    setattr(model, CHAIN_ATTR, tuple(n for n, _ in _find(model)))
+
+
+def _find(model: nn.Module) -> list[tuple[str, nn.Module]]:
     named = [(n, m) for n, m in model.named_modules() if _NAMED_BLOCK.search(n)]
     names = [n for n, _ in named]
     if named and not any(b.startswith(a + ".") for a in names for b in names):
@@ -55,7 +75,9 @@ def _composite(module: nn.Module) -> bool:
 
 
 def _block_like(module: nn.Module) -> bool:
-    """Two composite children or more: a block, not a conv-norm-act layer."""
+    """A sequence, or two composite children or more: a block, not a conv-norm-act layer."""
+    if isinstance(module, _SEQUENCES):
+        return True
     return sum(_composite(c) for c in module.children()) >= 2
 
 
