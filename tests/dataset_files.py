@@ -87,3 +87,29 @@ def write_imagefolder(
             for j, pixels in enumerate(images[name])
         ]
     return expected
+
+
+def write_hf(folder: Path, *, label_names: bool = True, bad_row: bool = False) -> dict:
+    """A DatasetDict (train, test) with an Image column and a ClassLabel column (or
+    string labels), saved with ``save_to_disk``. Returns split -> (labels, pixels)."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+    from PIL import Image as PILImage
+
+    names = sorted(OWN_CLASSES)  # label k is the k-th sorted name
+    splits, expected = {}, {}
+    for split in ("train", "test"):
+        images = own_split(split)
+        rows = [(names.index(n), p) for n in OWN_CLASSES for p in images[n]]  # unsorted
+        expected[split] = ([label for label, _ in rows], [p for _, p in rows])
+        pil = [PILImage.fromarray(p) for _, p in rows]
+        labels: list = [label for label, _ in rows]
+        if not label_names:
+            labels = [names[label] for label in labels]
+        if bad_row and split == "train":
+            pil.append({"bytes": b"not an image at all", "path": None})
+            labels.append(labels[0])
+        label_feature = ClassLabel(names=names) if label_names else Value("string")
+        features = Features({"image": Image(), "label": label_feature})
+        splits[split] = Dataset.from_dict({"image": pil, "label": labels}, features=features)
+    DatasetDict(splits).save_to_disk(str(folder))
+    return expected
