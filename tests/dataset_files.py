@@ -113,3 +113,34 @@ def write_hf(folder: Path, *, label_names: bool = True, bad_row: bool = False) -
         splits[split] = Dataset.from_dict({"image": pil, "label": labels}, features=features)
     DatasetDict(splits).save_to_disk(str(folder))
     return expected
+
+
+def write_mnist(root: Path) -> dict[str, tuple[list[int], np.ndarray]]:
+    """root/MNIST/raw/ idx files as torchvision's MNIST reads them: digits 0, 1, 2 at
+    28 px, 4 train and 2 test images each. Returns split -> (labels, (N, 28, 28))."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    written = {}
+    for split, prefix, count, offset in (("train", "train", 4, 0), ("test", "t10k", 2, 10)):
+        labels = [d for d in range(3) for _ in range(count)]
+        picks = [
+            np.flatnonzero(bunch.target == d)[offset + j] for d in range(3) for j in range(count)
+        ]
+        images = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray((bunch.images[k] * 255 / 16).astype(np.uint8)).resize((28, 28))
+                )
+                for k in picks
+            ]
+        )
+        header = np.array([2051, len(images), 28, 28], dtype=">i4").tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        header = np.array([2049, len(labels)], dtype=">i4").tobytes()
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(header + bytes(labels))
+        written[split] = (labels, images)
+    return written

@@ -205,7 +205,7 @@ class SourceConfig(DataOptions):
         column is there), run by grid validation before any trial and by the builder;
         never decodes. Raises ``SourceError``."""
 
-    def local_paths(self) -> dict[str, str]:
+    def local_paths(self) -> dict[str, Any]:
         """The arguments that name local files or folders, made absolute: the decode
         cache's key must not depend on the working folder."""
         return {}

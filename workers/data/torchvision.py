@@ -86,19 +86,25 @@ class TorchvisionConfig(SourceConfig):
             "test_args": self.test_args or defaults[1],
         }
 
-    def local_paths(self) -> dict[str, str]:
-        return {"root": absolute(self.root)}
+    def local_paths(self) -> dict[str, Any]:
+        paths: dict[str, Any] = {"root": absolute(self.root)}
+        for arg_name, args in (("train_args", self.train_args), ("test_args", self.test_args)):
+            if "root" in args:  # a root per split
+                paths[arg_name] = {**args, "root": absolute(str(args["root"]))}
+        return paths
 
     def check(self) -> None:
-        """The root folder exists, unless the class will download into it."""
-        takes_root = "root" in _parameters(dataset_class(self.name))
-        if takes_root and not self.download and not Path(self.root).expanduser().is_dir():
-            raise SourceError(
-                "root",
-                f"no folder {Path(self.root).expanduser()} for torchvision.datasets."
-                f"{self.name}; give the folder that holds its files, or set "
-                "`download: true` on a machine that is online",
-            )
+        """Each split's root folder exists, unless the class will download into it."""
+        if "root" not in _parameters(dataset_class(self.name)) or self.download:
+            return
+        for arg_name, args in self.split_args().items():
+            root = Path(str(args.get("root", self.root))).expanduser()
+            if not root.is_dir():
+                raise SourceError(
+                    arg_name if "root" in args else "root",
+                    f"no folder {root} for torchvision.datasets.{self.name}; give the folder "
+                    "that holds its files, or set `download: true` on a machine that is online",
+                )
 
 
 @DATASETS.register(config_cls=TorchvisionConfig, tags=(DECODED,))
@@ -130,7 +136,8 @@ def dataset_class(name: str) -> type:
         if inspect.isclass(getattr(tv, n)) and issubclass(getattr(tv, n), tv.VisionDataset)
     )
     if name not in valid:
-        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+        by_lower = {n.lower(): n for n in valid}  # "mnist" is close to MNIST
+        close = [by_lower[n] for n in difflib.get_close_matches(name.lower(), by_lower, 3, 0.5)]
         hint = f"close: {', '.join(close)}" if close else f"valid: {', '.join(valid)}"
         raise ValueError(f"name {name!r} is no torchvision.datasets class; {hint}")
     return getattr(tv, name)
@@ -151,12 +158,14 @@ def _build(config: TorchvisionConfig, cls: type, args: dict[str, Any]) -> Any:
     if "download" in params:
         kwargs["download"] = config.download
     kwargs = {k: v for k, v in kwargs.items() if k in params}
+    kwargs |= args  # the split's own arguments win (a root per split, say)
+    if "root" in args:
+        kwargs["root"] = str(Path(str(args["root"])).expanduser())
     try:
-        return cls(**kwargs, **args)
+        return cls(**kwargs)
     except Exception as exc:  # noqa: BLE001 - missing files, bad arguments: named here
         raise ValueError(
-            f"torchvision.datasets.{config.name}({kwargs | args}) failed: "
-            f"{type(exc).__name__}: {exc}"
+            f"torchvision.datasets.{config.name}({kwargs}) failed: {type(exc).__name__}: {exc}"
         ) from None
 
 
