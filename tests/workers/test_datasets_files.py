@@ -262,6 +262,23 @@ def test_dtd_bad_listed_image_is_named(tmp_path: Path, damage: str) -> None:
         load("dtd", root=str(tmp_path), image_size=16)
 
 
+@pytest.mark.parametrize(("damage", "reason"), [("missing", "file missing"), ("garbage", "Error")])
+def test_dtd_bad_listed_image_is_skipped_when_asked(
+    tmp_path: Path, damage: str, reason: str
+) -> None:
+    folder = write_dtd(tmp_path)
+    path = folder / "images" / "cracked" / "cracked_3.jpg"  # listed in test1
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(b"not a jpeg at all")
+    data = load("dtd", root=str(tmp_path), image_size=16, on_bad_image="skip")
+    assert len(data.skipped) == 1 and data.skipped[0].startswith(f"{path}: ")
+    assert reason in data.skipped[0]
+    assert len(data.train_y) == 6 and len(data.test_y) == 5
+    assert ("cracked", 3) not in _identities(data.test_x, data.test_y)
+
+
 def test_dtd_label_entry_of_unknown_class(tmp_path: Path) -> None:
     folder = write_dtd(tmp_path)
     with (folder / "labels" / "test1.txt").open("a") as f:
