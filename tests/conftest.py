@@ -1,14 +1,36 @@
-"""Shared fixtures: a minimal valid grid, written to a file on demand."""
+"""Shared fixtures: a minimal valid grid, written to a file on demand; a Ray token of
+the test session's own."""
 
 from __future__ import annotations
 
 import copy
+import os
+import secrets
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+
+def _session_ray_token() -> None:
+    """Ray 2.60 authenticates with a token (``ray start`` in token mode fails without
+    one) and a first ``ray.init`` would write it to ``~/.ray/auth_token``. The tests
+    make their own, in a temporary file that every Ray process started by the session
+    (``ray start``, drivers, ``orchestrate`` subprocesses) reads through
+    ``RAY_AUTH_TOKEN_PATH``: they neither depend on nor write to the user's home."""
+    if os.environ.get("RAY_AUTH_TOKEN_PATH") or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    folder = tempfile.mkdtemp(prefix="vramsweep-ray-token-")
+    path = Path(folder) / "auth_token"
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+
+
+_session_ray_token()
 
 # The smallest grid that trains something real in a couple of seconds on one core.
 TINY_GRID: dict[str, Any] = {
