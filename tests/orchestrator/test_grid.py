@@ -97,7 +97,7 @@ MALFORMED: list[Any] = [
     pytest.param(
         set_("datasets", ["imagenet"]),
         "datasets",
-        ("unknown dataset 'imagenet'", "cifar100, digits, dtd, hf, imagefolder, synthetic, torchvision"),
+        ("unknown dataset 'imagenet'", "cifar100, digits, dtd, hf, imagefolder, synthetic"),
         id="unknown-dataset",
     ),
     pytest.param(
