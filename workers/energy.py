@@ -643,6 +643,16 @@ def estimate(args: NoArgs, ctx: MeterContext) -> EnergyMeter:
     return EstimateMeter(ctx.config.watts_per_core, ctx.sync)
 
 
+def _fallback_order(meter: str) -> tuple[str, ...]:
+    """``meter`` and the meters tried after it: a built-in one falls back to those after
+    it in ``AUTO_ORDER``; a plug-in's meter to the whole ``AUTO_ORDER``."""
+    if meter == "auto":
+        return AUTO_ORDER
+    if meter in AUTO_ORDER:
+        return AUTO_ORDER[AUTO_ORDER.index(meter) :]
+    return (meter, *AUTO_ORDER)
+
+
 def select_meter(
     config: EnergyConfig,
     device: torch.device | str,
@@ -669,7 +679,7 @@ def select_meter(
     if sync is None:
         sync = _cuda_sync(device) if device.type == "cuda" else _no_sync
     ctx = MeterContext(device=device, config=config, exclusive=exclusive, sync=sync)
-    wanted = AUTO_ORDER if config.meter == "auto" else AUTO_ORDER[AUTO_ORDER.index(config.meter) :]
+    wanted = _fallback_order(config.meter)
     skipped = []
     for name in wanted:
         try:
