@@ -70,8 +70,8 @@ class ImageDecoder:
             if image is not None:
                 x[n], y[n] = image, label
                 n += 1
-        if count and not n:
-            raise ValueError(f"{self.source}: none of {count} images could be decoded")
+        if not n:  # no statistics, no training: a clear error, not a NaN later
+            raise ValueError(f"{self.source}: none of the {count} images of a split decoded")
         return torch.from_numpy(x[:n]), torch.from_numpy(y[:n])
 
     def _bad(self, name: str, reason: str) -> None:
