@@ -80,6 +80,30 @@ MALFORMED: list[Any] = [
         id="unknown-backbone",
     ),
     pytest.param(
+        set_("backbones", {"resnet1888": {}}),
+        "backbones",
+        ("unknown backbone 'resnet1888'", "did you mean resnet18"),
+        id="unknown-timm-backbone",
+    ),
+    pytest.param(
+        set_("backbones", {"resnet18": {"model_args": {"depth_multiplier": 2}}}),
+        "backbones.resnet18",
+        ("cannot be built", "unexpected keyword argument 'depth_multiplier'"),
+        id="model-args-timm-rejects",
+    ),
+    pytest.param(
+        set_("backbones", {"efficientformer_l1": {"img_size": 32}}),
+        "backbones.efficientformer_l1",
+        ("does not run on 32 px inputs",),
+        id="timm-backbone-at-a-size-it-cannot-take",
+    ),
+    pytest.param(
+        lambda g: {**g, "backbones": {"resnet18": {"img_size": 32}}, "methods": {"lora": {}}},
+        "methods",
+        ("'lora' does not apply to backbone 'resnet18'", "set `convs: true`", "to exclude"),
+        id="lora-on-a-cnn-without-convs",
+    ),
+    pytest.param(
         set_("methods", {"adapterx": {}}),
         "methods",
         (
