@@ -64,7 +64,7 @@ class ImageFolderConfig(SourceConfig):
 
     def split_folders(self) -> dict[str, tuple[str, Path]]:
         """split -> (the argument that names it, its folder); SourceError if missing."""
-        if not self.root:
+        if not self.root.strip():
             return {
                 split: (split, _existing(split, Path(value).expanduser()))
                 for split, value in (("train", self.train), ("test", self.test))
@@ -92,7 +92,7 @@ class ImageFolderConfig(SourceConfig):
             only_train = sorted(set(class_sets["train"]) - set(class_sets["test"]))
             only_test = sorted(set(class_sets["test"]) - set(class_sets["train"]))
             raise SourceError(
-                "root" if self.root else "test",
+                "root" if self.root.strip() else "test",
                 f"train and test must have the same class folders; only in train: "
                 f"{only_train}, only in test: {only_test}",
             )
