@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +16,13 @@ from workers.backbones import classifier_name, create_backbone
 from workers.checkpointing import apply_checkpointing
 from workers.memory import ActivationMeter
 from workers.methods import METHODS, MethodContext, apply_method
-from workers.methods.lbp_wht import LowRankLinear, TokenGrid, walsh_bases
+from workers.methods.lbp_wht import LowRankLinear, TokenGrid, can_reflect, walsh_bases
 from workers.methods.lora import BLOCK_LINEARS
 from workers.registry import RegistryError
 
 ALL_BASES = 100  # an order above 2 * block - 1 keeps every basis: exact gradients
+# gradients of the authors' LinearWHT (tests/fixtures/official/make_lbp_wht.py)
+OFFICIAL = Path(__file__).parents[1] / "fixtures" / "official" / "lbp_wht.pt"
 
 
 def _pair(backbone: str, args: dict, **backbone_args: int) -> tuple[nn.Module, nn.Module]:
@@ -94,7 +97,7 @@ def test_walsh_bases_are_orthogonal_low_pass_sets(selection: str, counts: list[i
 )
 def test_all_bases_give_exact_gradients(backbone: str, size: int) -> None:
     # 40 px ViT: a 5x5 grid padded to 8x8; 48 px TinyViT: 6x6 and 3x3 grids padded
-    model, plain = _pair(backbone, {"order": ALL_BASES}, img_size=size)
+    model, plain = _pair(backbone, {"order": ALL_BASES, "padding": "zero"}, img_size=size)
     model.double(), plain.double()
     x, y = _batch(size, dtype=torch.float64)
     gx, grads = _grads(model, x, y)
@@ -252,6 +255,7 @@ def test_composes_with_static_checkpointing(backbone: str) -> None:
         ({"block": 6}, "block must be a power of two >= 2, got 6"),
         ({"block": 1}, "got 1"),
         ({"selection": "l2"}, "selection must be one of .* got 'l2'"),
+        ({"padding": "circular"}, "padding must be one of .* got 'circular'"),
         ({"target": "blocks.(qkv"}, "not a valid regular expression"),
         ({"order": "four"}, "must be int"),
         ({"rank": 4}, "unknown argument"),
@@ -265,6 +269,63 @@ def test_bad_arguments_are_rejected(args: dict, fragment: str) -> None:
 def test_defaults_are_the_papers() -> None:
     args = METHODS.resolve_args("lbp_wht", {})
     assert (args["order"], args["block"], args["selection"]) == (4, 8, "l1")
+    assert args["padding"] == "reflect"  # the authors' LinearWHTOp
+
+
+# ---------------------------------------------------------------- the authors' operator
+
+
+def _official_case(case: str, order: int, padding: str, bases_order: int | None = None):  # noqa: ANN202
+    """Our gradients (x, W, b) on a fixture case, and the authors' at ``order``."""
+    c = torch.load(OFFICIAL, weights_only=True)[case]
+    grid = TokenGrid(c["extra_tokens"], c["h"], c["w"])
+    x, w, b = (c[k].double().requires_grad_(True) for k in ("x", "weight", "bias"))
+    bases = walsh_bases(8, bases_order or order).double()
+    y = LowRankLinear.apply(x, w, b, grid, bases, padding)
+    ours = torch.autograd.grad(y, (x, w, b), c["grad_y"].double())
+    theirs = [c[f"{k}_lp{order}"].double() for k in ("grad_x", "grad_weight", "grad_bias")]
+    return ours, theirs, (x, w, b, c["grad_y"].double())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(
+    ("case", "order"),
+    [
+        ("vit_s16_224", 2),  # 1 class token + 14 x 14: padded to 16 x 16, one row each side
+        ("vit_s16_224", 4),
+        ("vit_s16_224", 8),
+        ("tiny_vit_window_7x7", 2),  # padded to 8 x 8: one row/column at the top/left
+        ("tiny_vit_window_7x7", 4),
+        ("tiny_vit_window_7x7", 8),
+        ("tiny_vit_mlp_28x28", 4),  # padded to 32 x 32: two each side
+    ],
+)
+def test_reflect_padding_gives_the_authors_gradients(case: str, order: int) -> None:
+    ours, theirs, _ = _official_case(case, order, "reflect")
+    for name, a, b in zip(("grad x", "grad W", "grad b"), ours, theirs, strict=True):
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+    # zero padding is a different operator on these grids (weight gradients differ)
+    zero, _, _ = _official_case(case, order, "zero")
+    assert _rel(zero[1], theirs[1]) > 1e-2
+
+
+@pytest.mark.parametrize("case", ["vit_s16_224", "tiny_vit_window_7x7"])
+def test_with_every_basis_zero_padding_is_exact_and_reflection_is_not(case: str) -> None:
+    zero, _, (x, w, b, g) = _official_case(case, 8, "zero", bases_order=ALL_BASES)
+    reflect, _, _ = _official_case(case, 8, "reflect", bases_order=ALL_BASES)
+    exact = torch.autograd.grad(F.linear(x, w, b), (x, w, b), g)
+    for ours, truth in zip(zero, exact, strict=True):
+        torch.testing.assert_close(ours, truth, rtol=1e-9, atol=1e-12)
+    assert _rel(reflect[1], exact[1]) > 1e-2
+
+
+def test_a_grid_too_thin_to_reflect_is_known() -> None:
+    assert can_reflect(TokenGrid(1, 14, 14), 8) and can_reflect(TokenGrid(0, 7, 7), 8)
+    assert can_reflect(TokenGrid(0, 3, 3), 4)
+    assert not can_reflect(TokenGrid(0, 1, 3), 4)  # 3 rows of padding around 1 row
 
 
 # ---------------------------------------------------------------- no grid: exact

@@ -2,7 +2,8 @@
 
 Yang, Chiang, Li, Marculescu, Marculescu, "Efficient Low-rank Backpropagation for
 Vision Transformer Adaptation", NeurIPS 2023. https://arxiv.org/abs/2309.15275
-(authors' code: github.com/SLDGroup/LBP-WHT; this is our own implementation).
+(authors' code: github.com/SLDGroup/LBP-WHT ``custom_op/linear_wht.py``; ours is a
+re-implementation whose defaults give the same gradients).
 
 The forward of every target linear layer is exact. For backward it keeps only the
 projection of its input onto a few 2-D Walsh-Hadamard bases over the token grid;
@@ -15,11 +16,20 @@ backward projects the output gradient onto the same bases and computes
 
 Token grid. The patch tokens are tiled by square blocks of ``block`` x ``block``
 tokens (the paper: 8 x 8); a grid smaller than a block uses the next power of two
-above its longer side instead (a 4 x 4 grid: 4 x 4 blocks), and a grid that is not
-a multiple of the block is zero-padded at the bottom and right. Zero padding (the
-authors' code reflects) keeps "all bases => exact gradients": padded tokens add
-nothing to grad W and are cropped from grad x. Extra tokens before the grid (a
-ViT's class token) are kept in full and back-propagated exactly.
+above its longer side instead (a 4 x 4 grid: 4 x 4 blocks). Extra tokens before the
+grid (a ViT's class token) are kept in full and back-propagated exactly. A grid that
+is not a multiple of the block (ViT-S/16 at 224: 14 x 14; TinyViT's 7 x 7 windows) is
+padded, as ``padding`` says:
+
+- ``reflect`` (default, the authors' ``LinearWHTOp``): x and grad y are reflected
+  about the grid's edges, centred (top/left get the larger half); the padded tokens
+  count in grad W and their part of grad x is dropped. Equal to the authors' operator
+  to 1e-5 relative (tests/fixtures/official/lbp_wht.pt); even with every basis kept
+  the gradients are not exact on such grids.
+- ``zero``: zeros at the bottom and right; padded tokens add nothing to grad W, so
+  "all bases => exact gradients" holds. Closer to the exact gradient, not the paper's.
+
+Changing the default to ``reflect`` changed the trial ids of existing lbp_wht grids.
 
 Where the grid comes from, per layer (the first whose token count matches wins):
 the attention module's fixed window (TinyViT ``attn.resolution``), the enclosing
@@ -61,6 +71,7 @@ from workers.structure import Structure
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("l1", "linf")
+PADDINGS = ("reflect", "zero")
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,9 @@ class LbpWhtArgs:
     selection: str = "l1"  # "l1": i + j < order (the paper's); "linf": max(i, j) < order
     train_norms: bool = True  # also train the blocks' LayerNorms (exact), as the paper does
     target: str = BLOCK_LINEARS  # regular expression over module names (full match)
+    # How a grid that is not a multiple of the block is padded: "reflect" (centred, the
+    # authors' code) or "zero" (bottom/right; exact when every basis is kept)
+    padding: str = "reflect"
 
     def __post_init__(self) -> None:
         if self.order < 1:
@@ -82,6 +96,8 @@ class LbpWhtArgs:
             raise ValueError(f"block must be a power of two >= 2, got {self.block}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
         check_target(self.target)
 
     def missing(self, structure: Structure) -> str | None:
@@ -133,27 +149,44 @@ class TokenGrid:
         return self.prefix + self.h * self.w
 
 
-def _to_blocks(t: torch.Tensor, grid: TokenGrid, side: int) -> torch.Tensor:
-    """(Z, h*w, C) grid tokens -> (Z, nH, side, nW, side, C), zero-padded."""
+def _pads(n: int, side: int, padding: str) -> tuple[int, int]:
+    """(before, after) padding of a grid side of ``n`` tokens to a multiple of ``side``."""
+    total = -n % side
+    before = (total + 1) // 2 if padding == "reflect" else 0  # the authors' ceil(total / 2)
+    return before, total - before
+
+
+def can_reflect(grid: TokenGrid, side: int) -> bool:
+    """Whether reflection fits (each pad shorter than the grid side it reflects)."""
+    return all(max(_pads(n, side, "reflect")) < n for n in (grid.h, grid.w))
+
+
+def _to_blocks(t: torch.Tensor, grid: TokenGrid, side: int, padding: str) -> torch.Tensor:
+    """(Z, h*w, C) grid tokens -> (Z, nH, side, nW, side, C), padded as ``padding`` says."""
     z, _, c = t.shape
     t = t.reshape(z, grid.h, grid.w, c)
-    pad_h, pad_w = -grid.h % side, -grid.w % side
-    if pad_h or pad_w:
-        t = F.pad(t, (0, 0, 0, pad_w, 0, pad_h))
+    (top, bottom), (left, right) = _pads(grid.h, side, padding), _pads(grid.w, side, padding)
+    if top or bottom or left or right:
+        mode = "reflect" if padding == "reflect" else "constant"
+        t = F.pad(t.permute(0, 3, 1, 2), (left, right, top, bottom), mode=mode)
+        t = t.permute(0, 2, 3, 1)
     return t.reshape(z, t.shape[1] // side, side, t.shape[2] // side, side, c)
 
 
-def _project(t: torch.Tensor, grid: TokenGrid, bases: torch.Tensor) -> torch.Tensor:
+def _project(t: torch.Tensor, grid: TokenGrid, bases: torch.Tensor, padding: str) -> torch.Tensor:
     """Coefficients of the grid tokens on ``bases``: (Z, nH, nW, k, C)."""
-    blocks = _to_blocks(t, grid, bases.shape[-1])
+    blocks = _to_blocks(t, grid, bases.shape[-1], padding)
     return torch.einsum("kuv,zhuwvc->zhwkc", bases, blocks).contiguous()
 
 
-def _reconstruct(coef: torch.Tensor, grid: TokenGrid, bases: torch.Tensor) -> torch.Tensor:
+def _reconstruct(
+    coef: torch.Tensor, grid: TokenGrid, bases: torch.Tensor, padding: str
+) -> torch.Tensor:
     """Tokens (Z, h*w, C) from coefficients (Z, nH, nW, k, C); the padding is cropped."""
     blocks = torch.einsum("kuv,zhwkc->zhuwvc", bases, coef)
     z, nh, side, nw, _, c = blocks.shape
-    t = blocks.reshape(z, nh * side, nw * side, c)[:, : grid.h, : grid.w]
+    top, left = _pads(grid.h, side, padding)[0], _pads(grid.w, side, padding)[0]
+    t = blocks.reshape(z, nh * side, nw * side, c)[:, top : top + grid.h, left : left + grid.w]
     return t.reshape(z, grid.h * grid.w, c)
 
 
@@ -175,28 +208,29 @@ class LowRankLinear(torch.autograd.Function):
         bias: torch.Tensor | None,
         grid: TokenGrid,
         bases: torch.Tensor,
+        padding: str = "zero",
     ) -> torch.Tensor:
         y = F.linear(x, weight, bias)
         flat = x.reshape(-1, grid.tokens, x.shape[-1])
-        coef = _project(flat[:, grid.prefix :], grid, bases)
+        coef = _project(flat[:, grid.prefix :], grid, bases, padding)
         # a clone, not a view: a view would keep the whole input alive
         extra = flat[:, : grid.prefix].clone() if grid.prefix else None
         ctx.save_for_backward(coef, extra, weight)
-        ctx.grid, ctx.bases, ctx.x_shape = grid, bases, x.shape
+        ctx.grid, ctx.bases, ctx.padding, ctx.x_shape = grid, bases, padding, x.shape
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         coef, extra, weight = ctx.saved_tensors
-        grid, bases = ctx.grid, ctx.bases
+        grid, bases, padding = ctx.grid, ctx.bases, ctx.padding
         g = grad_y.reshape(-1, grid.tokens, grad_y.shape[-1])
         g_extra = g[:, : grid.prefix]
         # orthogonal +-1 bases: projecting onto them and back divides by side**2
-        g_coef = _project(g[:, grid.prefix :], grid, bases) / bases.shape[-1] ** 2
+        g_coef = _project(g[:, grid.prefix :], grid, bases, padding) / bases.shape[-1] ** 2
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_grid = _reconstruct(g_coef @ weight, grid, bases)
+            grad_grid = _reconstruct(g_coef @ weight, grid, bases, padding)
             grad_x = torch.cat([g_extra @ weight, grad_grid], dim=1).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             out, inp = weight.shape
@@ -205,7 +239,7 @@ class LowRankLinear(torch.autograd.Function):
                 grad_w = grad_w + g_extra.reshape(-1, out).T @ extra.reshape(-1, inp)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(dim=(0, 1))
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 # ---------------------------------------------------------------- token layouts
@@ -257,6 +291,17 @@ def _window(parent: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _padding(grid: TokenGrid, side: int, padding: str) -> str:
+    """``padding``, or "zero" for a grid too thin to reflect (logged once per grid)."""
+    if padding == "reflect" and not can_reflect(grid, side):
+        log.warning(
+            "lbp_wht: a %dx%d grid cannot be reflected to %d; zero padding", grid.h, grid.w, side
+        )
+        return "zero"
+    return padding
+
+
 def _low_rank_forward(
     name: str, linear: nn.Linear, layout: _TokenLayout, config: LbpWhtArgs
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -288,7 +333,8 @@ def _low_rank_forward(
             bias = bias.to(dtype) if bias is not None else None
         side = min(config.block, _next_power_of_two(max(grid.h, grid.w)))
         bases = walsh_bases(side, config.order, config.selection).to(x.device, x.dtype)
-        return LowRankLinear.apply(x, weight, bias, grid, bases)
+        padding = _padding(grid, side, config.padding)
+        return LowRankLinear.apply(x, weight, bias, grid, bases, padding)
 
     return forward
 
