@@ -66,8 +66,10 @@ class BackboneConfig:
     model_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.img_size < 0 or (self.img_size and self.img_size < 8):
-            raise ValueError(f"img_size must be 0 (native) or >= 8, got {self.img_size}")
+        if self.img_size < 0 or (self.img_size and not 8 <= self.img_size <= MAX_IMG_SIZE):
+            raise ValueError(
+                f"img_size must be 0 (native) or in [8, {MAX_IMG_SIZE}], got {self.img_size}"
+            )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         reserved = sorted(set(self.model_args) & {"num_classes", "pretrained", "img_size"})
@@ -81,6 +83,9 @@ class BackboneConfig:
 # ---------------------------------------------------------------- any timm model
 
 HF_HUB = "hf-hub:"
+# The largest input resolution a grid may ask for (a larger one is a typo whose first
+# activation alone would take the node's memory down).
+MAX_IMG_SIZE = 4096
 
 
 @functools.lru_cache(maxsize=1)
@@ -323,6 +328,14 @@ def structure(name: str, args: dict[str, Any] | None = None) -> Structure:
     return check_backbone(name, args)
 
 
+def meta_backbone(name: str, args: dict[str, Any] | None, num_classes: int) -> nn.Module:
+    """Backbone ``name`` built on the meta device: shapes without memory, no weights
+    loaded or downloaded."""
+    config = BACKBONES.make_config(name, {**(args or {}), "pretrained": None})
+    with torch.device("meta"):
+        return BACKBONES.get(name).builder(config, num_classes=num_classes)
+
+
 @functools.lru_cache(maxsize=64)
 def _checked(name: str, args_json: str) -> Structure:
     from workers.structure import describe
@@ -331,10 +344,8 @@ def _checked(name: str, args_json: str) -> Structure:
     pretrained = args.get("pretrained")
     if pretrained and not _is_hub_ref(pretrained) and not Path(pretrained).expanduser().is_file():
         raise RegistryError(f"backbone {name!r}: pretrained weights not found: {pretrained}")
-    config = BACKBONES.make_config(name, {**args, "pretrained": None})
     try:
-        with torch.device("meta"):
-            model = BACKBONES.get(name).builder(config, num_classes=CHECK_CLASSES)
+        model = meta_backbone(name, args, CHECK_CLASSES)
     except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
         raise RegistryError(f"backbone {name!r} cannot be built with {args}: {exc}") from None
     size = input_size(model)

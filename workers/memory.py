@@ -33,12 +33,58 @@ def sync(device: torch.device) -> None:
 
 
 class OverBudget(RuntimeError):
-    """The accounted peak memory of a trial exceeded its budget (CPU cap)."""
+    """The memory of a trial exceeded its budget: the accounted peak (CPU cap), the least
+    it needs as predicted before allocating, or the process memory (RSS) guard."""
 
-    def __init__(self, peak_mb: float, budget_mb: float) -> None:
-        super().__init__(f"accounted peak {peak_mb:.1f} MB exceeds the budget of {budget_mb:g} MB")
+    def __init__(self, peak_mb: float, budget_mb: float, what: str = "accounted peak") -> None:
+        super().__init__(f"{what} {peak_mb:.1f} MB exceeds the budget of {budget_mb:g} MB")
         self.peak_mb = peak_mb
         self.budget_mb = budget_mb
+
+
+# Slack of the process-memory guard over the budget: what the runtime holds besides the
+# accounted tensors (allocator caches, kernel workspaces, autograd's temporaries).
+RSS_MARGIN_MB = 512.0
+RSS_MARGIN_SHARE = 0.5  # and this share of the budget on top
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RssGuard:
+    """Stops a CPU trial whose process memory grows past its budget plus a margin.
+
+    The accounted cap sees tensors the trial saves; a single huge allocation the
+    accounting does not predict (a giant input, a runaway op) would only be seen after
+    the node's out-of-memory killer struck. ``check()`` (run before every block's
+    forward and after every step) compares the growth of the resident set since the
+    guard was made with ``budget + RSS_MARGIN_MB + RSS_MARGIN_SHARE * budget``.
+    """
+
+    def __init__(self, budget_mb: float, margin_mb: float | None = None) -> None:
+        margin = RSS_MARGIN_MB + RSS_MARGIN_SHARE * budget_mb if margin_mb is None else margin_mb
+        self.budget_mb = budget_mb
+        self.limit_mb = budget_mb + margin
+        self.baseline = rss_bytes()
+
+    def check(self, *_: Any) -> None:
+        grown = (rss_bytes() - self.baseline) / MB
+        if grown > self.limit_mb:
+            raise OverBudget(
+                grown, self.budget_mb, f"process memory growth (RSS, limit {self.limit_mb:g} MB)"
+            )
+
+    def watch(self, blocks: list[tuple[str, nn.Module]]) -> list[Any]:
+        """Check before every block's forward; returns the hook handles."""
+        return [block.register_forward_pre_hook(self.check) for _, block in blocks]
 
 
 def storage_key(t: torch.Tensor) -> tuple[int, int] | None:

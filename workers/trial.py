@@ -61,6 +61,7 @@ from workers.energy import (
     select_meter,
 )
 from workers.methods import MethodContext, apply_method, count_parameters
+from workers.preflight import least_memory
 
 log = logging.getLogger(__name__)
 
@@ -171,17 +172,29 @@ def _finetune(
     if train.max_steps:
         total_steps = min(total_steps, train.max_steps)
 
+    least = least_memory(spec, data.num_classes)
+    if least.total_bytes > spec.budget_mb * MB:  # refused before allocating anything
+        raise memory.OverBudget(least.total_bytes / MB, spec.budget_mb, f"{least.describe()}:")
+    guard = memory.RssGuard(spec.budget_mb) if device.type == "cpu" else None
+
     model = create_backbone(spec.backbone, num_classes=data.num_classes, **spec.backbone_args)
     size, head = input_size(model), classifier_name(model)
     adapted = apply_method(
         spec.method,
         spec.method_args,
         model,
-        MethodContext(classifier=head, total_steps=total_steps),
+        MethodContext(
+            classifier=head,
+            total_steps=total_steps,
+            dataset=spec.dataset,
+            steps_per_epoch=steps_per_epoch,
+        ),
     )
     model = adapted.model
     ckpt = Checkpointer(spec.checkpointing, spec.checkpointing_args, model)
     blocks = find_blocks(model)
+    if guard is not None:
+        guard.watch(blocks)
     record.total_blocks = len(blocks)
     record.params_total = count_parameters(model)
     record.params_trainable = count_parameters(model, trainable_only=True)
@@ -256,6 +269,8 @@ def _finetune(
                 if adapted.on_optimizer_step is not None:
                     adapted.on_optimizer_step(step)
                 losses.append(loss.detach())  # read at the end: no device sync per step
+                if guard is not None:
+                    guard.check()
                 if step == 1 or recheck or replanned:
                     recheck = not _check_accounted(
                         model, optimizer, meter, xb, spec, record, cap, ckpt

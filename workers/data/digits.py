@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.data.core import DATASETS, ImageData, SourceConfig, check_image_size
+from workers.data.images import check_decoded_fits
 from workers.data.selection import split_arrays
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ def digits(config: DigitsConfig) -> ImageData:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
+    # a float grey copy (4 bytes per pixel) then the uint8 image (1 byte, 3 channels viewed)
+    check_decoded_fits("digits", len(bunch.images), config.image_size, bytes_per_pixel=5)
     gray = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
     gray = F.interpolate(gray, size=(config.image_size,) * 2, mode="bilinear", align_corners=False)
     images = (gray.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)

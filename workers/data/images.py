@@ -62,6 +62,7 @@ class ImageDecoder:
     def stack(self, samples: Iterable[Sample], count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``count`` samples decoded into (n, 3, size, size) uint8 images and (n,)
         labels, n = count less those skipped."""
+        check_decoded_fits(self.source, count, self.size)
         x = np.empty((count, 3, self.size, self.size), dtype=np.uint8)
         y = np.empty(count, dtype=np.int64)
         n = 0
@@ -121,10 +122,40 @@ def square(image: Any, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
+AVAILABLE_SHARE = 0.8  # of the machine's available memory a decoded dataset may take
+
+
+def available_bytes() -> int | None:
+    """Memory this machine can still give (Linux ``MemAvailable``; None elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_decoded_fits(source: str, count: int, size: int, bytes_per_pixel: int = 3) -> None:
+    """Refuse, before allocating, a decoded dataset larger than the memory available
+    (``bytes_per_pixel``: of the decoded arrays and the copies that make them)."""
+    need = count * bytes_per_pixel * size * size
+    free = available_bytes()
+    if free is not None and need > AVAILABLE_SHARE * free:
+        gib = 1 << 30
+        raise ValueError(
+            f"{source}: {count} images at {size} px would take {need / gib:.1f} GiB decoded, "
+            f"more than the {free / gib:.1f} GiB this machine has available; "
+            "lower image_size (or fraction / per_class)"
+        )
+
+
 def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
     """Resize (N, 3, H, W) uint8 images to size x size once, antialiased, in chunks."""
     if x.shape[-2:] == (size, size):
         return x
+    check_decoded_fits("dataset", len(x), size)
     out = torch.empty(len(x), 3, size, size, dtype=torch.uint8)
     for start in range(0, len(x), 4096):  # bounds the float copy to ~50 MB at 32 px
         f = x[start : start + 4096].float()
