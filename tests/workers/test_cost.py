@@ -78,6 +78,8 @@ def adapted(method: str, args: dict, checkpointing: str = "none") -> nn.Module:
         for name, param in model.named_parameters():
             if "lora_B" in name or "snella_scale" in name:
                 param.normal_(0.0, 0.05)
+            elif ".snella_parts." in name and name.endswith(".beta"):
+                param.fill_(0.3)  # the official update starts small: K * |K|, K ~ 0.01
     Checkpointer(checkpointing, {}, model)
     return model
 

@@ -52,6 +52,8 @@ def adapted(method: str, args: dict, backbone: str = "vit_test") -> tuple[nn.Mod
                 method == "bitfit" and name.endswith(".bias")
             ):
                 param.normal_(0.0, 0.05)
+            elif ".snella_parts." in name and name.endswith(".beta"):
+                param.fill_(0.3)  # the official update starts small: K * |K|, K ~ 0.01
     return base, model
 
 
@@ -61,6 +63,7 @@ MERGEABLE = [
     pytest.param("qlora", {"r": 4, "compute_dtype": "fp32"}, True, id="qlora-fp32"),
     pytest.param("qlora", {"r": 4, "compute_dtype": "bf16"}, True, id="qlora-bf16"),
     pytest.param("snella", {"r": 4}, True, id="snella"),
+    pytest.param("snella", {"r": 4, "update": "scaled", "qkv": "fused"}, True, id="snella-scaled"),
     pytest.param("bitfit", {}, None, id="bitfit"),  # nothing to merge
 ]
 

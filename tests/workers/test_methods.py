@@ -81,10 +81,16 @@ def _adalora(ref: nn.Module, args: dict) -> int:
 
 
 def _snella(ref: nn.Module, args: dict) -> int:
-    """r (in + out) per adapted linear (the two factors the kernel merges), plus the
-    kernel's learnable scalars and the zero-initialised scale of the update."""
-    scalars = {"mixed": 4, "distance": 1, "linear": 1}[args["kernel"]]
-    return args["r"] * _inner_outer(ref) + scalars * len(_block_linears(ref)) + _head_params(ref)
+    """r (in + rows) per kernel (the two factors it merges) and its learnable scalars;
+    a split qkv is three kernels (q, k, v rows), any other linear one; "scaled" adds a
+    scale per linear."""
+    linears = [n for n, m in ref.named_modules() if _BLOCK_LINEAR.fullmatch(n)]
+    kernels = [3 if args["qkv"] == "split" and n.endswith("qkv") else 1 for n in linears]
+    inner = sum(k * ref.get_submodule(n).in_features for k, n in zip(kernels, linears, strict=True))
+    outer = sum(ref.get_submodule(n).out_features for n in linears)
+    scalars = (3 if args["kernel"] == "mixed" else 0) * sum(kernels)
+    scales = len(linears) if args["update"] == "scaled" else 0
+    return args["r"] * (inner + outer) + scalars + scales + _head_params(ref)
 
 
 def _lbp_wht(ref: nn.Module, args: dict) -> int:
@@ -145,7 +151,7 @@ CASES = [
         {"r": 4},
         _snella,
         lambda n, m: ".snella_" in n or _is_head(n, m),
-        zero_start=True,
+        zero_start=False,  # the reference's update starts from the random kernel
     ),
     Case(
         "lbp_wht",

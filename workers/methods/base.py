@@ -22,6 +22,8 @@ class MethodContext:
 
     classifier: str  # dotted name of the head; every method trains it (new classes)
     total_steps: int  # optimizer steps of the trial's schedule (AdaLoRA-style budgets)
+    dataset: str = ""  # registry name of the trial's dataset (per-dataset defaults)
+    steps_per_epoch: int = 0  # optimizer steps per epoch (0: not known)
 
 
 @dataclass

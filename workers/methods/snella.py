@@ -3,35 +3,50 @@
 Shen, Sun, Wang, Huang, "Kernelized Sparse Fine-Tuning with Bi-level Parameter
 Competition for Vision Models", 2025. https://arxiv.org/abs/2510.24037
 Reference code (with its predecessor SNELL, NeurIPS 2024): https://github.com/ssfgunner/SNELL
+(``model/vision_transformer_timm.py`` ``SNELLA``, ``sparse_allocator.py`` ``Allocator``,
+``scripts/vtab/snella32/``).
 
 Each target linear layer gets two low-rank factors, A (in x r) and B (out x r). A
 nonlinear kernel merges their rows into a full-size matrix K[i, j] = kappa(B_i, A_j)
-whose rank is not bounded by r. Only the largest-magnitude entries of K survive, the
-rest are zero, and the sparse result is added to the frozen weight:
+whose rank is not bounded by r. Entries of K whose magnitude is at or below the layer's
+quantile ``1 - keep`` are zeroed, and the sparse result is added to the frozen weight:
 
-    y = x (W + s * sparse_k(K))^T + b      (s: a per-layer scale, zero at the start)
+    update official: y = x (W + K * |K| * mask)^T + b    (|K| detached; the reference's)
+    update scaled:   y = x (W + s * K * mask)^T + b      (s: a per-layer scale from 0)
 
 Bi-level competition: layers compete for a global budget of surviving entries by
 importance (an EMA of the sensitivity |p * grad| times an EMA of its uncertainty, over
-each layer's factors, as AdaLoRA scores singular values), the budget shrinking from an
+each layer's factors, updated every optimizer step), the budget shrinking from an
 initial to a final keep ratio on a cubic schedule; inside a layer, entries compete by
-magnitude (the top-k threshold).
+magnitude (the quantile threshold).
 
-Memory: the optimizer holds only the factors, 1-4 scalars per layer and the head. K
+The defaults are the reference code's choices (equal to it to 1e-5 relative on a ViT
+block's q, k, v, proj, fc1, fc2: tests/fixtures/official/snella.pt); each of ours is
+an option:
+
+- ``update``: ``official`` above (the adapted model differs from the base one at step
+  0, as the kernel starts random); ``scaled``, a zero-initialised scale as LoRA's zero
+  B: the two are equal until the first optimizer step.
+- ``schedule``: the budget moves at each ``epoch`` start (the reference: no move at
+  epoch 0, then epochs 1 .. E-1 on the cubic curve) or after every ``step``.
+- ``qkv``: a fused qkv projection (timm's ViT, TinyViT, MambaVision) is ``split`` into
+  q, k and v, each with its own factors, kernel, softmax and budget, as the reference's
+  three separate layers; or ``fused``: one kernel and one budget for the whole matrix.
+- ``zero_scores``: with every importance score zero the budget is shared ``equal``ly
+  per layer (the reference's intent: as written its branch would raise on a float's
+  ``.squeeze()``; it is unreachable there, as its kernel trains from step 1) or in
+  proportion to layer ``size`` (one keep ratio for all).
+- ``final_keep``: unset, it is the released script's for the trial's dataset
+  (``FINAL_KEEP_BY_DATASET``: CIFAR-100 0.2, DTD 0.07; others CIFAR's).
+
+Not reproduced: the reference's dropout (0.1) on the adapter's input and drop-path (0.1)
+on its output (the update is merged into the weight here), and its AMP loss scale in
+the sensitivities. These defaults changed the trial ids of snella grids written before
+these options existed.
+
+Memory: the optimizer holds only the factors, 3-4 scalars per kernel and the head. K
 is built in forward and, like the reference code, rebuilt in backward (the layer is
 checkpointed) instead of being kept: the layer saves only its input.
-
-Where this differs from the reference code, and why:
-- The reference starts from the random kernel value, so its adapted model differs
-  from the base model at step 0; a zero-initialised scale ``s`` (as LoRA's zero B)
-  makes the two equal until the first optimizer step.
-- The reference multiplies surviving entries by their detached magnitude; here they
-  are kept as they are (a plain top-k mask), as the method is described.
-- With all importance scores zero (the first step: the factors get no gradient while
-  ``s`` is zero) the budget is shared in proportion to layer size (one keep ratio for
-  all); the reference shares it equally per layer whatever the size.
-- The budget schedule advances per optimizer step (the reference's per epoch; its
-  importance EMAs per step, as here).
 """
 
 from __future__ import annotations
@@ -40,7 +55,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -62,44 +77,64 @@ log = logging.getLogger(__name__)
 # "mixed": the SNELLA kernel, distance + alpha * softmax(distance / gamma) + beta;
 # "distance": SNELL's kernel alone; "linear": LoRA's inner product (rank <= r, ablation).
 KERNELS = ("mixed", "distance", "linear")
+UPDATES = ("official", "scaled")
+SCHEDULES = ("epoch", "step")
+QKV_MODES = ("split", "fused")
+ZERO_SCORES = ("equal", "size")
 
 DISTANCE_WEIGHT = 0.1  # weight of each of the two distance kernels (reference code)
+# 1 - target_ratio of the released SNELLA-32 VTAB-1k scripts, by our dataset names
+FINAL_KEEP_BY_DATASET = {"cifar100": 0.2, "dtd": 0.07}
+DEFAULT_FINAL_KEEP = FINAL_KEEP_BY_DATASET["cifar100"]
+_QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs
 
 
 @dataclass(frozen=True)
 class SnellaArgs:
     """SNELLA's arguments.
 
-    Defaults: rank 32, the mixed kernel, EMA betas 0.85 and no warm-up or final phase
-    are those of the released SNELLA-32 scripts; keep ratios 0.99 -> 0.2 are those of
-    its VTAB-1k CIFAR-100 script (init_thres 0.01, target_ratio 0.8). The paper tunes
-    the final ratio per dataset (0.07 to 1.0).
+    Defaults: rank 32, the mixed kernel, keep 0.99 at the start (init_thres 0.01), EMA
+    betas 0.85 and no warm-up or final phase are those of the released SNELLA-32
+    scripts; the final keep ratio is their per-dataset one (``FINAL_KEEP_BY_DATASET``).
     """
 
     r: int = 32  # columns of each factor; the distance kernels use two halves of r/2
     kernel: str = "mixed"  # how factor rows merge, one of KERNELS
     initial_keep: float = 0.99  # fraction of the merged entries kept at the start
-    final_keep: float = 0.2  # global fraction kept once the cubic decrease ends
-    warmup_fraction: float = 0.0  # leading fraction of the steps at initial_keep, no competition
-    final_fraction: float = 0.0  # trailing fraction of the steps at final_keep
+    # global fraction kept once the cubic decrease ends; None: the trial dataset's
+    final_keep: float | None = None
+    warmup_fraction: float = 0.0  # leading fraction of the schedule at initial_keep
+    final_fraction: float = 0.0  # trailing fraction of the schedule at final_keep
     beta1: float = 0.85  # EMA factor of the sensitivity |p * grad|
     beta2: float = 0.85  # EMA factor of the uncertainty |sensitivity - its EMA|
     target: str = BLOCK_LINEARS  # regular expression over linear layers' names (full match)
+    update: str = "official"  # "official": K * |K| * mask; "scaled": s * K * mask, s from 0
+    schedule: str = "epoch"  # the budget moves at each "epoch" start or after each "step"
+    qkv: str = "split"  # a fused qkv as q, k, v kernels ("split") or one kernel ("fused")
+    zero_scores: str = "equal"  # all scores zero: budget shared "equal"ly or by "size"
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"r must be >= 1, got {self.r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        for name, valid in (
+            ("kernel", KERNELS),
+            ("update", UPDATES),
+            ("schedule", SCHEDULES),
+            ("qkv", QKV_MODES),
+            ("zero_scores", ZERO_SCORES),
+        ):
+            if getattr(self, name) not in valid:
+                got = getattr(self, name)
+                raise ValueError(f"{name} must be one of {', '.join(valid)}, got {got!r}")
         if self.kernel != "linear" and self.r % 2:
             raise ValueError(
                 f"r must be even for the {self.kernel!r} kernel (two halves), got {self.r}"
             )
         for name in ("initial_keep", "final_keep"):
             value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
+            if value is not None and not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
-        if self.final_keep > self.initial_keep:
+        if self.final_keep is not None and self.final_keep > self.initial_keep:
             raise ValueError(
                 f"final_keep ({self.final_keep}) must not exceed initial_keep ({self.initial_keep})"
             )
@@ -122,6 +157,13 @@ class SnellaArgs:
         return missing_targets(structure, self.target)
 
 
+def final_keep_for(config: SnellaArgs, dataset: str) -> float:
+    """The grid's ``final_keep``, else the dataset's (never above ``initial_keep``)."""
+    if config.final_keep is not None:
+        return config.final_keep
+    return min(FINAL_KEEP_BY_DATASET.get(dataset, DEFAULT_FINAL_KEEP), config.initial_keep)
+
+
 # ---------------------------------------------------------------- the kernelized layer
 
 
@@ -137,64 +179,115 @@ def distance_kernel(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return DISTANCE_WEIGHT * (near - far)
 
 
-class SnellaLinear(nn.Module):
-    """A frozen linear layer plus a sparse kernelized update.
+def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation), also above its size limit."""
+    flat = values.flatten()
+    if flat.numel() <= _QUANTILE_LIMIT:
+        return torch.quantile(flat, q)
+    rank = torch.tensor(q, dtype=flat.dtype) * (flat.numel() - 1)  # as torch.quantile
+    below, above = int(rank.floor()), int(rank.ceil())
+    low, high = flat.kthvalue(below + 1).values, flat.kthvalue(above + 1).values
+    return torch.lerp(low, high, rank - below)
 
-    ``weight`` and ``bias`` are the base layer's own parameters under their own names,
-    so state dicts of the base model still load. ``keep`` is the number of merged
-    entries that survive, set by the allocator.
+
+class SnellaKernel(nn.Module):
+    """One merged matrix K (rows x in) from factors A (in x r) and B (rows x r).
+
+    ``keep_ratio`` is the fraction of its entries that survive, set by the allocator.
     """
 
-    def __init__(self, base: nn.Linear, r: int, kernel: str, keep: int) -> None:
+    def __init__(self, in_features: int, rows: int, r: int, kernel: str, keep: float, like: dict):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
         self.kernel = kernel
-        self.keep = keep
-        self.weight = base.weight
-        self.bias = base.bias
-        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.keep_ratio = keep
         # the reference's kaiming-uniform bound on (2, rows, r/2): 1 / sqrt(rows * r / 2)
-        self.snella_A = nn.Parameter(_uniform((self.in_features, r), like))
-        self.snella_B = nn.Parameter(_uniform((self.out_features, r), like))
-        self.snella_scale = nn.Parameter(torch.zeros((), **like))
+        self.A = nn.Parameter(_uniform((in_features, r), like))
+        self.B = nn.Parameter(_uniform((rows, r), like))
         if kernel == "mixed":
-            self.snella_alpha = nn.Parameter(torch.ones((), **like))
-            self.snella_gamma = nn.Parameter(torch.ones((), **like))
-            self.snella_beta = nn.Parameter(torch.zeros((), **like))
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"r={self.snella_A.shape[1]}, kernel={self.kernel}, keep={self.keep}"
-        )
+            self.alpha = nn.Parameter(torch.ones((), **like))
+            self.gamma = nn.Parameter(torch.ones((), **like))
+            self.beta = nn.Parameter(torch.zeros((), **like))
 
     @property
-    def keep_ratio(self) -> float:
-        return self.keep / self.weight.numel()
+    def size(self) -> int:
+        return self.A.shape[0] * self.B.shape[0]
 
-    def kernel_matrix(self) -> torch.Tensor:
-        """The dense merged matrix K (out x in), before sparsification and scale."""
-        a, b = self.snella_A, self.snella_B
+    def matrix(self) -> torch.Tensor:
+        """The dense merged matrix K (rows x in)."""
+        a, b = self.A, self.B
         if self.kernel == "linear":
             return b @ a.T
         dist = distance_kernel(b, a)
         if self.kernel == "distance":
             return dist
         # softmax over the outputs of each input, as the reference's softmax(dim=-1) of K^T
-        soft = torch.softmax(dist / self.snella_gamma, dim=0)
-        return dist + self.snella_alpha * soft + self.snella_beta
+        soft = torch.softmax(dist / self.gamma, dim=0)
+        return dist + self.alpha * soft + self.beta
 
-    def delta_weight(self) -> torch.Tensor:
-        """The update s * sparse_k(K) (out x in) that forward adds to the weight."""
-        merged = self.kernel_matrix()
-        if self.keep >= merged.numel():
-            return self.snella_scale * merged
+    def sparse(self, update: str) -> torch.Tensor:
+        """K with entries at or below the (1 - keep_ratio) quantile of |K| zeroed;
+        ``official``: also times |K| (detached), as the reference's ``sparsify``."""
+        merged = self.matrix()
         with torch.no_grad():
             magnitude = merged.abs()
-            # the (n - keep)-th smallest magnitude: exactly `keep` entries lie above it
-            threshold = magnitude.flatten().kthvalue(merged.numel() - self.keep).values
-            mask = magnitude > threshold
-        return self.snella_scale * (merged * mask)
+            mask = magnitude > quantile(magnitude, max(0.0, 1.0 - self.keep_ratio))
+        if update == "official":
+            return merged * (magnitude * mask)
+        return merged * mask
+
+
+class SnellaLinear(nn.Module):
+    """A frozen linear layer plus a sparse kernelized update of one or more row groups.
+
+    ``weight`` and ``bias`` are the base layer's own parameters under their own names,
+    so state dicts of the base model still load. ``rows`` (one list of weight rows per
+    kernel, e.g. q, k, v) splits the update; None: one kernel for the whole matrix.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        config: SnellaArgs,
+        rows: list[list[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.update = config.update
+        self.weight = base.weight
+        self.bias = base.bias
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        groups = rows or [list(range(self.out_features))]
+        self.snella_parts = nn.ModuleList(
+            SnellaKernel(
+                self.in_features, len(g), config.r, config.kernel, config.initial_keep, like
+            )
+            for g in groups
+        )
+        order = [i for g in groups for i in g]
+        inverse = None if order == sorted(order) else torch.argsort(torch.tensor(order))
+        self.register_buffer("snella_rows", inverse, persistent=False)
+        if config.update == "scaled":
+            self.snella_scale = nn.Parameter(torch.zeros((), **like))
+
+    def extra_repr(self) -> str:
+        r = self.snella_parts[0].A.shape[1]
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={r}, "
+            f"kernels={len(self.snella_parts)}, update={self.update}"
+        )
+
+    def _rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        merged = torch.cat(parts, dim=0)
+        return merged if self.snella_rows is None else merged[self.snella_rows]
+
+    def kernel_matrix(self) -> torch.Tensor:
+        """The dense merged matrix K (out x in), before sparsification."""
+        return self._rows([part.matrix() for part in self.snella_parts])
+
+    def delta_weight(self) -> torch.Tensor:
+        """The sparse update (out x in) that forward adds to the weight."""
+        delta = self._rows([part.sparse(self.update) for part in self.snella_parts])
+        return self.snella_scale * delta if self.update == "scaled" else delta
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight + self.delta_weight(), self.bias)
@@ -215,38 +308,63 @@ def _uniform(shape: tuple[int, int], like: dict) -> torch.Tensor:
     return torch.empty(shape, **like).uniform_(-bound, bound)
 
 
+def qkv_rows(name: str, linear: nn.Linear, attention: nn.Module) -> list[list[int]] | None:
+    """The q, k and v rows of a fused ``qkv`` projection; None for any other layer.
+
+    TinyViT lays rows out per head ([q | k | v] of each head, ``key_dim`` / ``val_dim``);
+    timm's ViT and MambaVision as three blocks of ``out / 3`` rows (q, then k, then v).
+    """
+    if name.rpartition(".")[2] != "qkv":
+        return None
+    out = linear.out_features
+    heads, key, val = (getattr(attention, a, None) for a in ("num_heads", "key_dim", "val_dim"))
+    if all(isinstance(v, int) for v in (heads, key, val)) and heads * (2 * key + val) == out:
+        per = 2 * key + val
+        bounds = ((0, key), (key, 2 * key), (2 * key, per))
+        return [[h * per + i for h in range(heads) for i in range(lo, hi)] for lo, hi in bounds]
+    if out % 3 == 0:
+        third = out // 3
+        return [list(range(i * third, (i + 1) * third)) for i in range(3)]
+    return None
+
+
 # ---------------------------------------------------------------- the allocation
 
 
-def phase_steps(total_steps: int, config: SnellaArgs) -> tuple[int, int]:
-    """(warm-up steps, final-phase steps) of a ``total_steps`` schedule."""
-    return round(config.warmup_fraction * total_steps), round(config.final_fraction * total_steps)
+def phase_units(total: int, config: SnellaArgs) -> tuple[int, int]:
+    """(warm-up units, final-phase units) of a ``total``-unit schedule (steps or epochs)."""
+    return round(config.warmup_fraction * total), round(config.final_fraction * total)
 
 
-def keep_schedule(step: int, total_steps: int, config: SnellaArgs) -> float:
-    """Global keep ratio after optimizer step ``step`` (0: before the first step).
+def keep_schedule(t: int, total: int, config: SnellaArgs) -> float:
+    """Global keep ratio at unit ``t`` (step or epoch) of a ``total``-unit schedule.
 
     ``initial_keep`` through the warm-up, a cubic decrease to ``final_keep`` at
-    ``total_steps - final steps``, then ``final_keep`` (AdaLoRA's budget schedule).
+    ``total - final units``, then ``final_keep`` (the reference's
+    ``schedule_threshold``; AdaLoRA's budget schedule).
 
     Example:
         >>> keep_schedule(5, 10, SnellaArgs(initial_keep=0.9, final_keep=0.1))
         0.2
     """
-    warmup, final = phase_steps(total_steps, config)
-    if step <= warmup:
+    final_keep = DEFAULT_FINAL_KEEP if config.final_keep is None else config.final_keep
+    warmup, final = phase_units(total, config)
+    if t <= warmup:
         return config.initial_keep
-    progress = min(1.0, (step - warmup) / max(1, total_steps - final - warmup))
-    return config.final_keep + (config.initial_keep - config.final_keep) * (1.0 - progress) ** 3
+    progress = min(1.0, (t - warmup) / max(1, total - final - warmup))
+    return final_keep + (config.initial_keep - final_keep) * (1.0 - progress) ** 3
 
 
-def allocate(scores: Sequence[float], sizes: Sequence[int], volume: int) -> list[int]:
+def allocate(
+    scores: Sequence[float], sizes: Sequence[int], volume: int, zero_scores: str = "equal"
+) -> list[int]:
     """Split ``volume`` entries among layers in proportion to ``scores``, none above its size.
 
-    Water-filling: a layer whose share exceeds its size is filled and the excess is
-    shared again among the others. Layers without a score share what the scored ones
-    cannot take, in proportion to size (so all-zero scores give one keep ratio).
-    Returns whole counts that sum to ``min(volume, sum(sizes))``.
+    The reference's ``param_alloc``: each layer first gets the whole part of its share
+    (capped at its size), then what is left is shared again among the layers not full,
+    by score, until the volume is met; the counts are then truncated (their sum may
+    fall short of the volume by less than the number of layers). All scores zero: equal
+    shares (``zero_scores="equal"``) or shares by size (``"size"``).
 
     Example:
         >>> allocate([3.0, 1.0], [10, 100], 40)
@@ -255,49 +373,56 @@ def allocate(scores: Sequence[float], sizes: Sequence[int], volume: int) -> list
     size = torch.tensor(sizes, dtype=torch.float64)
     score = torch.nan_to_num(torch.tensor(scores, dtype=torch.float64)).clamp_min(0.0)
     volume = min(volume, int(size.sum()))
-    share = torch.zeros_like(size)
-    open_ = torch.ones(len(sizes), dtype=torch.bool)
-    while (rest := volume - float(share.sum())) > 1e-6 and open_.any():
-        weight = torch.where(open_, score, 0.0)
-        if weight.sum() <= 0:
-            weight = torch.where(open_, size, 0.0)
-        share = torch.minimum(share + rest * weight / weight.sum(), size)
-        filled = open_ & (share >= size)
-        if not filled.any():
+    if score.sum() <= 0:
+        score = torch.ones_like(size) if zero_scores == "equal" else size.clone()
+    score = score / score.sum()
+    share = torch.minimum((volume * score).floor(), size)
+    for _ in range(len(sizes) + 1):  # a round fills a layer or meets the volume
+        rest = volume - float(share.sum())
+        open_ = share < size
+        if rest <= 1e-6 or not open_.any():
             break
-        open_ &= ~filled
-    counts = share.floor()
-    short = volume - int(counts.sum())  # rounding: give the largest remainders one more
-    if short > 0:
-        remainder = torch.where(counts < size, share - counts, -1.0)
-        counts[remainder.argsort(descending=True)[:short]] += 1
-    return [int(c) for c in torch.minimum(counts, size)]
+        weight = torch.where(open_, score, 0.0)
+        if weight.sum() <= 0:  # only unscored layers have room: by their room
+            weight = torch.where(open_, size - share, 0.0)
+        share = torch.minimum(share + rest * weight / weight.sum(), size)
+    return [int(c) for c in share.floor()]
 
 
 class SnellaAllocator:
-    """Layer-level competition: importance EMAs and each layer's ``keep``.
+    """Layer-level competition: importance EMAs and each kernel's ``keep_ratio``.
 
     ``step(step)`` is the trainer's ``on_optimizer_step``: it reads the factors'
-    gradients of the step just taken, updates the EMAs, and sets every layer's ``keep``
-    for the next forward passes, the total following ``keep_schedule``.
+    gradients of the step just taken and updates the EMAs; at each allocation point
+    (every step, or every epoch start) it sets every kernel's ``keep_ratio``, the total
+    following ``keep_schedule``.
     """
 
-    def __init__(self, layers: dict[str, SnellaLinear], config: SnellaArgs, total_steps: int):
-        self.layers = layers
+    def __init__(
+        self,
+        parts: dict[str, SnellaKernel],
+        config: SnellaArgs,
+        total_steps: int,
+        steps_per_epoch: int = 0,
+    ):
+        self.parts = parts
         self.config = config
         self.total_steps = max(1, total_steps)
-        self.sizes = [layer.weight.numel() for layer in layers.values()]
+        self.steps_per_epoch = steps_per_epoch if config.schedule == "epoch" else 0
+        if config.schedule == "epoch" and steps_per_epoch <= 0:
+            log.warning("snella: steps per epoch unknown; the budget moves every step")
+        self.sizes = [part.size for part in parts.values()]
         self._sensitivity: dict[str, torch.Tensor] = {}  # EMA of |p * grad|, per factor entry
         self._uncertainty: dict[str, torch.Tensor] = {}  # EMA of |sensitivity - its EMA|
 
     def allocation(self) -> dict[str, float]:
-        """Each layer's keep ratio."""
-        return {name: layer.keep_ratio for name, layer in self.layers.items()}
+        """Each kernel's keep ratio."""
+        return {name: part.keep_ratio for name, part in self.parts.items()}
 
     def scores(self) -> list[float]:
-        """Each layer's importance: mean sensitivity x uncertainty over A plus over B."""
+        """Each kernel's importance: mean sensitivity x uncertainty over A plus over B."""
         out = []
-        for name in self.layers:
+        for name in self.parts:
             total = 0.0
             for factor in ("A", "B"):
                 key = f"{name}.{factor}"
@@ -309,8 +434,8 @@ class SnellaAllocator:
     @torch.no_grad()
     def update_importance(self) -> None:
         beta1, beta2 = self.config.beta1, self.config.beta2
-        for name, layer in self.layers.items():
-            for factor, param in (("A", layer.snella_A), ("B", layer.snella_B)):
+        for name, part in self.parts.items():
+            for factor, param in (("A", part.A), ("B", part.B)):
                 key = f"{name}.{factor}"
                 if param.grad is None:
                     sensitivity = torch.zeros_like(param)
@@ -323,16 +448,27 @@ class SnellaAllocator:
                 ema = self._sensitivity[key].mul_(beta1).add_(sensitivity, alpha=1 - beta1)
                 self._uncertainty[key].mul_(beta2).add_((sensitivity - ema).abs(), alpha=1 - beta2)
 
+    def point(self, step: int) -> tuple[int, int] | None:
+        """(unit, total units) of the schedule if the budget moves after ``step``."""
+        per_epoch = self.steps_per_epoch
+        if per_epoch <= 0:
+            return step, self.total_steps
+        epochs = math.ceil(self.total_steps / per_epoch)
+        epoch, within = divmod(step, per_epoch)
+        return (epoch, epochs) if within == 0 and epoch < epochs else None
+
+    def reallocate(self, t: int, total: int) -> None:
+        """Share the budget of unit ``t`` among the kernels by their scores."""
+        volume = int(keep_schedule(t, total, self.config) * sum(self.sizes))
+        counts = allocate(self.scores(), self.sizes, volume, self.config.zero_scores)
+        for part, count, size in zip(self.parts.values(), counts, self.sizes, strict=True):
+            part.keep_ratio = count / size
+
     def step(self, step: int) -> None:
         self.update_importance()
-        ratio = keep_schedule(step, self.total_steps, self.config)
-        volume = round(ratio * sum(self.sizes))
-        warmup, _ = phase_steps(self.total_steps, self.config)
-        scores = [0.0] * len(self.sizes) if step <= warmup else self.scores()
-        for layer, keep in zip(
-            self.layers.values(), allocate(scores, self.sizes, volume), strict=True
-        ):
-            layer.keep = keep
+        point = self.point(step)
+        if point is not None and point[0] > phase_units(point[1], self.config)[0]:
+            self.reallocate(*point)  # through the warm-up the budget holds
 
 
 # ---------------------------------------------------------------- the method
@@ -341,6 +477,7 @@ class SnellaAllocator:
 @METHODS.register(config_cls=SnellaArgs)
 def snella(config: SnellaArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """Sparse kernelized updates of the blocks' linear layers, budget allocated by importance."""
+    config = replace(config, final_keep=final_keep_for(config, ctx.dataset))
     pattern = re.compile(effective_target(model, config.target))
     targets = [
         (name, module)
@@ -351,24 +488,31 @@ def snella(config: SnellaArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
         raise ValueError(f"snella: no linear layer's name matches target {config.target!r}")
     for param in model.parameters():
         param.requires_grad_(False)
-    layers: dict[str, SnellaLinear] = {}
+    parts: dict[str, SnellaKernel] = {}
     for name, linear in targets:
-        keep = round(config.initial_keep * linear.weight.numel())
-        layer = SnellaLinear(linear, config.r, config.kernel, keep)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-        layers[name] = layer
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        rows = qkv_rows(name, linear, parent) if config.qkv == "split" else None
+        layer = SnellaLinear(linear, config, rows)
+        setattr(parent, child, layer)
+        suffixes = ("q", "k", "v") if rows else ("",)
+        for suffix, part in zip(suffixes, layer.snella_parts, strict=True):
+            parts[f"{name}.{suffix}" if suffix else name] = part
     for name, param in model.named_parameters():
         if is_classifier_param(name, ctx.classifier):
             param.requires_grad_(True)
-    allocator = SnellaAllocator(layers, config, ctx.total_steps)
+    allocator = SnellaAllocator(parts, config, ctx.total_steps, ctx.steps_per_epoch)
     log.info(
-        "snella: %d layers, rank %d, %s kernel, keep %.3g -> %.3g over %d steps",
-        len(layers),
+        "snella: %d kernels in %d layers, rank %d, %s kernel, %s update, keep %.3g -> %.3g "
+        "by %s (%s)",
+        len(parts),
+        len(targets),
         config.r,
         config.kernel,
+        config.update,
         config.initial_keep,
         config.final_keep,
-        allocator.total_steps,
+        config.schedule,
+        ctx.dataset or "dataset unknown",
     )
     return Adapted(model, on_optimizer_step=allocator.step)
