@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -245,26 +246,55 @@ def test_static_checkpointing_keeps_the_gradients(backbone: str) -> None:
 
 X = torch.tensor([-4.0, -3.0, -1.5, -0.5, 0.0, 0.5, 1.5, 3.0, 5.0, 6.0, 7.0, -7.0, 2.0])
 STEP = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 1], dtype=torch.bool)  # 1[x > 0]
+INSIDE = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 1], dtype=torch.bool)  # 0 < x < 6
 # bits 00000111 11101 + three bits of padding: 0b00000111, 0b11101000
-PACKED = [7, 232]
+PACKED_STEP = [7, 232]
+PACKED_INSIDE = [7, 136]  # 00000111 10001000
 
 
 @pytest.mark.parametrize(
-    ("act", "forward"),
-    [(nn.ReLU6(), F.relu6), (nn.Hardswish(), F.hardswish), (nn.ReLU(inplace=True), F.relu)],
+    ("act", "relu6_mask", "forward", "mask", "packed"),
+    [
+        (nn.ReLU6(), "exact", F.relu6, INSIDE, PACKED_INSIDE),
+        (nn.ReLU6(), "signed", F.relu6, STEP, PACKED_STEP),
+        (nn.Hardswish(), "exact", F.hardswish, STEP, PACKED_STEP),
+        (nn.ReLU(inplace=True), "exact", F.relu, STEP, PACKED_STEP),
+    ],
 )
-def test_activation_backward_is_the_step_from_a_packed_mask(act: nn.Module, forward) -> None:  # noqa: ANN001
+def test_activation_backward_is_a_packed_mask(
+    act: nn.Module,
+    relu6_mask: str,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    mask: torch.Tensor,
+    packed: list[int],
+) -> None:
     x = X.clone().requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = StepGradActivation(act)(x)
+        y = StepGradActivation(act, relu6_mask)(x)
     assert torch.equal(y, forward(X))  # the forward is exact
     assert torch.equal(x, X)  # and never in place
     assert len(saved) == 1 and saved[0].dtype == torch.uint8
-    assert saved[0].tolist() == PACKED  # ceil(13 / 8) = 2 bytes
+    assert saved[0].tolist() == packed  # ceil(13 / 8) = 2 bytes
     grad = torch.arange(1.0, 14.0)
     y.backward(grad)
-    assert torch.equal(x.grad, torch.where(STEP, grad, 0.0))
+    assert torch.equal(x.grad, torch.where(mask, grad, 0.0))
+
+
+@pytest.mark.parametrize(("act", "forward", "exact"), [
+    (nn.ReLU6(), F.relu6, True), (nn.ReLU(), F.relu, True), (nn.Hardswish(), F.hardswish, False)
+])  # fmt: skip
+def test_relu_and_relu6_masks_are_their_exact_derivatives(
+    act: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], exact: bool
+) -> None:
+    x = torch.cat([X, torch.randn(200, generator=torch.Generator().manual_seed(0)) * 4])
+    grad = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    ours = x.clone().requires_grad_(True)
+    StepGradActivation(act)(ours).backward(grad)
+    autograd = x.clone().requires_grad_(True)
+    forward(autograd).backward(grad)
+    # hard-swish: the step at 0 in place of its ramp (2x + 3) / 6 on [-3, 3]
+    assert torch.equal(ours.grad, autograd.grad) == exact
 
 
 @pytest.mark.parametrize("shape", [(13,), (2, 3, 5, 7), (4, 8, 2, 2)])
@@ -318,8 +348,13 @@ def test_tuned_blocks_save_less_than_ordinary_fine_tuning_of_them(backbone: str)
 
 
 def test_defaults_and_bad_arguments() -> None:
-    assert METHODS.resolve_args("mobiletl", {}) == {"top_k": 5, "vanilla": False}
+    assert METHODS.resolve_args("mobiletl", {}) == {
+        "top_k": 5,
+        "vanilla": False,
+        "relu6_mask": "exact",
+    }
     for args, fragment in [
+        ({"relu6_mask": "step"}, "relu6_mask must be one of exact, signed, got 'step'"),
         ({"top_k": 0}, "top_k must be >= 1, got 0"),
         ({"top_k": 2.5}, "must be int"),
         ({"vanilla": "no"}, "must be bool"),

@@ -19,10 +19,17 @@ nearest the output MobileTL keeps only the conv inputs, the output norm's input 
   scale and shift and updates its running statistics from batch statistics, as the
   paper does to adapt the block's output distribution to the target data;
 - *activations* (ReLU6, hard-swish, ReLU, also squeeze-excite's ReLU) compute their
-  exact forward; their backward approximates the derivative by the step 1[x > 0]
-  (the paper's "signed function") and saves only that mask, 8 bits per byte
-  (``StepGradActivation``). Exact for ReLU; for ReLU6 it also passes gradient above
-  6; for hard-swish it replaces the ramp (2x + 3) / 6 on (-3, 3) by a step at 0;
+  exact forward; their backward multiplies by a 0/1 mask of the input, saved packed
+  8 per byte (``StepGradActivation``):
+  ReLU: 1[x > 0], its exact derivative;
+  ReLU6: 1[0 < x < 6], its exact derivative, at the same memory (``relu6_mask:
+  exact``); ``relu6_mask: signed`` is the step 1[x > 0] (also passing gradient above
+  6), the paper's abstract's "signed function" for both activations;
+  hard-swish: the step 1[x > 0] in place of its derivative (0 below -3, (2x + 3) / 6
+  on [-3, 3], 1 above), as the paper states: it "approximates the backward computation
+  of the activation layer (e.g., Hard-Swish and ReLU6) as a signed function which
+  enables storing a binary mask" (its abstract; a ramp cannot be kept in one bit;
+  whether the step includes x = 0 is not said there, and is immaterial);
 - every convolution (expansion, depthwise, projection, squeeze-excite) trains in full.
 
 Below the top-k blocks everything is frozen, BN included (frozen statistics whatever
@@ -41,6 +48,9 @@ Trainable parameters, over the top-k blocks B (P_above: every parameter above th
 e.g. a MobileNetV2 block c -> h = e c -> o with a 3x3 depthwise conv: h c + 9 h + o h +
 2 h + 2 o; squeeze-excite to r channels adds 2 h r + r + h. ``vanilla`` (the paper's
 FT-BLKs baseline) also trains the inner scales: + sum_{inner norms} C.
+
+Trial ids: ``relu6_mask`` (its default, the exact mask, changes MobileNetV2's gradients)
+changed the ids of every mobiletl trial resolved before it existed.
 
 Example:
     >>> model = create_backbone("mobilenetv3_test", num_classes=10)
@@ -66,6 +76,8 @@ from workers.structure import Structure, is_inverted_residual, mobilenet_units
 
 log = logging.getLogger(__name__)
 
+RELU6_MASKS = ("exact", "signed")
+
 
 @dataclass(frozen=True)
 class MobileTLArgs:
@@ -77,10 +89,16 @@ class MobileTLArgs:
     # True: the paper's FT-BLKs baseline: the same blocks and layers trained the
     # ordinary way (inner BN scales and batch statistics, exact activation backward)
     vanilla: bool = False
+    # ReLU6's 1-bit backward mask: "exact" 1[0 < x < 6] or "signed" 1[x > 0] (the abstract)
+    relu6_mask: str = "exact"
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.relu6_mask not in RELU6_MASKS:
+            raise ValueError(
+                f"relu6_mask must be one of {', '.join(RELU6_MASKS)}, got {self.relu6_mask!r}"
+            )
 
     def missing(self, structure: Structure) -> str | None:
         found = len(structure.inverted_residual)
@@ -112,18 +130,23 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 class _StepGrad(torch.autograd.Function):
-    """``fn(x)`` forward; backward ``grad * 1[x > 0]`` from a packed 1-bit mask."""
+    """``fn(x)`` forward; backward ``grad * gate(x)`` from a packed 1-bit mask."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        gate: Callable[[torch.Tensor], torch.Tensor],
+    ) -> Any:
         ctx.shape = x.shape
-        ctx.save_for_backward(pack_bits(x > 0))
+        ctx.save_for_backward(pack_bits(gate(x)))
         return fn(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (packed,) = ctx.saved_tensors
-        return grad.masked_fill(~unpack_bits(packed, ctx.shape), 0), None
+        return grad.masked_fill(~unpack_bits(packed, ctx.shape), 0), None, None
 
 
 # the activations MobileTL replaces, by module type, as out-of-place functions (an
@@ -135,21 +158,31 @@ _ACTIVATIONS: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class StepGradActivation(nn.Module):
-    """An activation whose backward keeps one bit per element (the sign of its input)."""
+def _positive(x: torch.Tensor) -> torch.Tensor:
+    return x > 0
 
-    def __init__(self, act: nn.Module) -> None:
+
+def _inside_relu6(x: torch.Tensor) -> torch.Tensor:
+    return (x > 0) & (x < 6)  # where ReLU6's derivative is 1 (autograd's too)
+
+
+class StepGradActivation(nn.Module):
+    """An activation whose backward keeps one bit per element: where it passes gradient."""
+
+    def __init__(self, act: nn.Module, relu6_mask: str = "exact") -> None:
         super().__init__()
         self.kind = type(act).__name__
         self.fn = _ACTIVATIONS[type(act)]
+        exact_relu6 = isinstance(act, nn.ReLU6) and relu6_mask == "exact"
+        self.gate = _inside_relu6 if exact_relu6 else _positive
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            return _StepGrad.apply(x, self.fn)
+            return _StepGrad.apply(x, self.fn, self.gate)
         return self.fn(x)
 
     def extra_repr(self) -> str:
-        return self.kind
+        return f"{self.kind}, mask {'0 < x < 6' if self.gate is _inside_relu6 else 'x > 0'}"
 
 
 # ---------------------------------------------------------------- frozen-statistics norms
@@ -214,7 +247,7 @@ def _freeze_norms(model: nn.Module, prefixes: list[str]) -> None:
             _replace(model, name, FrozenStatsNormAct(module))
 
 
-def make_memory_efficient(block: nn.Module) -> None:
+def make_memory_efficient(block: nn.Module, relu6_mask: str = "exact") -> None:
     """Frozen-statistics inner norms and 1-bit activation backward in ``block`` (in place).
 
     The inner norms' scales stop training; the last norm (the block's output norm)
@@ -226,7 +259,7 @@ def make_memory_efficient(block: nn.Module) -> None:
         _replace(block, name, norm)
     acts = [n for n, m in block.named_modules() if type(m) in _ACTIVATIONS]
     for name in acts:
-        _replace(block, name, StepGradActivation(block.get_submodule(name)))
+        _replace(block, name, StepGradActivation(block.get_submodule(name), relu6_mask))
 
 
 @METHODS.register(config_cls=MobileTLArgs)
@@ -248,7 +281,7 @@ def mobiletl(config: MobileTLArgs, model: nn.Module, ctx: MethodContext) -> Adap
     model.requires_grad_(False)
     for i, (_, unit) in enumerate(named[first:], start=first):
         if i in irbs and not config.vanilla:
-            make_memory_efficient(unit)
+            make_memory_efficient(unit, config.relu6_mask)
         unit.requires_grad_(True)
         for norm in unit.modules():
             if isinstance(norm, FrozenStatsNormAct):
