@@ -2,7 +2,9 @@
 
     orchestrate GRID                 same as `orchestrate run GRID`
     orchestrate run GRID [--address ADDR] [--resume] [--dry-run] [--retry-failed]
-    orchestrate validate GRID        validate + print the expanded trial table
+                         [--max-trials N]
+    orchestrate validate GRID [--max-trials N]
+                                     validate + print the expanded trial table
     orchestrate search GRID [--address ADDR] [--trials N] [--timeout S]
                                      Optuna budget-constrained search (resumable)
     orchestrate collect DIR          all records of a sweep as one table
@@ -10,6 +12,7 @@
 
 Exit status: 0 success, 2 bad input (the message names file, field and value),
 1 failure (including a sweep in which some trial ended with status ``failed``).
+``validate`` and ``run --dry-run`` write nothing and reach no network.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import pandas as pd
 
 from orchestrator import pareto
 from orchestrator.expansion import expand
-from orchestrator.grid import Grid, GridError, Search, load_grid
+from orchestrator.grid import MAX_TRIALS, Grid, GridError, Search, load_grid
 from orchestrator.records import RecordStore, describe_schema
 from orchestrator.report import front_display, front_summary, write_report
 from orchestrator.spec import TrialSpec
@@ -64,8 +67,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also re-run trials whose record has status failed",
     )
     run.add_argument(
-        "--dry-run", action="store_true", help="print the trials that would run, run nothing"
+        "--dry-run",
+        action="store_true",
+        help="print the trials that would run; run, write and contact nothing",
     )
+    _max_trials_flag(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--no-dashboard",
@@ -75,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="validate a grid and print its expanded trials")
     val.add_argument("grid", help="grid YAML file")
+    _max_trials_flag(val)
 
     search = sub.add_parser(
         "search",
@@ -110,6 +117,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the record schema (Markdown table)")
     return parser
+
+
+def _max_trials_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-trials",
+        type=int,
+        default=MAX_TRIALS,
+        metavar="N",
+        help=f"refuse a grid whose axes multiply to more than N trials (default {MAX_TRIALS:,})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,8 +184,10 @@ def _trial_table(specs: Sequence[TrialSpec]) -> pd.DataFrame:
     )
 
 
-def _load(path: str) -> tuple[Grid, list[TrialSpec]]:
-    grid = load_grid(path)
+def _load(path: str, max_trials: int) -> tuple[Grid, list[TrialSpec]]:
+    if max_trials < 1:
+        raise UsageError(f"--max-trials must be >= 1, got {max_trials}")
+    grid = load_grid(path, max_trials)
     try:
         specs = expand(grid)
     except ValueError as exc:
@@ -179,7 +198,7 @@ def _load(path: str) -> tuple[Grid, list[TrialSpec]]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    grid, specs = _load(args.grid)
+    grid, specs = _load(args.grid, args.max_trials)
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print(_trial_table(specs).to_string(index=False))
     print(f"\n{args.grid}: valid; {len(specs)} trials -> {grid.output}")
@@ -187,7 +206,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    grid, specs = _load(args.grid)
+    grid, specs = _load(args.grid, args.max_trials)
+    if args.dry_run:
+        return _dry_run(grid, specs, args.retry_failed)
     store = RecordStore(grid.output)
     done = store.existing_ids()
     if args.retry_failed:
@@ -198,10 +219,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{grid.name}: {len(specs)} trials, {len(specs) - len(todo)} already recorded, "
         f"{len(todo)} to run -> {store.output}"
     )
-    if args.dry_run:
-        if todo:
-            print(_trial_table(todo).to_string(index=False))
-        return 0
     if todo:
         from orchestrator.tune_driver import run_sweep
 
@@ -235,7 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    grid = load_grid(args.grid)
+    grid = load_grid(args.grid, max_trials=None)  # a search never expands the whole grid
     if grid.search is None:
         raise GridError(
             args.grid,
@@ -308,6 +325,44 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"result: {md_path}\n        {json_path}")
     print(f"dashboard: {dashboard_command(result.storage)}")
     return _exit_status(frame, store)
+
+
+def _dry_run(grid: Grid, specs: list[TrialSpec], retry_failed: bool) -> int:
+    """What ``run`` would do, from the records as they are: nothing is created, moved
+    or written, and a URI output is not contacted (all its trials are listed)."""
+    if "://" in grid.output:
+        done: set[str] = set()
+        print(f"(a dry run does not contact {grid.output}: its records are not counted)")
+    else:
+        done = _recorded_ids(Path(grid.output).resolve() / "records", retry_failed)
+    todo = [s for s in specs if s.trial_id not in done]
+    print(
+        f"{grid.name}: {len(specs)} trials, {len(specs) - len(todo)} already recorded, "
+        f"{len(todo)} to run -> {grid.output} (dry run)"
+    )
+    if todo:
+        print(_trial_table(todo).to_string(index=False))
+    return 0
+
+
+def _recorded_ids(folder: Path, retry_failed: bool) -> set[str]:
+    """Trial ids with a readable record in ``folder`` (read only: a file that does not
+    read counts as not recorded, and is left where it is); with ``retry_failed``,
+    ``failed`` records do not count."""
+    import pyarrow.parquet as pq
+
+    ids = set()
+    for path in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        try:
+            rows = pq.read_table(path, columns=["trial_id", "status"]).to_pylist()
+        except (OSError, ValueError, KeyError):  # pyarrow's errors derive from these
+            continue
+        if len(rows) == 1 and rows[0]["trial_id"] == path.stem:
+            if not (retry_failed and rows[0]["status"] == "failed"):
+                ids.add(path.stem)
+    return ids
 
 
 def _exit_status(frame: pd.DataFrame, store: RecordStore) -> int:

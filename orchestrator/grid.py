@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
+from orchestrator import strict_yaml
 from orchestrator.netscore import VARIANTS
+from orchestrator.outputs import output_problem
 from orchestrator.spec import TrainConfig, is_int, is_number
 
 log = logging.getLogger(__name__)
@@ -48,13 +50,45 @@ TOP_LEVEL = (
 )
 REQUIRED = ("name", "output", "budget_mb", "seeds", "datasets", "backbones", "methods")
 
+# Bounds of the grid's own values. Trials a grid may expand to (the product of its axes,
+# exclusions not subtracted; `orchestrate run/validate --max-trials N` overrides it).
+MAX_TRIALS = 1_000_000
+MAX_NAME = 100  # characters of the grid's name (a folder and report title)
+MAX_BUDGET_MB = 10_000_000  # 10 TiB: far above any device, far below float trouble
+MAX_SEED = (1 << 32) - 1  # numpy's seed range (np.random.seed in every trial)
+MAX_SHOWN = 200  # characters of a value quoted in an error message
+MAX_MESSAGE = 2000  # characters of a whole error message
+
 
 class GridError(ValueError):
-    """A grid that cannot run; the message names file, field and value."""
+    """A grid that cannot run; the message names file, field and value (each shortened:
+    a hostile 5 MB value is never echoed whole)."""
 
     def __init__(self, source: str, where: str, message: str) -> None:
-        super().__init__(f"{source}: {where}: {message}")
+        where = shorten(where, MAX_SHOWN)
+        super().__init__(f"{source}: {where}: {shorten(message, MAX_MESSAGE)}")
         self.source, self.where = source, where
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to about ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, at most ``MAX_SHOWN`` characters."""
+    if isinstance(value, str | bytes) and len(value) > MAX_SHOWN:
+        value = value[: MAX_SHOWN + 1]  # no repr of a 5 MB string just to cut it
+    return shorten(repr(value), MAX_SHOWN)
+
+
+# Sane bounds of the scheduling values (the largest nodes and clusters, with room).
+MAX_CPUS = 1024
+MAX_GPUS = 64
+MAX_CONCURRENT = 100_000
+MAX_RETRIES = 100
 
 
 @dataclass(frozen=True)
@@ -72,17 +106,23 @@ class Resources:
     max_retries: int = 2
 
     def __post_init__(self) -> None:
-        if not is_int(self.cpus_per_trial) or self.cpus_per_trial < 1:
-            raise ValueError(f"cpus_per_trial must be an integer >= 1, got {self.cpus_per_trial!r}")
+        for name, least, most in (
+            ("cpus_per_trial", 1, MAX_CPUS),
+            ("max_concurrent", 1, MAX_CONCURRENT),
+            ("max_retries", 0, MAX_RETRIES),
+        ):
+            value = getattr(self, name)
+            if not is_int(value) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            if value > most:
+                raise ValueError(f"{name} must be at most {most}, got {value!r}")
         gpus = self.gpus_per_trial
-        if gpus != "auto" and (not is_number(gpus) or gpus < 0):
-            raise ValueError(f"gpus_per_trial must be a number >= 0 or 'auto', got {gpus!r}")
+        if gpus != "auto" and (not is_number(gpus) or not 0 <= gpus <= MAX_GPUS):
+            raise ValueError(
+                f"gpus_per_trial must be a number in [0, {MAX_GPUS}] or 'auto', got {gpus!r}"
+            )
         if gpus != "auto" and gpus > 1 and gpus != int(gpus):
             raise ValueError(f"gpus_per_trial above 1 must be whole, got {gpus!r}")
-        if not is_int(self.max_concurrent) or self.max_concurrent < 1:
-            raise ValueError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}")
-        if not is_int(self.max_retries) or self.max_retries < 0:
-            raise ValueError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
 
 
 @dataclass(frozen=True)
@@ -173,20 +213,25 @@ class Search:
         problems = []
         if not is_int(self.trials) or self.trials < 1:
             problems.append(f"trials must be an integer >= 1, got {self.trials!r}")
+        elif self.trials > MAX_TRIALS:
+            problems.append(f"trials must be at most {MAX_TRIALS}, got {self.trials!r}")
         timeout = self.timeout_s
         if timeout is not None and (not is_number(timeout) or timeout <= 0):
             problems.append(f"timeout_s must be a number of seconds > 0, got {timeout!r}")
         if self.sampler not in SAMPLERS:
             problems.append(f"sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
-        if not is_int(self.seed) or self.seed < 0:
-            problems.append(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         least = 2 if self.sampler == "nsgaii" else 0  # a population of one cannot breed
-        if not is_int(self.startup_trials) or self.startup_trials < least:
+        if not is_int(self.startup_trials) or not least <= self.startup_trials <= MAX_TRIALS:
             problems.append(
-                f"startup_trials must be an integer >= {least}, got {self.startup_trials!r}"
+                f"startup_trials must be an integer in [{least}, {MAX_TRIALS}], "
+                f"got {self.startup_trials!r}"
             )
-        if not is_int(self.n_parallel) or self.n_parallel < 1:
-            problems.append(f"n_parallel must be an integer >= 1, got {self.n_parallel!r}")
+        if not is_int(self.n_parallel) or not 1 <= self.n_parallel <= MAX_CONCURRENT:
+            problems.append(
+                f"n_parallel must be an integer in [1, {MAX_CONCURRENT}], got {self.n_parallel!r}"
+            )
         if not isinstance(self.storage, str) or (self.storage and "://" not in self.storage):
             problems.append(
                 "storage must be an SQLAlchemy URL (sqlite:///search.db, "
@@ -258,30 +303,32 @@ class Grid:
     source: str = "<grid>"
 
 
-def load_grid(path: str | Path) -> Grid:
-    """Read and validate the grid file at ``path``; raises ``GridError``."""
+def load_grid(path: str | Path, max_trials: int | None = MAX_TRIALS) -> Grid:
+    """Read and validate the grid file at ``path``; raises ``GridError``. A grid whose
+    axes multiply to more than ``max_trials`` trials is refused (None: no limit)."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            data = fh.read(strict_yaml.MAX_BYTES + 1)  # /dev/zero is not read to the end
+        if len(data) > strict_yaml.MAX_BYTES:
+            raise GridError(source, "file", f"larger than {strict_yaml.MAX_BYTES} bytes")
+        text = data.decode("utf-8")
     except OSError as exc:
         raise GridError(source, "file", f"cannot read it ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
         raise GridError(source, "file", f"not UTF-8 text (byte {exc.start})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = strict_yaml.load(text)
+    except strict_yaml.YamlLimitError as exc:
+        raise GridError(source, exc.where, str(exc)) from None
     except yaml.YAMLError as exc:
-        raise GridError(source, "file", f"not valid YAML ({exc})") from None
-    return parse_grid(raw, source)
+        where = " ".join(str(exc).replace('in "<unicode string>", ', "").split())  # one line
+        raise GridError(source, "file", f"not valid YAML ({where})") from None
+    return parse_grid(raw, source, max_trials)
 
 
-def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
-    """Validate an already-parsed grid mapping."""
-    from workers.backbones import BACKBONES
-    from workers.baselines import BASELINES
-    from workers.checkpointing import CHECKPOINTING
-    from workers.data import DATASETS
-    from workers.energy import EnergyConfig
-    from workers.methods import METHODS
+def parse_grid(raw: Any, source: str = "<grid>", max_trials: int | None = MAX_TRIALS) -> Grid:
+    """Validate an already-parsed grid mapping (see ``load_grid``)."""
 
     def fail(where: str, message: str) -> GridError:
         return GridError(source, where, message)
@@ -291,26 +338,40 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
     unknown = sorted(set(map(str, raw)) - set(TOP_LEVEL))
     if unknown:
         raise fail(
-            unknown[0], f"unknown field {unknown[0]!r}; valid fields: {', '.join(TOP_LEVEL)}"
+            unknown[0], f"unknown field {shown(unknown[0])}; valid fields: {', '.join(TOP_LEVEL)}"
         )
     for key in REQUIRED:
         if key not in raw:
             raise fail(key, "required field is missing")
-    plugins = _plugins(fail, _or_empty(raw, "plugins", []), source)  # they add registry names
+    if max_trials is not None:  # before anything is built: a count of the raw axes
+        _check_count(fail, raw, max_trials)
+    return _parse(fail, raw, source)
 
+
+def _parse(fail: Any, raw: dict[str, Any], source: str) -> Grid:
+    # the grid's own values first: their errors come before torch is imported
     name = raw["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise fail("name", f"must be a word of letters, digits, '_', '.', '-', got {name!r}")
+        raise fail("name", f"must be a word of letters, digits, '_', '.', '-', got {shown(name)}")
+    if len(name) > MAX_NAME:
+        raise fail("name", f"must be at most {MAX_NAME} characters, got {len(name)}: {shown(name)}")
     output = raw["output"]
     if not isinstance(output, str) or not output.strip():
-        raise fail("output", f"must be a folder path or URI, got {output!r}")
+        raise fail("output", f"must be a folder path or URI, got {shown(output)}")
+    problem = output_problem(output)
+    if problem:
+        raise fail("output", f"{shown(output)} {problem}")
 
     budgets = _as_list(raw["budget_mb"])
     if not budgets:
         raise fail("budget_mb", "must not be empty")
     for b in budgets:
         if not is_number(b) or b <= 0:
-            raise fail("budget_mb", f"must be a number of MiB > 0 (or a list of them), got {b!r}")
+            raise fail(
+                "budget_mb", f"must be a number of MiB > 0 (or a list of them), got {shown(b)}"
+            )
+        if b > MAX_BUDGET_MB:
+            raise fail("budget_mb", f"must be at most {MAX_BUDGET_MB} MiB, got {shown(b)}")
     _no_duplicates(fail, "budget_mb", budgets)
 
     seeds = _as_list(raw["seeds"])
@@ -318,9 +379,19 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
         raise fail("seeds", "must not be empty")
     for s in seeds:
         if not is_int(s) or s < 0:
-            raise fail("seeds", f"must be integers >= 0, got {s!r}")
+            raise fail("seeds", f"must be integers >= 0, got {shown(s)}")
+        if s > MAX_SEED:
+            raise fail("seeds", f"must be at most {MAX_SEED} (numpy's seed range), got {s}")
     _no_duplicates(fail, "seeds", seeds)
 
+    from workers.backbones import BACKBONES
+    from workers.baselines import BASELINES
+    from workers.checkpointing import CHECKPOINTING
+    from workers.data import DATASETS
+    from workers.energy import EnergyConfig
+    from workers.methods import METHODS
+
+    plugins = _plugins(fail, _or_empty(raw, "plugins", []), source)  # they add registry names
     datasets = _components(fail, "datasets", raw["datasets"], DATASETS)
     _check_datasets(fail, datasets)
     backbones = _components(fail, "backbones", raw["backbones"], BACKBONES)
@@ -365,6 +436,38 @@ def parse_grid(raw: Any, source: str = "<grid>") -> Grid:
 # ---------------------------------------------------------------- pieces
 
 
+def _check_count(fail: Any, raw: dict[str, Any], max_trials: int) -> None:
+    """Refuse a grid whose axes multiply to more than ``max_trials`` trials, counted on
+    the raw fields (a scalar axis is one entry; exclusions are not subtracted)."""
+    sizes = {
+        "datasets": _length(raw.get("datasets")),
+        "backbones": _length(raw.get("backbones")),
+        "methods": _length(raw.get("methods")),
+        "checkpointing": _length(raw.get("checkpointing", ["none"])),
+        "budget_mb": _length(raw.get("budget_mb")),
+        "seeds": _length(raw.get("seeds")),
+    }
+    product = 1
+    for size in sizes.values():
+        product *= size
+    per_baseline = sizes["datasets"] * sizes["budget_mb"] * sizes["seeds"]
+    baselines = raw.get("baselines")
+    count = product + (len(baselines) if isinstance(baselines, list) else 0) * per_baseline
+    if count > max_trials:
+        axes = " x ".join(f"{k} {v}" for k, v in sizes.items())
+        raise fail(
+            "grid",
+            f"{axes} (+ baselines) = {count:,} trials, over the limit of {max_trials:,}; "
+            "split the grid, or raise the limit with --max-trials N",
+        )
+
+
+def _length(value: Any) -> int:
+    """Entries of an axis as written: a list or mapping has its length, anything else
+    one (a scalar axis, or a value whose error comes later)."""
+    return len(value) if isinstance(value, list | dict) else 1
+
+
 def _or_empty(raw: dict[str, Any], key: str, empty: Any) -> Any:
     """The field's value; an absent or null field is the empty default (and only those)."""
     value = raw.get(key)
@@ -394,13 +497,15 @@ def _components(fail: Any, where: str, value: Any, registry: Any) -> tuple[Compo
     if isinstance(value, list):
         for item in value:
             if not isinstance(item, str):
-                raise fail(where, f"list entries must be registry names, got {item!r}")
+                raise fail(where, f"list entries must be registry names, got {shown(item)}")
         _no_duplicates(fail, where, value)
         items: list[tuple[str, Any]] = [(n, {}) for n in value]
     elif isinstance(value, dict):
         items = list(value.items())
     else:
-        raise fail(where, f"must be a list of names or a mapping name -> arguments, got {value!r}")
+        raise fail(
+            where, f"must be a list of names or a mapping name -> arguments, got {shown(value)}"
+        )
     if not items:
         raise fail(where, "must not be empty")
     out = []
@@ -410,7 +515,7 @@ def _components(fail: Any, where: str, value: Any, registry: Any) -> tuple[Compo
         if args is None:
             args = {}
         if not isinstance(args, dict):
-            raise fail(f"{where}.{name}", f"arguments must be a mapping, got {args!r}")
+            raise fail(f"{where}.{name}", f"arguments must be a mapping, got {shown(args)}")
         try:
             out.append(Component(name, registry.resolve_args(name, args)))
         except ValueError as exc:
@@ -428,23 +533,27 @@ def _check_datasets(fail: Any, datasets: tuple[Component, ...]) -> None:
             check_source(dataset.name, dataset.args)
         except SourceError as exc:
             raise fail(f"datasets.{dataset.name}.{exc.field}", str(exc)) from None
+        except OSError as exc:  # a path the system refuses (a name too long, a loop)
+            raise fail(f"datasets.{dataset.name}", f"a path cannot be used: {exc}") from None
 
 
 def _dataclass_from(fail: Any, where: str, cls: type, value: Any) -> Any:
+    from workers.registry import RegistryError, check_value
+
     if not isinstance(value, dict):
-        raise fail(where, f"must be a mapping, got {value!r}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - fields)
+        raise fail(where, f"must be a mapping, got {shown(value)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(map(str, set(value) - set(fields)))
     if unknown:
-        raise fail(where, f"unknown field {unknown[0]!r}; valid: {', '.join(sorted(fields))}")
+        raise fail(where, f"unknown field {shown(unknown[0])}; valid: {', '.join(sorted(fields))}")
     value = dict(value)
-    for f in dataclasses.fields(cls):  # YAML reads 1e-3 as a string: accept the intent
-        default = f.default
-        if isinstance(default, float) and isinstance(value.get(f.name), str):
-            try:
-                value[f.name] = float(value[f.name])
-            except ValueError:
-                pass
+    for key, item in value.items():
+        if isinstance(fields[key].default, float) and isinstance(item, str):
+            item = value[key] = _float_or_same(item)  # YAML reads 1e-3 as a string
+        try:
+            check_value(key, item)  # NaN, infinities, ints past 64 bits, huge strings
+        except RegistryError as exc:
+            raise fail(f"{where}.{key}", str(exc)) from None
     try:
         return cls(**value)
     except (TypeError, ValueError) as exc:
@@ -453,12 +562,12 @@ def _dataclass_from(fail: Any, where: str, cls: type, value: Any) -> Any:
 
 def _baselines(fail: Any, value: Any, registry: Any) -> tuple[Component, ...]:
     if not isinstance(value, list):
-        raise fail("baselines", f"must be a list of {{name: ..., <arguments>}}, got {value!r}")
+        raise fail("baselines", f"must be a list of {{name: ..., <arguments>}}, got {shown(value)}")
     out = []
     for i, item in enumerate(value):
         where = f"baselines[{i}]"
         if not isinstance(item, dict) or "name" not in item:
-            raise fail(where, f"must be a mapping with a 'name', got {item!r}")
+            raise fail(where, f"must be a mapping with a 'name', got {shown(item)}")
         args = {k: v for k, v in item.items() if k != "name"}
         name = item["name"]
         if name not in registry:
@@ -502,6 +611,8 @@ def _check_backbones(fail: Any, backbones: tuple[Component, ...]) -> None:
             check_backbone(backbone.name, backbone.args)
         except ValueError as exc:
             raise fail(f"backbones.{backbone.name}", str(exc)) from None
+        except OSError as exc:  # a pretrained path the system refuses (a name too long)
+            raise fail(f"backbones.{backbone.name}.pretrained", f"cannot be used: {exc}") from None
 
 
 def _check_pairs(fail: Any, grid: Grid) -> None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,13 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # TrialSpec fields that joined after records existed (see TrialSpec.to_dict).
 LATER_FIELDS = ("deploy",)
+
+
+# Sane upper bounds of the training sizes: far above any real sweep, far below what
+# would exhaust a node before the first step (and inside the records' int64 columns).
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1 << 20
+MAX_STEPS = 10**12
 
 
 def canonical_json(value: Any) -> str:
@@ -56,14 +64,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not is_int(self.epochs) or self.epochs < 1:
-            problems.append(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if not is_int(self.batch_size) or self.batch_size < 1:
-            problems.append(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if not is_int(self.eval_batch_size) or self.eval_batch_size < 1:
-            problems.append(
-                f"eval_batch_size must be an integer >= 1, got {self.eval_batch_size!r}"
-            )
+        for name, top in (
+            ("epochs", MAX_EPOCHS),
+            ("batch_size", MAX_BATCH),
+            ("eval_batch_size", MAX_BATCH),
+        ):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+            elif value > top:
+                problems.append(f"{name} must be at most {top}, got {value!r}")
         if not is_number(self.lr) or self.lr <= 0:
             problems.append(f"lr must be a number > 0, got {self.lr!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:
@@ -86,6 +96,8 @@ class TrainConfig:
             problems.append(f"device must be one of {list(DEVICES)}, got {self.device!r}")
         if not is_int(self.max_steps) or self.max_steps < 0:
             problems.append(f"max_steps must be an integer >= 0, got {self.max_steps!r}")
+        elif self.max_steps > MAX_STEPS:
+            problems.append(f"max_steps must be at most {MAX_STEPS}, got {self.max_steps!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -151,7 +163,17 @@ class TrialSpec:
         return data
 
     def to_json(self) -> str:
-        return canonical_json(self.to_dict())
+        """``canonical_json(self.to_dict())``, byte for byte, built from pieces: the
+        argument dicts and the TrainConfig are shared by the many specs of a grid, so
+        each is encoded once (``_piece``) instead of copied and encoded per spec."""
+        parts = []
+        for value, (key, later) in zip(_sorted_values(self), _SORTED_KEYS, strict=True):
+            encode = _SCALARS.get(type(value))
+            if encode is not None:
+                parts.append(key + encode(value))
+            elif not (later and not value):
+                parts.append(key + _piece(value))
+        return "{" + ",".join(parts) + "}"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrialSpec:
@@ -167,8 +189,13 @@ class TrialSpec:
 
     @property
     def trial_id(self) -> str:
-        """12 hex digits of the SHA-256 of the canonical JSON: stable across processes."""
-        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:12]
+        """12 hex digits of the SHA-256 of the canonical JSON: stable across processes.
+        Computed once per spec (a spec is frozen, its argument dicts are never changed)."""
+        held = self.__dict__.get("_trial_id")
+        if held is None:
+            held = hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:12]
+            object.__setattr__(self, "_trial_id", held)  # not a field: eq and replace ignore it
+        return held
 
     @property
     def label(self) -> str:
@@ -179,3 +206,47 @@ class TrialSpec:
             f"{self.backbone}/{self.method}/{self.checkpointing}/{self.dataset}"
             f"/{self.budget_mb:g}MB/s{self.seed}"
         )
+
+
+# ---------------------------------------------------------------- canonical pieces
+
+_NAMES = sorted(f.name for f in dataclasses.fields(TrialSpec))  # canonical_json's order
+_sorted_values = operator.attrgetter(*_NAMES)
+# per field: its JSON key with the colon, and whether it is one of LATER_FIELDS
+_SORTED_KEYS = tuple((json.dumps(n) + ":", n in LATER_FIELDS) for n in _NAMES)
+# id(value) -> (value, its canonical JSON) for the dicts and TrainConfigs specs share;
+# holding the value keeps its id from being reused while it is here
+_PIECES: dict[int, tuple[Any, str]] = {}
+_PIECES_MAX = 4096
+
+
+def _float_json(value: float) -> str:
+    if not math.isfinite(value):
+        canonical_json(value)  # raises json's own error
+    return float.__repr__(value)
+
+
+# what json.dumps writes for a scalar of exactly these types (ensure_ascii strings)
+_SCALARS: dict[type, Any] = {
+    str: json.encoder.encode_basestring_ascii,
+    int: int.__repr__,
+    float: _float_json,
+    bool: lambda v: "true" if v else "false",
+    type(None): lambda v: "null",
+}
+
+
+def _piece(value: Any) -> str:
+    """``canonical_json(value)`` of a dict or TrainConfig, memoised for shared objects."""
+    if not isinstance(value, dict | TrainConfig):
+        return canonical_json(value)
+    if not value:
+        return "{}"  # each spec's own empty dict (a field's default) is not worth holding
+    held = _PIECES.get(id(value))
+    if held is not None and held[0] is value:
+        return held[1]
+    text = canonical_json(dataclasses.asdict(value) if isinstance(value, TrainConfig) else value)
+    if len(_PIECES) >= _PIECES_MAX:
+        _PIECES.clear()
+    _PIECES[id(value)] = (value, text)
+    return text

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -128,7 +129,7 @@ class Registry:
         entry = self.get(name)
         args = dict(args or {})
         fields = {f.name: f for f in dataclasses.fields(entry.config_cls)}
-        unknown = sorted(set(args) - set(fields))
+        unknown = sorted(map(str, set(args) - set(fields)))  # keys may be any YAML scalar
         if unknown:
             valid = ", ".join(sorted(fields)) or "(it takes none)"
             raise RegistryError(
@@ -176,8 +177,37 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# What any argument value may hold: numbers the records' int64/float64 columns and
+# JSON can carry, strings no longer than a path may be (nothing reads longer ones).
+INT_RANGE = (-(1 << 63), (1 << 63) - 1)
+MAX_STRING = 4096
+
+
+def check_value(where: str, value: Any) -> None:
+    """Reject NaN, infinities, ints outside int64, strings over ``MAX_STRING`` characters
+    or with a NUL, anywhere inside ``value`` (lists and dicts included)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RegistryError(f"{where} must be a finite number, got {value!r}")
+    if isinstance(value, int) and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise RegistryError(f"{where} must fit in 64 bits, got {value!r}")
+    if isinstance(value, str) and (len(value) > MAX_STRING or "\x00" in value):
+        raise RegistryError(
+            f"{where} must be a string of at most {MAX_STRING} characters without NUL, "
+            f"got {len(value)} characters: {value[:80]!r}"
+        )
+    if isinstance(value, list | tuple):
+        for item in value:
+            check_value(where, item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_value(f"{where} key", key)
+            check_value(f"{where}[{key!r}]", item)
+
+
 def _check_type(where: str, value: Any, hint: Any) -> Any:
-    """Check a scalar against its annotation; ints are accepted (and converted) for floats."""
+    """Check a value against its annotation (and ``check_value``); ints are accepted
+    (and converted) for floats."""
+    check_value(where, value)
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
         if option is type(None) and value is None:

@@ -43,6 +43,7 @@ from workers.baselines.base import (
 )
 from workers.cost import call_macs
 from workers.data import ImageData, batches
+from workers.data.core import MAX_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,10 @@ class FeatureConfig:
     features: str = "cls"
 
     def __post_init__(self) -> None:
-        if self.image_size < 0:
-            raise ValueError(f"image_size must be >= 0 (0 = native), got {self.image_size}")
+        if not 0 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size must be in [0, {MAX_IMAGE_SIZE}] (0 = native), got {self.image_size}"
+            )
         if self.features not in POOLS:
             raise ValueError(f"features must be one of {list(POOLS)}, got {self.features!r}")
 

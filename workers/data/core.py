@@ -218,9 +218,16 @@ def pair(value: Any, name: str) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
-def check_image_size(image_size: int) -> None:
-    if image_size < 8:
-        raise ValueError(f"image_size must be >= 8, got {image_size}")
+# The largest stored resolution a grid may ask for: 4096 px already makes one image of
+# 50 MB; larger sizes are typos that would take the node's memory down.
+MAX_IMAGE_SIZE = 4096
+
+
+def check_image_size(image_size: int, least: int = 8) -> None:
+    if image_size < least:
+        raise ValueError(f"image_size must be >= {least}, got {image_size}")
+    if image_size > MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
 
 
 def check_folder_arg(name: str, value: str) -> None:

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.data.core import DATASETS, SPLIT_SEED, ImageData, SourceConfig
+from workers.data.core import DATASETS, SPLIT_SEED, ImageData, SourceConfig, check_image_size
 from workers.data.selection import split_arrays
 
 log = logging.getLogger(__name__)
+
+MAX_GENERATED = 100_000  # classes, and images per class: a sane bound for test data
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,12 @@ class SyntheticConfig(SourceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_classes < 2 or self.images_per_class < 2 or self.image_size < 4:
-            raise ValueError(
-                "synthetic needs num_classes >= 2, images_per_class >= 2, image_size >= 4"
-            )
+        check_image_size(self.image_size, least=4)
+        for name in ("num_classes", "images_per_class"):
+            if not 2 <= getattr(self, name) <= MAX_GENERATED:
+                raise ValueError(
+                    f"{name} must be in [2, {MAX_GENERATED}], got {getattr(self, name)}"
+                )
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
 
