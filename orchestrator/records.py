@@ -16,6 +16,7 @@ files still collect (their missing columns are empty).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -319,7 +320,67 @@ def describe_schema() -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- checking a record file
+
+# Columns every record file has had since schema version 1 (DESIGN.md's collected table,
+# plus what a record is rebuilt from); later columns may be missing from older files.
+CORE_COLUMNS = (
+    "trial_id schema_version spec_json kind status error backbone method checkpointing "
+    "dataset seed budget_mb accuracy peak_mem_mb mem_source energy_j energy_source "
+    "train_time_s params_total params_trainable macs"
+).split()
+CHECKED_COLUMNS = ("trial_id", "schema_version", "spec_json", "status", "accuracy")
+
+
+class RecordFileError(ValueError):
+    """A file in ``records/`` that is not the record its name says (foreign, forged, torn)."""
+
+
+def check_record_file(name: str, schema: pa.Schema, table: pa.Table) -> None:
+    """Raise ``RecordFileError`` unless the file ``name`` (``<trial_id>.parquet``) with
+    Arrow ``schema`` is one record of this schema: every core column, each known column
+    of its type (or all-null), one row whose ``trial_id`` is the file name and the hash of
+    its ``spec_json``, a known ``status``, an ``ok`` finetune with an accuracy in [0, 1].
+    ``table`` holds at least ``CHECKED_COLUMNS`` of the file."""
+    expected = record_schema()
+    missing = [c for c in CORE_COLUMNS if c not in schema.names]
+    if missing:
+        raise RecordFileError(f"missing columns {', '.join(missing)}")
+    for f in schema:
+        want = expected.field(f.name).type if f.name in expected.names else None
+        if want is not None and f.type != want and f.type != pa.null():
+            raise RecordFileError(f"column {f.name} is {f.type}, the schema says {want}")
+    if table.num_rows != 1:
+        raise RecordFileError(f"{table.num_rows} rows, a record has 1")
+    row = table.select(list(CHECKED_COLUMNS)).to_pylist()[0]
+    stem = name.removesuffix(".parquet")
+    if row["trial_id"] != stem:
+        raise RecordFileError(f"trial_id {row['trial_id']!r} is not its file name {stem!r}")
+    try:
+        spec = TrialSpec.from_json(row["spec_json"])
+    except Exception as exc:  # noqa: BLE001 - any malformed spec is the same finding
+        raise RecordFileError(f"spec_json is not a trial spec ({exc})") from None
+    if spec.trial_id != stem:
+        raise RecordFileError(f"its spec hashes to {spec.trial_id}, not to {stem}")
+    if row["status"] not in STATUSES:
+        raise RecordFileError(f"status {row['status']!r} is none of {', '.join(STATUSES)}")
+    accuracy = _none_if_nan(row["accuracy"])
+    in_range = accuracy is not None and 0 <= accuracy <= 1
+    if row["status"] == "ok" and spec.kind == "finetune" and not in_range:
+        raise RecordFileError(f"status ok without an accuracy in [0, 1] ({accuracy})")
+
+
 # ---------------------------------------------------------------- store
+
+
+class WriteError(Exception):
+    """A file of the output could not be written (a read-only or full disk, a folder in
+    the way): the message names the file and the operating system's reason."""
+
+    def __init__(self, path: str, error: Exception) -> None:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path = path
 
 
 def write_file(target: str, data: bytes, fs: Any = None) -> str:
@@ -347,8 +408,11 @@ def write_file(target: str, data: bytes, fs: Any = None) -> str:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException:
+        # a folder that became read-only fails the cleanup too: the first error is the news
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(dest.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a power loss
@@ -404,10 +468,10 @@ class RecordStore:
         return path
 
     def write_bytes_at(self, path: str, data: bytes) -> None:
-        if self.is_uri:
-            write_file(path, data, self._fs)
-        else:
-            write_file(path, data)
+        try:
+            write_file(path, data, self._fs if self.is_uri else None)
+        except OSError as exc:
+            raise WriteError(path, exc) from exc
 
     def record_paths(self) -> list[str]:
         """Finished record files (temporary files of interrupted writes are ignored)."""
@@ -419,19 +483,21 @@ class RecordStore:
             )
             names = [i.path for i in infos if i.type == pafs.FileType.File]
         else:
-            names = [str(p) for p in Path(self.records_dir).glob("*.parquet")]
+            names = [str(p) for p in Path(self.records_dir).glob("*.parquet") if p.is_file()]
         return sorted(n for n in names if not Path(n).name.startswith("."))
 
     def existing_ids(self) -> set[str]:
-        """Trial ids that have a record. A file whose Parquet footer cannot be read (a
-        truncated copy, a disk error) is quarantined, so its trial runs again."""
+        """Trial ids that have a valid record (``check_record_file`` on the footer and the
+        checked columns). Any other file (unreadable, foreign, forged) is quarantined, so
+        its trial runs again."""
         ids = set()
         for path in self.record_paths():
             try:
-                meta = pq.read_metadata(path, filesystem=self._fs if self.is_uri else None)
-                if meta.num_rows != 1:
-                    raise ValueError(f"{meta.num_rows} rows, a record has 1")
-            except (OSError, ValueError, pa.ArrowInvalid) as exc:
+                parquet = pq.ParquetFile(path, filesystem=self._fs if self.is_uri else None)
+                schema = parquet.schema_arrow
+                checked = [c for c in CHECKED_COLUMNS if c in schema.names]
+                check_record_file(Path(path).name, schema, parquet.read(columns=checked))
+            except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
                 self._quarantine(path, exc)
                 continue
             ids.add(Path(path).stem)
@@ -461,19 +527,19 @@ class RecordStore:
         for path in self.record_paths():
             try:
                 table = pq.read_table(path, filesystem=self._fs if self.is_uri else None)
-                if table.num_rows != 1 or table["trial_id"][0].as_py() != Path(path).stem:
-                    raise ValueError("not the one record its file name says")
-            except (OSError, ValueError, KeyError, pa.ArrowInvalid) as exc:
+                check_record_file(Path(path).name, table.schema, table)
+            except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
                 self._quarantine(path, exc)
                 continue
             tables.append(table)
         schema = record_schema()
         if not tables:
             return schema.empty_table()
-        present = set().union(*(t.column_names for t in tables))
-        return pa.concat_tables(tables, promote_options="permissive").select(
-            [n for n in schema.names if n in present]
-        )
+        table = pa.concat_tables(tables, promote_options="permissive")
+        for f in schema:  # columns newer than every file: empty, so readers find them all
+            if f.name not in table.column_names:
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        return table.select(schema.names)
 
     def collect(self) -> Any:
         """All records as a pandas DataFrame, one row per trial, sorted by trial id."""

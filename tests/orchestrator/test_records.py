@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -255,3 +256,87 @@ def test_uri_output_goes_through_pyarrow_filesystems(tmp_path: Path) -> None:
     assert len(list((tmp_path / "sweep" / "quarantine").iterdir())) == 1
     store.write_bytes("report.md", b"# r")
     assert (tmp_path / "sweep" / "report.md").read_bytes() == b"# r"
+
+
+def _forge(store: RecordStore, good: TrialRecord, victim: TrialRecord, forgery: str) -> Path:
+    """Put a file that is not a valid record where ``victim``'s record belongs."""
+    path = Path(store.path_of(victim.trial_id))
+    row = victim.to_row()
+    if forgery == "trial_id_only":
+        table = pa.table({"trial_id": [victim.trial_id]})
+    elif forgery == "status_ok_only":
+        table = pa.table({"trial_id": [victim.trial_id], "status": ["ok"], "accuracy": [1.0]})
+    elif forgery == "another_spec":  # every column, but the spec of another trial
+        row["spec_json"] = good.spec.to_json()
+        table = pa.Table.from_pylist([row], schema=record_schema())
+    elif forgery == "wrong_type":
+        table = pa.Table.from_pylist([row], schema=record_schema())
+        table = table.set_column(
+            table.schema.get_field_index("accuracy"), "accuracy", pa.array(["0.5"])
+        )
+    elif forgery == "unknown_status":
+        row["status"] = "great"
+        table = pa.Table.from_pylist([row], schema=record_schema())
+    else:  # "ok_without_accuracy"
+        row["accuracy"] = None
+        table = pa.Table.from_pylist([row], schema=record_schema())
+    pq.write_table(table, path)
+    return path
+
+
+FORGERIES = [
+    "trial_id_only",
+    "status_ok_only",
+    "another_spec",
+    "wrong_type",
+    "unknown_status",
+    "ok_without_accuracy",
+]
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_a_file_that_is_not_a_valid_record_never_counts(
+    tmp_path: Path, forgery: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Named like a record, it is checked like one: quarantined, and its trial runs again."""
+    from orchestrator.cli import main
+
+    store = RecordStore(tmp_path)
+    good, victim = _record(seed=0), _record(seed=1)
+    store.write(good)
+    path = _forge(store, good, victim, forgery)
+    assert RecordStore(tmp_path).existing_ids() == {good.trial_id}
+    moved = list((tmp_path / "quarantine").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith(path.name) and not path.exists()
+
+    # the same file met by collect and report: quarantined with a message, no crash
+    for command in ("collect", "report"):
+        path = _forge(store, good, victim, forgery)
+        assert main([command, str(tmp_path)]) == 0
+        err = capsys.readouterr().err
+        assert f"unreadable record {path.name}" in err and not path.exists()
+    frame = RecordStore(tmp_path).collect()
+    assert frame["trial_id"].tolist() == [good.trial_id]
+    assert set(REQUIRED_COLUMNS) <= set(frame.columns)
+
+
+def test_columns_newer_than_every_file_are_there_and_empty(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path)
+    rec = _record()
+    path = store.write(rec)
+    pq.write_table(pq.read_table(path).drop_columns(["data_skipped_images", "ckpt_plan"]), path)
+    frame = store.collect()
+    assert list(frame.columns) == record_schema().names
+    assert frame["data_skipped_images"].isna().all() and frame["ckpt_plan"].isna().all()
+
+
+def test_a_write_that_fails_names_the_file_and_the_reason_only(tmp_path: Path) -> None:
+    """A folder where the record belongs fails even for root: the error is the OS's, once."""
+    store = RecordStore(tmp_path)
+    rec = _record()
+    Path(store.path_of(rec.trial_id)).mkdir()
+    with pytest.raises(records_mod.WriteError) as failed:
+        store.write(rec)
+    assert str(failed.value) == f"cannot write {store.path_of(rec.trial_id)}: Is a directory"
+    assert failed.value.__cause__ is not None and failed.value.__cause__.__context__ is None
+    assert [p.name for p in Path(store.records_dir).iterdir()] == [f"{rec.trial_id}.parquet"]
