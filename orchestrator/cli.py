@@ -18,7 +18,9 @@ Exit status: 0 success, 2 bad input (the message names file, field and value),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -29,8 +31,10 @@ import pandas as pd
 from orchestrator import pareto
 from orchestrator.expansion import expand
 from orchestrator.grid import MAX_TRIALS, Grid, GridError, Search, load_grid
-from orchestrator.records import RecordStore, describe_schema
+from orchestrator.lock import OutputBusy, OutputLock
+from orchestrator.records import RecordStore, WriteError, describe_schema
 from orchestrator.report import front_display, front_summary, write_report
+from orchestrator.signals import Interrupted, StopSignals
 from orchestrator.spec import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -145,10 +149,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command](args)
-    except (GridError, UsageError) as exc:
+        with StopSignals() as args.signals:
+            return COMMANDS[args.command](args)
+    except (GridError, UsageError, OutputBusy) as exc:
         print(f"orchestrate: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        _leave_ray()
+        print(
+            f"orchestrate: interrupted ({exc}); finished trials are recorded, "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return exc.exit_status
+    except WriteError as exc:  # the output went read-only or full: one line, no traceback
+        _leave_ray()
+        print(f"orchestrate: failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "orchestrate: interrupted; finished trials are recorded, "
@@ -210,6 +227,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(grid, specs, args.retry_failed)
     store = RecordStore(grid.output)
+    with _owned(store):
+        return _sweep(args, grid, specs, store)
+
+
+def _sweep(args: argparse.Namespace, grid: Grid, specs: list[TrialSpec], store: RecordStore) -> int:
+    """``run`` once the output is this driver's: the trials without a record, the report."""
+    signals: StopSignals = args.signals
     done = store.existing_ids()
     if args.retry_failed:
         frame = store.collect()
@@ -219,29 +243,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{grid.name}: {len(specs)} trials, {len(specs) - len(todo)} already recorded, "
         f"{len(todo)} to run -> {store.output}"
     )
+    _keep_grid(args.grid, store, "grid.yaml")
     if todo:
         from orchestrator.tune_driver import run_sweep
 
-        if not store.is_uri:
-            shutil.copyfile(args.grid, Path(store.output) / "grid.yaml")
         try:
-            outcome = run_sweep(
-                todo,
-                store,
-                grid.resources,
-                name=grid.name,
-                energy=grid.energy,
-                plugins=grid.plugins,
-                address=args.address,
-                dashboard=not args.no_dashboard,
-                show_progress=not args.no_progress,
-            )
+            with signals.held():
+                outcome = run_sweep(
+                    todo,
+                    store,
+                    grid.resources,
+                    name=grid.name,
+                    energy=grid.energy,
+                    plugins=grid.plugins,
+                    address=args.address,
+                    dashboard=not args.no_dashboard,
+                    show_progress=not args.no_progress,
+                    should_stop=lambda: signals.requested,
+                )
         except ValueError as exc:  # resources the cluster cannot provide
             raise UsageError(str(exc)) from None
-        print(
-            f"ran {outcome.submitted} trials in {outcome.wall_time_s:.1f} s "
-            f"({outcome.crashed} crashed)"
-        )
+        ran = f"{outcome.recorded} of {len(todo)} trials in {outcome.wall_time_s:.1f} s"
+        if outcome.interrupted:  # the report stays that of the last whole sweep
+            print(f"stopped: recorded {ran} ({outcome.crashed} crashed); no report written")
+            signals.check()
+        print(f"ran {ran} ({outcome.crashed} crashed)")
     frame = store.collect()
     _print_quarantined(store)
     frame = frame[frame["trial_id"].isin({s.trial_id for s in specs})]
@@ -265,14 +291,21 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be > 0, got {value:g}")
     import optuna
 
-    from orchestrator.search import SearchMismatch, dashboard_command, run_search, write_result
-    from orchestrator.tune_driver import ARTIFACTS, SpecRunner
-
     optuna.logging.disable_default_handler()  # Optuna's lines go through our logging (-v)
     optuna.logging.enable_propagation()
     store = RecordStore(grid.output)
-    if not store.is_uri:
-        shutil.copyfile(args.grid, Path(store.output) / "search.yaml")
+    with _owned(store):
+        return _search(args, grid, store)
+
+
+def _search(args: argparse.Namespace, grid: Grid, store: RecordStore) -> int:
+    """``search`` once the output is this driver's."""
+    from orchestrator.search import SearchMismatch, dashboard_command, run_search, write_result
+    from orchestrator.tune_driver import ARTIFACTS, SpecRunner
+
+    assert grid.search is not None
+    signals: StopSignals = args.signals
+    _keep_grid(args.grid, store, "search.yaml")
     search = grid.search
     print(
         f"{grid.name}: search {', '.join(search.objectives)} with {search.sampler}, "
@@ -299,12 +332,23 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
 
     try:
-        result = run_search(
-            grid, store, start_runner, trials=args.trials, timeout_s=args.timeout, echo=print
-        )
+        with signals.held():
+            result = run_search(
+                grid,
+                store,
+                start_runner,
+                trials=args.trials,
+                timeout_s=args.timeout,
+                echo=print,
+                should_stop=lambda: signals.requested,
+            )
     except SearchMismatch as exc:  # the stored study belongs to another search
         raise UsageError(str(exc)) from None
-    print(f"\nran {result.ran_now} trials in {result.wall_time_s:.1f} s; {result.summary}")
+    ran = f"ran {result.ran_now} trials in {result.wall_time_s:.1f} s; {result.summary}"
+    if result.interrupted:  # the result and report stay those of the last whole search
+        print(f"\nstopped: {ran}; no result or report written")
+        signals.check()
+    print(f"\n{ran}")
     print("\nFeasible Pareto set" + (" (best first):" if result.best else ": (no feasible trial)"))
     if result.best:
         with pd.option_context("display.width", 200, "display.max_colwidth", 80):
@@ -363,6 +407,31 @@ def _recorded_ids(folder: Path, retry_failed: bool) -> set[str]:
             if not (retry_failed and rows[0]["status"] == "failed"):
                 ids.add(path.stem)
     return ids
+
+
+def _owned(store: RecordStore) -> contextlib.AbstractContextManager:
+    """The output folder's lock (orchestrator.lock); none for an object-store output."""
+    if store.is_uri:
+        log.warning("%s: an object-store output has no lock: run one driver on it", store.output)
+        return contextlib.nullcontext()
+    return OutputLock(store.output)
+
+
+def _keep_grid(grid_path: str, store: RecordStore, name: str) -> None:
+    """Copy the grid into the output folder, unless it is that copy (a resumed sweep)."""
+    if store.is_uri:
+        return
+    target = Path(store.output) / name
+    if target.exists() and os.path.samefile(grid_path, target):
+        return
+    shutil.copyfile(grid_path, target)
+
+
+def _leave_ray() -> None:
+    """Stop this driver's Ray, when it started one: no trial of it runs on."""
+    driver = sys.modules.get("orchestrator.tune_driver")  # not imported: no Ray to leave
+    if driver is not None:
+        driver.disconnect()
 
 
 def _exit_status(frame: pd.DataFrame, store: RecordStore) -> int:

@@ -403,6 +403,7 @@ class SearchResult:
     trial_ids: tuple[str, ...]  # records of the study's trials, for the report
     ran_now: int  # trials this invocation ran
     wall_time_s: float
+    interrupted: bool = False  # stopped on request: its trials in flight were abandoned
 
     @property
     def summary(self) -> str:
@@ -649,12 +650,15 @@ def run_search(
     trials: int | None = None,
     timeout_s: float | None = None,
     echo: Callable[[str], None] = log.info,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> SearchResult:
     """Run (or resume) the grid's search until the study has ``trials`` counted trials
     (default ``search.trials``) or ``timeout_s`` (default ``search.timeout_s``) has
     passed; trials in flight then finish. ``start_runner`` is called with the search
     once its study is open (a study that cannot be resumed fails before any runner
-    starts). ``echo`` receives one line per trial told."""
+    starts). ``echo`` receives one line per trial told. Once ``should_stop()`` is true
+    (a SIGINT) the trials in flight are abandoned (as on an exception) and the result
+    says ``interrupted``."""
     if grid.search is None:
         raise ValueError(f"{grid.source}: the grid has no search section")
     search = dataclasses.replace(
@@ -673,7 +677,7 @@ def run_search(
     if loop.finished:
         echo(f"resuming study {search.study}: {len(loop.finished)} of {search.trials} trials done")
     try:
-        while True:
+        while not should_stop():
             asking = time.monotonic() < deadline
             while (
                 asking
@@ -686,11 +690,14 @@ def run_search(
             for key, record in runner.wait(POLL_S, loop.on_progress):
                 loop.finish(key, record)
             loop.heartbeat()
+        else:  # the loop's condition, not a break, ended it: a stop was requested
+            loop.abandon()
     except BaseException:
         loop.abandon()
         raise
     url = storage_url(search, grid.output)
-    return _result(study, _without_password(url), search, loop.ran_now, start)
+    result = _result(study, _without_password(url), search, loop.ran_now, start)
+    return dataclasses.replace(result, interrupted=should_stop())
 
 
 def _without_password(url: str) -> str:

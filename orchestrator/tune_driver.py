@@ -11,23 +11,28 @@ dies without reporting still gets a ``failed`` record with Ray's error text.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune status tables: we draw our own bar
+import ray
+from ray import tune
 
-import ray  # noqa: E402
-from ray import tune  # noqa: E402
-
-from orchestrator.grid import Resources  # noqa: E402
-from orchestrator.records import RecordStore, TrialRecord  # noqa: E402
-from orchestrator.spec import TrialSpec  # noqa: E402
+from orchestrator.grid import Resources
+from orchestrator.records import RecordStore, TrialRecord, WriteError
+from orchestrator.spec import TrialSpec
 
 log = logging.getLogger(__name__)
+
+# Tune's own settings while it runs: no status tables (we draw our own bar), and no
+# SIGINT handler of its own (it would swallow Ctrl-C and advise `Tuner.restore`): the
+# command owns SIGINT and SIGTERM (orchestrator.signals) and stops Tune by a Stopper.
+TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_SIGINT_HANDLER": "1"}
 
 
 @dataclass
@@ -38,6 +43,7 @@ class SweepOutcome:
     recorded: int
     crashed: int  # trials whose process died before reporting (recorded as failed)
     wall_time_s: float
+    interrupted: bool = False  # stopped on request before every trial ended
 
 
 ARTIFACTS = "artifacts"  # OUTPUT/artifacts/<trial_id>/: files a trial's deployment exports
@@ -201,10 +207,20 @@ def _trial_name(trial: Any) -> str:
 
 
 class _Recorder(tune.Callback):
-    """Writes each reported record at once and keeps the progress bar current."""
+    """Writes each reported record at once and keeps the progress bar current. A record
+    that cannot be written (``write_error``) stops the sweep, as does ``should_stop``;
+    once stopping, a trial that ends in error was cancelled: it gets no record."""
 
-    def __init__(self, store: RecordStore, total: int, show_progress: bool) -> None:
+    def __init__(
+        self,
+        store: RecordStore,
+        total: int,
+        show_progress: bool,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.store = store
+        self.should_stop = should_stop
+        self.write_error: WriteError | None = None
         self.written: set[str] = set()
         self.recovered: dict[str, int] = {}  # Tune trial id -> times it was run again
         self.running = 0
@@ -234,11 +250,24 @@ class _Recorder(tune.Callback):
             return
         record = TrialRecord.from_json(result["record"])
         record.attempt = self.recovered.get(trial.trial_id, 0) + 1
-        self.store.write(record)
-        self.written.add(record.trial_id)
+        if not self._write(record):
+            return
         if record.status != "ok":
             self.bad += 1
         log.info("%s %s: %s", record.trial_id, record.spec.label, record.status)
+
+    def _write(self, record: TrialRecord) -> bool:
+        try:
+            self.store.write(record)
+        except WriteError as exc:
+            self.write_error = self.write_error or exc
+            return False
+        self.written.add(record.trial_id)
+        return True
+
+    def stopping(self) -> bool:
+        """The sweep is to end now (the Tune stopper asks)."""
+        return self.write_error is not None or self.should_stop()
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """The trial's worker process or node died: Tune runs it again from scratch."""
@@ -258,17 +287,44 @@ class _Recorder(tune.Callback):
         self.running -= 1
         self.done += 1
         spec = TrialSpec.from_json(trial.config["spec"])
-        if spec.trial_id not in self.written:
+        if spec.trial_id not in self.written and not self.stopping():
             error = trial.get_error() or "the trial process ended without reporting a result"
-            self.store.write(TrialRecord(spec=spec, status="failed", error=f"ray: {error}"))
-            self.written.add(spec.trial_id)
-            self.crashed += 1
-            self.bad += 1
+            if self._write(TrialRecord(spec=spec, status="failed", error=f"ray: {error}")):
+                self.crashed += 1
+                self.bad += 1
         self._refresh()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _StopAll(tune.Stopper):
+    """Stops every trial, and starts no other, once ``stop()`` is true."""
+
+    def __init__(self, stop: Callable[[], bool]) -> None:
+        self.stop = stop
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.stop()
+
+
+@contextlib.contextmanager
+def _tune_environment() -> Iterator[None]:
+    """``TUNE_ENV`` while Tune is built and runs (Tune reads it then), as it was after."""
+    before = {k: os.environ.get(k) for k in TUNE_ENV}
+    os.environ.update(TUNE_ENV)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass(frozen=True)
@@ -286,7 +342,10 @@ def connect(
     ``ray://HOST:PORT``); a process already connected stays on its Ray. ``dashboard``
     starts the dashboard of a local Ray. ``py_modules``: local package folders and
     ``.py`` files that every worker of the job can import (the plug-ins that are not
-    installed: ``workers.plugins.shipped_paths``), shipped by Ray's runtime environment."""
+    installed: ``workers.plugins.shipped_paths``), shipped by Ray's runtime environment.
+
+    A local Ray listens on 127.0.0.1 only (``_loopback_node``); a cluster of one's own
+    (``ray start --head``, joined with ``address``) listens where it was told to."""
     if address and not ray.is_initialized():
         _use_token_if_available()
     if py_modules and ray.is_initialized():
@@ -295,18 +354,79 @@ def connect(
             "workers; trials whose worker cannot import them are recorded as failed",
             ", ".join(py_modules),
         )
-    context = ray.init(
-        address=address,
-        runtime_env={"py_modules": list(py_modules)} if py_modules else None,
-        include_dashboard=dashboard if not address else None,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        configure_logging=False,
-        ignore_reinit_error=True,  # already connected: the context of that connection
-    )
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with _loopback_node(not address and not ray.is_initialized()):
+        context = ray.init(
+            address=address,
+            runtime_env={"py_modules": list(py_modules)} if py_modules else None,
+            include_dashboard=dashboard if not address else None,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            configure_logging=False,
+            ignore_reinit_error=True,  # already connected: the context of that connection
+        )
+    _reinstall(handlers)
     url = getattr(context, "dashboard_url", "") or ""
     url = f"http://{url}" if url and "://" not in url else url
     return Connection(ray.cluster_resources(), url)
+
+
+def disconnect() -> None:
+    """Leave Ray: a local Ray stops with its processes; on a cluster, this driver's
+    worker processes (its running trials) end."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _loopback_node(local: bool) -> Iterator[None]:
+    """While a local Ray starts: a node address of 127.0.0.1, so that its gRPC servers,
+    dashboard, dashboard agent and Prometheus metrics endpoints (of the dashboard, the
+    autoscaler and the node's agent) listen on loopback, not on every interface.
+
+    On Linux Ray gives a new node the machine's routable address even when told
+    ``_node_ip_address="127.0.0.1"`` (it "resolves" localhost), and binds the metrics
+    endpoints to all interfaces unless the node address is loopback. Its private constant
+    ``ENABLE_RAY_CLUSTER`` (off on macOS and Windows, where Ray runs exactly so) is what
+    makes it keep the loopback address; tests/orchestrator/test_driver_faults.py reads the
+    listening sockets and fails if this stops working."""
+    if not local:
+        yield
+        return
+    from ray._private import ray_constants  # see above: no public setting exists
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def _reinstall(handlers: dict[int, Any]) -> None:
+    """Give back SIGINT and SIGTERM to the handlers the process had before ``ray.init``:
+    Ray's core worker installs a fatal-signal handler for SIGTERM (a C++ abort, rc 134)
+    over the command's own (orchestrator.signals)."""
+    for signum, handler in handlers.items():
+        with contextlib.suppress(ValueError, TypeError):  # not the main thread; a C handler
+            signal.signal(signum, handler)
+
+
+def token_auth_enabled() -> bool:
+    """Whether this process talks to Ray with token authentication (after ``connect``).
+    Ray has no public call for it; its own check is private (tested in
+    tests/orchestrator/test_driver_faults.py, which fails if it moves)."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    return bool(is_token_auth_enabled())
+
+
+def announce_dashboard(connection: Connection) -> None:
+    """Print where the dashboard is, and how to get in when it wants a token."""
+    if not connection.dashboard_url:
+        return
+    token = " (token authentication: `ray get-auth-token` prints the token)"
+    print(f"Ray dashboard: {connection.dashboard_url}{token if token_auth_enabled() else ''}")
 
 
 def _use_token_if_available() -> None:
@@ -349,29 +469,56 @@ def run_sweep(
     address: str | None = None,
     dashboard: bool = False,
     show_progress: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> SweepOutcome:
     """Run ``specs`` through Ray Tune, writing one record per trial into ``store``.
 
     ``energy`` is the grid's ``energy:`` section (the meter each trial uses); ``plugins``
     the grid's plug-in modules, imported here already, shipped to the workers when they
-    are not installed, and imported there before each trial."""
+    are not installed, and imported there before each trial. Once ``should_stop()`` is
+    true (a SIGINT), running trials are cancelled without a record, no other starts, and
+    the outcome says ``interrupted``. A record that cannot be written stops the sweep
+    the same way and is raised (``WriteError``) once it has stopped."""
     if not specs:
         return SweepOutcome(0, 0, 0, 0.0)
     from workers.plugins import shipped_paths
 
+    start = time.perf_counter()
     connection = connect(address, dashboard, shipped_paths(plugins))
     check_resources(resources, connection.resources)
-    if connection.dashboard_url:
-        print(
-            f"Ray dashboard: {connection.dashboard_url} (token authentication: "
-            "`ray get-auth-token` prints the token)"
-        )
+    announce_dashboard(connection)
     energy = dict(energy or {})
     gpus = gpus_per_budget(
         {s.budget_mb for s in specs}, resources, energy, connection.resources.get("GPU", 0)
     )
-    shared = share_datasets(specs)
-    recorder = _Recorder(store, len(specs), show_progress)
+    shared = {} if should_stop() else share_datasets(specs)
+    recorder = _Recorder(store, len(specs), show_progress, should_stop)
+    if not should_stop():
+        with _tune_environment():
+            _fit(specs, store, resources, name, recorder, shared, energy, plugins, gpus)
+    if recorder.write_error is not None:
+        raise recorder.write_error
+    return SweepOutcome(
+        submitted=len(specs),
+        recorded=len(recorder.written),
+        crashed=recorder.crashed,
+        wall_time_s=time.perf_counter() - start,
+        interrupted=should_stop(),
+    )
+
+
+def _fit(
+    specs: Sequence[TrialSpec],
+    store: RecordStore,
+    resources: Resources,
+    name: str,
+    recorder: _Recorder,
+    shared: dict[str, Any],
+    energy: dict[str, Any],
+    plugins: Sequence[str],
+    gpus: dict[str, float],
+) -> None:
+    """One Tune run of ``specs``: a trial per spec, ``recorder`` writing the records."""
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, shared=shared),
         lambda config: {
@@ -401,21 +548,15 @@ def run_sweep(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=store.folder("_tune"),
             callbacks=[recorder],
+            stop=_StopAll(recorder.stopping),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=resources.max_retries),
         ),
     )
-    start = time.perf_counter()
     try:
         tuner.fit()
     finally:
         recorder.close()
-    return SweepOutcome(
-        submitted=len(specs),
-        recorded=len(recorder.written),
-        crashed=recorder.crashed,
-        wall_time_s=time.perf_counter() - start,
-    )
 
 
 # ---------------------------------------------------------------- tasks for the search
@@ -482,8 +623,7 @@ class SpecRunner:
 
         connection = connect(address, dashboard, shipped_paths(plugins))
         check_resources(resources, connection.resources)
-        if connection.dashboard_url:
-            print(f"Ray dashboard: {connection.dashboard_url}")
+        announce_dashboard(connection)
         self.capacity = capacity
         self.resources = resources
         self.energy = dict(energy or {})
