@@ -273,7 +273,7 @@ def _sweep(args: argparse.Namespace, grid: Grid, specs: list[TrialSpec], store: 
     frame = frame[frame["trial_id"].isin({s.trial_id for s in specs})]
     _print_front(frame)
     files = write_report(frame, store, grid.name)
-    print(f"report: {files.html}")
+    print(files.summary())
     return _exit_status(frame, store)
 
 
@@ -479,7 +479,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.dir}: no records to report on")
     _print_front(frame)
     files = write_report(frame, store, Path(args.dir.rstrip("/")).name)
-    print(f"report: {files.html}\n        {files.png}\n        {files.markdown}")
+    print(files.summary())
     return 0
 
 

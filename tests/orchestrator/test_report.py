@@ -1,13 +1,11 @@
 """The report: numbers on a hand-checked sweep, graceful with old records, and the HTML page
-opened in headless Chromium (plots drawn, no console message, screenshot not blank)."""
+opened in headless Chromium (every plot drawn, no console error, a hover names the
+configuration, a legend click hides a group, tables fit 1400 px, the findings listed)."""
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,9 @@ import pytest
 
 from orchestrator.records import RecordStore
 from orchestrator.report import analyse, energy_note, write_report
+from orchestrator.report.plots import plots
+from tests.orchestrator import browser
+from tests.orchestrator.test_findings import EXPECTED, paper_like_records
 
 BACKBONES = ("vit_test", "tiny_vit_test")
 METHODS = ("full", "lora", "bitfit")
@@ -136,6 +137,10 @@ def test_markdown_report(tmp_path: Path) -> None:
     md = Path(files.markdown).read_text()
     for section in ("## Pareto analysis: digits", "## NetScore", "## By method", "## By backbone"):
         assert section in md
+    # the findings come first, each with its trials
+    assert md.index("## Findings") < md.index("## How to read this")
+    assert "- **digits**: lora vs full: energy +100 %, peak memory" in md
+    assert "  - trials: dig00n0, dig00n1, dig00n2, dig00s0, dig00s1, dig00s2, dig01n0" in md
     assert "## By checkpointing" in md and "### accuracy, peak memory and energy (3-D)" in md
     # the reference point and hypervolume of every front are written down
     assert md.count("hypervolume") >= 8 and "from the reference point (top-1 accuracy 0" in md
@@ -176,10 +181,50 @@ def test_old_records_without_the_new_columns(tmp_path: Path) -> None:
 
 def test_html_is_self_contained(tmp_path: Path) -> None:
     page = Path(write_report(sweep_records(), RecordStore(tmp_path), "synthetic").html).read_text()
-    assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//""", page)
-    assert "<link" not in page and "<script src" not in page and "@import" not in page
+    scripts = re.findall(r"<script[^>]*>", page)
+    # the data, plotly.js and the page's script, all inline
+    assert scripts == ['<script type="application/json" id="report-data">', "<script>", "<script>"]
+    # outside the embedded plotly.js bundle (whose strings name its own web site), the
+    # page refers to nothing outside itself
+    from plotly.offline import get_plotlyjs
+
+    assert get_plotlyjs() in page
+    own = page.replace(get_plotlyjs(), "")
+    assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//""", own)
+    assert "<link" not in own and "@import" not in own
     assert "ValueError: bad &lt;shape&gt; &amp; size" in page  # escaped, not markup
-    assert page.count("data:image/png;base64,") == 2
+    assert own.count("data:image/png;base64,") == 2  # the two PNG figures
+
+
+def test_plot_specifications_are_valid_plotly_figures() -> None:
+    import plotly.graph_objects as go
+
+    figs = plots(analyse(sweep_records()))
+    # per dataset: three 2-D views, the 3-D front, parallel coordinates, NetScore
+    assert len(figs) == 2 * 6
+    for fig in figs:
+        go.Figure(fig.figure)  # raises on a property Plotly does not know
+    view = next(f for f in figs if f.id == "d1-accuracy_memory")  # digits
+    points = [t for t in view.figure["data"] if t.get("customdata")]
+    assert sorted(t["name"] for t in points) == ["bitfit", "full", "lora"]
+    # checkpointing is the shape, backbone the fill: tiny_vit_test filled, vit_test open
+    full = next(t for t in points if t["name"] == "full")
+    symbols = full["marker"]["symbol"]
+    looks = {tuple(c[:2]): s for c, s in zip(full["customdata"], symbols, strict=True)}
+    assert looks == {
+        ("tiny_vit_test", "none"): "circle",
+        ("tiny_vit_test", "static"): "square",
+        ("vit_test", "none"): "circle-open",
+        ("vit_test", "static"): "square-open",
+    }
+    keys = [t["name"] for t in view.figure["data"] if t.get("meta")]
+    assert keys == ["bitfit", "full", "lora", "none", "static", "tiny_vit_test", "vit_test"]
+    # 6 of the 7 front points are labelled (LABELS_PER_PANEL), the knee among them
+    labels = [x for t in points for x in t["text"] if x]
+    assert len(labels) == 6 and "vit_test / full / static" in labels  # the knee
+    netscore = next(f for f in figs if f.id == "d1-netscore").figure
+    axes = sorted(k for k in netscore["layout"] if k.startswith("xaxis"))
+    assert len(axes) == 5 and len({t["xaxis"] for t in netscore["data"]}) == 5
 
 
 # ---------------------------------------------------------------- headless Chromium
@@ -188,9 +233,7 @@ def test_html_is_self_contained(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def chromium() -> str:
     """Debian's `chromium` (``make test`` installs it); a missing browser fails, never skips."""
-    path = (
-        os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    )
+    path = browser.chromium()
     if not path:
         pytest.fail(
             "headless Chromium not found: run `make test` (it installs Debian's chromium) or "
@@ -200,80 +243,115 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def report_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sweep_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("report")
     return Path(write_report(sweep_records(), RecordStore(out), "synthetic").html)
 
 
-def _open(chromium: str, page: Path, fragment: str, *args: str) -> subprocess.CompletedProcess:
-    profile = page.parent / f"profile{abs(hash((fragment, args)))}"
-    return subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",  # the tests may run as root
-            "--disable-gpu",
-            f"--user-data-dir={profile}",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--window-size=1280,1000",
-            "--hide-scrollbars",
-            *args,
-            f"{page.as_uri()}{fragment}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+@pytest.fixture(scope="module")
+def seen(chromium: str, sweep_page: Path) -> dict:
+    """The probe on the sweep's page: hover the first point of cifar100's accuracy vs
+    memory plot, then click the legend entry ``static``."""
+    return browser.probe(sweep_page, plot="d0-accuracy_memory", legend="static")
 
 
-def _console(stderr: str) -> list[str]:
-    """Every message the page wrote to its console (errors, uncaught exceptions, logs)."""
-    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+def test_page_draws_every_plot_without_a_console_error(seen: dict) -> None:
+    assert seen["errors"] == []
+    shown = [p for p in seen["plots"] if p["shown"]]
+    assert [p["id"] for p in shown] == [
+        f"plot-d0-{v}"
+        for v in (
+            "accuracy_memory",
+            "accuracy_energy",
+            "memory_energy",
+            "3d",
+            "parallel",
+            "netscore",
+        )
+    ]
+    for plot in shown:
+        assert plot["drawn"] and plot["height"] > 300, plot
+        assert plot["width"] > 1200, plot  # full width at 1400 px
+    # the other dataset's plots are drawn when it is chosen, not before
+    assert not any(p["drawn"] for p in seen["plots"] if not p["shown"])
 
 
-@pytest.mark.parametrize(
-    ("fragment", "dataset", "view", "points", "knees"),
-    [
-        ("", "cifar100", "accuracy vs peak memory", 12, 1),
-        ("#dataset=digits&view=accuracy_energy", "digits", "accuracy vs energy", 12, 1),
-        ("#dataset=digits&view=memory_energy&logx=1", "digits", "peak memory vs energy", 12, 1),
-    ],
-)
-def test_page_draws_the_plots_in_chromium(
-    chromium: str,
-    report_page: Path,
-    fragment: str,
-    dataset: str,
-    view: str,
-    points: int,
-    knees: int,
-) -> None:
-    run = _open(chromium, report_page, fragment, "--dump-dom")
-    assert _console(run.stderr) == []
-    dom = run.stdout
-    plot = dom.split('id="plot"', 1)[1].split('id="caption"', 1)[0]
-    assert plot.count('class="pt"') == points
-    assert plot.count('class="knee"') == knees
-    assert plot.count('class="front"') == 1 and plot.count('class="err"') > 0
-    # every point names its configuration (the tooltip's text is also the SVG title)
-    assert plot.count("<title>") == points and "vit_test / full / none @ 2048 MiB" in plot
-    caption = re.search(r'<p id="caption">([^<]*)</p>', dom).group(1)
-    assert caption.startswith(f"{dataset}, {view}: ") and "hypervolume" in caption
-    assert dom.count("<option") == 2 and dom.count('type="radio"') == 3
+def test_hover_names_the_configuration(seen: dict) -> None:
+    (text,) = seen["hover"]
+    # the first trace is bitfit's; its first point is the first row of cifar100's table
+    assert text.startswith("vit_test / bitfit / static @ 2048 MiB") or text.startswith(
+        "tiny_vit_test / bitfit / "
+    ), text
+    assert "3 ok seed(s) of 3 trial(s)" in text and "accuracy 0." in text and "±" in text
 
 
-def test_page_screenshot_is_not_blank(chromium: str, report_page: Path) -> None:
+def test_a_legend_click_hides_a_group_in_the_plot(seen: dict) -> None:
+    assert seen["legendFound"]
+    traces = {t["name"]: t for t in seen["traces"]}
+    assert traces["static"]["visible"] == "legendonly" and traces["none"]["visible"] is True
+    points = [t for t in seen["traces"] if t["customdata"]]
+    assert len(points) == 3
+    for trace in points:
+        for (_, ckpt, _), x in zip(trace["customdata"], trace["x"], strict=True):
+            assert (x is None) == (ckpt == "static"), (trace["name"], ckpt, x)
+
+
+def test_tables_fit_1400_px(seen: dict) -> None:
+    assert seen["scrollWidth"] <= seen["innerWidth"] and seen["wideTables"] == 0
+
+
+def test_findings_and_a_linked_dataset_in_chromium(chromium: str, tmp_path: Path) -> None:
+    page = Path(write_report(paper_like_records(), RecordStore(tmp_path), "paper").html)
+    seen = browser.probe(page, plot="d1-accuracy_memory", legend="full", fragment="#dataset=dtd")
+    assert seen["errors"] == []
+    assert set(EXPECTED) <= set(seen["findings"])
+    shown = [p for p in seen["plots"] if p["shown"]]
+    assert shown and all(p["id"].startswith("plot-d1-") and p["drawn"] for p in shown)
+    # dtd has one configuration: hiding its method hides its trace
+    (trace,) = [t for t in seen["traces"] if t["customdata"]]
+    assert trace["name"] == "full" and trace["visible"] is False
+
+
+def test_page_screenshot_is_not_blank(chromium: str, sweep_page: Path) -> None:
     from PIL import Image
 
-    shot = report_page.parent / "shot.png"
-    run = _open(chromium, report_page, "", f"--screenshot={shot}")
-    assert _console(run.stderr) == []
+    shot = browser.screenshot(sweep_page, sweep_page.parent / "shot.png", height=2600)
     image = np.asarray(Image.open(shot).convert("RGB"))
-    assert image.shape[:2] == (1000, 1280)
-    plot = image[200:700, :800].reshape(-1, 3).astype(int)  # where the SVG plot lies
-    assert (plot.min(axis=1) < 200).mean() > 0.02  # not a white page
+    assert image.shape[:2] == (2600, 1400)
+    plots = image[1200:].reshape(-1, 3).astype(int)  # below the findings
+    assert (plots.min(axis=1) < 200).mean() > 0.01  # not a white page
     # the methods' colours (tab10 blue, orange, green) are on screen: markers were drawn
     for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C)):
-        assert (np.abs(plot - colour).sum(axis=1) < 30).sum() > 20, colour
+        assert (np.abs(plots - colour).sum(axis=1) < 30).sum() > 20, colour
+
+
+def test_orchestrate_report_prints_every_file_and_the_findings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestrator.cli import main
+    from orchestrator.records import TrialRecord
+    from orchestrator.spec import TrialSpec
+
+    store = RecordStore(tmp_path)
+    # full: 100 J, 0.9; bitfit: 80 J, 0.88 (one seed each): bitfit -20 % energy, -2 points
+    for method, acc, energy in (("full", 0.9, 100.0), ("bitfit", 0.88, 80.0)):
+        spec = TrialSpec(backbone="vit_test", method=method)
+        store.write(
+            TrialRecord(
+                spec=spec,
+                status="ok",
+                accuracy=acc,
+                peak_mem_mb=10.0,
+                mem_source="accounted",
+                energy_j=energy,
+                energy_source="rapl",
+                train_time_s=1.0,
+            )
+        )
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("report.html", "report.md", "pareto.png", "netscore.png"):
+        assert str(tmp_path / name) in out
+    assert "\nFindings:\n- Methods against full fine-tuning: " in out
+    assert "bitfit vs full: energy −20 %, peak memory +0.0 %, train time +0.0 %, " in out
+    assert "accuracy −2.0 points, over 1 pair" in out and "the pair has one seed" in out
