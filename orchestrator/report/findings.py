@@ -67,6 +67,11 @@ class Finding:
     def line(self) -> str:
         return "; ".join([f"{self.dataset}: {self.text}", *self.caveats])
 
+    def trial_list(self, limit: int = 60) -> str:
+        """The trial ids, comma-separated; past ``limit`` the rest are counted."""
+        more = len(self.trials) - limit
+        return ", ".join(self.trials[:limit]) + (f", … and {more} more" if more > 0 else "")
+
 
 @dataclass(frozen=True)
 class Omission:
@@ -199,7 +204,8 @@ def _compared(
         if known:
             parts.append(f"{name} {percent_range(known)} %")
     deltas = [a["accuracy"] - b["accuracy"] for a, b in pairs]
-    parts.append(f"accuracy {points_range(deltas)} points")
+    if any(_finite(d) for d in deltas):
+        parts.append(f"accuracy {points_range([d for d in deltas if _finite(d)])} points")
     n = len(pairs)
     trials = tuple(sorted({t for a, b in pairs for t in (*a["ok_ids"], *b["ok_ids"])}))
     text = (
@@ -305,7 +311,7 @@ def _counts(row: Row) -> str:
 
 def _baselines(rows: pd.DataFrame, dataset: str) -> list[Finding | str]:
     """The most accurate baseline against the most accurate fine-tuned configuration."""
-    ok = rows[[len(ids) > 0 for ids in rows["ok_ids"]]]
+    ok = rows[rows["ok_ids"].map(len).gt(0) & rows["accuracy"].notna()]
     base, tuned = ok[ok["kind"] == "baseline"], ok[ok["kind"] == "finetune"]
     if base.empty:
         return ["no training-free baseline finished ok"]

@@ -79,7 +79,7 @@ def findings_markdown(found: Findings) -> list[str]:
             lines.append(f"- **{f.dataset}**: {f.text}")
             lines += [f"  - *{c}*" for c in f.caveats]
             lines += [f"  - {d}" for d in f.details]
-            lines.append(f"  - trials: {', '.join(f.trials)}")
+            lines.append(f"  - trials: {f.trial_list()}")
         lines += [f"- not stated: {o.line()}" for o in omitted]
         parts += [f"### {heading}", "\n".join(lines)]
     return parts

@@ -143,7 +143,7 @@ def findings_html(found: Findings) -> str:
                 f"<li><b>{esc(f.dataset)}</b>: <span class='statement'>{esc(f.text)}</span>"
                 f"{caveats}<details><summary>"
                 f"the {len(f.trials)} trials</summary><ul>{details}</ul>"
-                f"<p class='ids'>{esc(', '.join(f.trials))}</p></details></li>"
+                f"<p class='ids'>{esc(f.trial_list())}</p></details></li>"
             )
         parts.append("</ul>")
         if omitted:

@@ -196,3 +196,10 @@ def test_percent(change: float, text: str) -> None:
 
 def test_points() -> None:
     assert points(0.917 - 0.9) == "+1.7" and points(-0.015) == "−1.5"
+
+
+def test_a_long_trial_list_is_shortened_in_the_pages() -> None:
+    budget = next(f for f in findings(paper_like_records()).found if f.topic == "budget")
+    assert len(budget.trials) == 21
+    assert budget.trial_list(limit=2) == "ci-bitfit-none-0, ci-bitfit-none-1, … and 19 more"
+    assert budget.trial_list() == ", ".join(budget.trials)
