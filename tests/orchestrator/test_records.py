@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -340,3 +341,22 @@ def test_a_write_that_fails_names_the_file_and_the_reason_only(tmp_path: Path) -
     assert str(failed.value) == f"cannot write {store.path_of(rec.trial_id)}: Is a directory"
     assert failed.value.__cause__ is not None and failed.value.__cause__.__context__ is None
     assert [p.name for p in Path(store.records_dir).iterdir()] == [f"{rec.trial_id}.parquet"]
+
+
+def test_retry_failed_quarantines_a_foreign_file_instead_of_failing(
+    tiny_grid: dict, write_grid: Callable[[dict], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestrator.cli import main
+    from orchestrator.expansion import expand
+    from orchestrator.grid import load_grid
+
+    path = write_grid(tiny_grid)
+    store = RecordStore(tiny_grid["output"])
+    for spec in expand(load_grid(path)):  # every trial recorded: nothing to run, no Ray
+        store.write(TrialRecord(spec=spec, status="ok", accuracy=0.5, peak_mem_mb=1.0))
+    foreign = Path(store.records_dir) / "0123456789ab.parquet"
+    pq.write_table(pa.table({"trial_id": ["0123456789ab"]}), foreign)
+    assert main(["run", str(path), "--retry-failed", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "2 trials, 2 already recorded, 0 to run" in captured.out
+    assert "unreadable record 0123456789ab.parquet" in captured.err and not foreign.exists()
