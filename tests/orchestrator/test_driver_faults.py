@@ -230,6 +230,39 @@ def test_sigterm_stops_the_sweep_without_an_abort(
     _one_valid_record_per_trial(path)
 
 
+def test_sigterm_stops_a_search_and_the_same_command_resumes_it(
+    tiny_grid: dict[str, Any], write_grid: Callable[[dict[str, Any]], Path], tmp_path: Path
+) -> None:
+    grid = _grid(tiny_grid, seeds=1)
+    grid["search"] = {
+        "space": {"train": {"lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}},
+        "constraints": {"train_time_s": 600},
+        "trials": 3,
+        "n_parallel": 1,
+    }
+    path, output = write_grid(grid), Path(grid["output"])
+    command = ("search", str(path), "--no-dashboard")
+    with _driver(tmp_path, *command) as proc:
+        seconds = _interrupt(proc, signal.SIGTERM, output)
+        gone = _wait_for(lambda: not _processes_of(proc.marker), 30, "the run's processes to end")
+    out, err = proc.out.read_text(), proc.err.read_text()
+    print(f"SIGTERM to exit (search): {seconds:.1f} s")  # noqa: T201
+    assert proc.returncode == 143, err[-3000:]
+    assert "interrupted (SIGTERM)" in err and "run the same command again to resume" in err
+    assert "*** " not in err and "Traceback" not in err and gone
+    assert "stopped: ran " in out and not (output / "search.json").exists()
+    told = out.count("] #")  # one line per trial told
+    assert 1 <= told < 3
+
+    with _driver(tmp_path, *command) as again:
+        assert again.wait(timeout=400) == 0, again.err.read_text()[-3000:]
+    out = again.out.read_text()
+    assert f"resuming study tiny: {told} of 3 trials done" in out and "[3/3]" in out
+    store = RecordStore(output)
+    assert store.existing_ids() == {p.stem for p in _records(output)} and not store.quarantined
+    assert (output / "search.json").exists()
+
+
 # ---------------------------------------------------------------- one driver per output
 
 
