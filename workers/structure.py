@@ -14,8 +14,9 @@ children repeat one class (timm RegNet's ``s1.b1, s1.b2, ...``, DenseNet's dense
 layers); a container whose members hold at least half of its parameters is
 flattened into its members, recursively (ResNet ``layer1.0``, Swin
 ``layers.0.blocks.1``); from the top, the walk also descends into the one child that
-holds most of the parameters. What lies between blocks (stems, downsampling) stays
-outside the chain: checkpointing plans count it as bytes that are always kept.
+holds most of the parameters, the classification head left aside. What lies between
+blocks (stems, downsampling) stays outside the chain: checkpointing plans count it as
+bytes that are always kept.
 
 Example:
     >>> from workers.backbones import create_backbone
@@ -75,10 +76,12 @@ def _composite(module: nn.Module) -> bool:
 
 
 def _block_like(module: nn.Module) -> bool:
-    """A sequence, or two composite children or more: a block, not a conv-norm-act layer."""
+    """A sequence, one that wraps a sequence (Xception's ``block1.rep``), or two composite
+    children or more: a block, not a conv-norm-act layer."""
     if isinstance(module, _SEQUENCES):
         return True
-    return sum(_composite(c) for c in module.children()) >= 2
+    kids = [c for c in module.children() if _composite(c)]
+    return len(kids) >= 2 or any(isinstance(c, _SEQUENCES) for c in kids)
 
 
 def _members(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -94,12 +97,22 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _head(model: nn.Module) -> set[str]:
+    """The children of ``model`` that make up its classification head (timm's
+    ``pretrained_cfg['classifier']`` and ``head`` / ``pre_logits``): not the trunk, however
+    many parameters a wide pre-classifier layer holds (VGG, CPUBone, HGNetV2)."""
+    classifier = str(getattr(model, "pretrained_cfg", {}).get("classifier") or "")
+    names = {"head", "pre_logits", classifier.partition(".")[0]}
+    return {n for n, _ in model.named_children() if n in names}
+
+
 def _expand(name: str, module: nn.Module, top: bool = False) -> list[tuple[str, nn.Module]]:
-    members = _members(module)
-    total = _params(module)
+    head = _head(module) if top else set()
+    members = [(n, c) for n, c in _members(module) if n not in head]
+    total = _params(module) - sum(_params(c) for n, c in module.named_children() if n in head)
     if members and sum(_params(c) for _, c in members) >= MEMBER_SHARE * total:
         return [b for n, c in members for b in _expand(_join(name, n), c)]
-    kids = [(n, c) for n, c in module.named_children() if _composite(c)]
+    kids = [(n, c) for n, c in module.named_children() if _composite(c) and n not in head]
     if kids:
         n, child = max(kids, key=lambda kid: _params(kid[1]))
         # from the top, the trunk; inside a block, only a container it wraps

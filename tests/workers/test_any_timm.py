@@ -166,3 +166,28 @@ def test_a_cnn_trains_with_lora_on_its_convolutions_under_adaptive() -> None:
     assert record.status == "ok", record.error
     assert record.total_blocks == 4 and record.steps == 2
     assert 0 < record.params_trainable < record.params_total
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "inside"),
+    [
+        # the wide pre-classifier of the head holds most parameters: the trunk is the chain
+        ("cpubone_nano", {"img_size": 64}, "stages."),
+        ("hgnetv2_b0", {"img_size": 64}, "stages."),
+        # VGG's trunk is one sequence of plain layers: one block, never the head's ConvMlp
+        ("vgg11", {"img_size": 64}, "features"),
+    ],
+)
+def test_the_classification_head_is_never_the_chain(name: str, args: dict, inside: str) -> None:
+    blocks = check_backbone(name, args).blocks
+    assert blocks and all(not b.startswith(("head", "pre_logits")) for b in blocks)
+    assert any(b.startswith(inside) for b in blocks)
+
+
+def test_blocks_that_wrap_a_sequence_repeat_into_a_chain() -> None:
+    """Xception's block1 ... block12 (a skip convolution beside a ``rep`` sequence) are
+    containers' members, not nothing: the chain lies inside them, in forward order."""
+    blocks = check_backbone("legacy_xception", {"img_size": 96}).blocks
+    assert blocks[0].startswith("block1.") and blocks[-1].startswith("block12.")
+    order = [int(b.split(".")[0].removeprefix("block")) for b in blocks]
+    assert order == sorted(order) and set(order) == set(range(1, 13))
