@@ -163,7 +163,6 @@ def _plots(analysis: Analysis, figs: list[dict[str, Any]]) -> str:
     ]
     for dataset in analysis.datasets:
         parts.append(f"<section class='dataset' data-dataset='{esc(dataset, quote=True)}'>")
-        parts.append(f"<h3>{esc(dataset)}</h3>")
         for fig in (f for f in figs if f["dataset"] == dataset):
             parts.append(
                 f"<figure class='plot'><h3>{esc(dataset)}: {esc(fig['title'])}</h3>"

@@ -202,10 +202,12 @@ def pareto_3d(front: pareto.Front, style: enc.Encoding) -> dict[str, Any]:
     }
     layout = {"height": HEIGHT_3D, "margin": {"l": 0, "r": 0, "t": 40, "b": 0}}
     layout.update(scene=scene, legend=LEGEND, uirevision="keep")
-    return {"data": [*traces, *key_traces(style, table)], "layout": layout}
+    return {"data": [*traces, *key_traces(style, table, three_d=True)], "layout": layout}
 
 
-def key_traces(style: enc.Encoding, table: pd.DataFrame) -> list[dict[str, Any]]:
+def key_traces(
+    style: enc.Encoding, table: pd.DataFrame, three_d: bool = False
+) -> list[dict[str, Any]]:
     """The legend: an entry per method (colour), checkpointing strategy (shape) and
     backbone (fill) in ``table``; the page's script filters the plots by them
     (``meta.filter``), every plot of the page at once."""
@@ -213,14 +215,15 @@ def key_traces(style: enc.Encoding, table: pd.DataFrame) -> list[dict[str, Any]]
     methods = sorted({method_name(r) for r in rows})
     strategies = sorted({enc.strategy(r) for r in rows}, key=lambda c: style.shapes[c])
     backbones = sorted({str(r["backbone"]) for r in rows})
+    symbol = style.symbol_3d if three_d else style.symbol
     keys = [("method", m, "circle", "colour", style.colours[m]) for m in methods]
-    keys += [
-        ("checkpointing", c, style.symbol(c, backbones[0]), "shape", "#555") for c in strategies
-    ]
-    keys += [("backbone", b, style.symbol(strategies[0], b), "fill", "#555") for b in backbones]
+    keys += [("checkpointing", c, symbol(c, backbones[0]), "shape", "#555") for c in strategies]
+    keys += [("backbone", b, symbol(strategies[0], b), "fill", "#555") for b in backbones]
+    # an empty trace of the plot's own type, so that a 3-D plot gets no 2-D axes
+    empty = {"type": "scatter3d", "z": [None]} if three_d else {"type": "scatter"}
     return [
         {
-            "type": "scatter",
+            **empty,
             "mode": "markers",
             "name": value,
             "legendgroup": factor,
@@ -288,8 +291,11 @@ def _marker(rows: pd.DataFrame, style: enc.Encoding, size: int) -> dict[str, Any
 
 
 def _error(rows: pd.DataFrame, column: str) -> dict[str, Any]:
+    """Seed spread as error bars; none where it is unknown or zero (no cap drawn)."""
     std = rows.get(f"{column}_std", pd.Series(np.nan, index=rows.index))
-    return {"type": "data", "array": _values(std.fillna(0.0)), "thickness": 1, "width": 3}
+    values = [v if v else None for v in _values(std)]
+    visible = any(v is not None for v in values)
+    return {"type": "data", "array": values, "visible": visible, "thickness": 1, "width": 3}
 
 
 def _values(series: pd.Series) -> list[float | None]:
