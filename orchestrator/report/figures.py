@@ -26,6 +26,7 @@ from orchestrator.report.analysis import (
     method_name,
     view_axes,
 )
+from orchestrator.report.tables import uses_energy
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,11 @@ def netscore_figure(analysis: Analysis, top: int = 25) -> bytes:
             best[name], rows, xerr=best[f"{name}_std"].fillna(0.0), fmt="none", ecolor="grey"
         )
         ax.scatter(best[name], rows, c=colours, s=22, zorder=3)
-        ax.set_title(netscore.VARIANTS[name].title.split(":")[0], fontsize=8)
+        title = netscore.VARIANTS[name].title.split(":")[0]
+        notes = sorted({n for note in best["energy_note"] for n in note.split(", ") if n})
+        if uses_energy(name) and notes:
+            title += f"\n(energy {' / '.join(notes)})"
+        ax.set_title(title, fontsize=8)
         ax.set_xlabel("dB", fontsize=7)
         ax.tick_params(axis="x", labelsize=6.5)
         ax.grid(True, axis="x", alpha=0.3)

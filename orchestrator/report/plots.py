@@ -32,7 +32,7 @@ from orchestrator.report.analysis import (
     view_axes,
 )
 from orchestrator.report.figures import labelled, short_label
-from orchestrator.report.tables import front_summary, pm
+from orchestrator.report.tables import front_summary, pm, uses_energy
 
 log = logging.getLogger(__name__)
 
@@ -395,10 +395,17 @@ def netscores(configs: pd.DataFrame, variants: list[str], style: enc.Encoding) -
         )
         layout[f"xaxis{axis}"] = {
             "domain": [i * width + gap / 2, (i + 1) * width - gap / 2],
-            "title": {"text": f"{netscore.VARIANTS[name].title.split(':')[0]} (dB)"},
+            "title": {"text": _score_title(name, best)},
             "zeroline": False,
         }
     layout["yaxis"] = {"automargin": True, "tickfont": {"size": 11}}
     layout.update(height=26 * len(best) + 130, margin={"l": 10, "r": 10, "t": 20, "b": 60})
     layout["showlegend"] = False
     return {"data": traces, "layout": layout}
+
+
+def _score_title(name: str, configs: pd.DataFrame) -> str:
+    """``NetScore-E (dB)``; an energy-based score says when its energy is not a measurement."""
+    title = f"{netscore.VARIANTS[name].title.split(':')[0]} (dB)"
+    notes = sorted({n for note in configs["energy_note"] for n in note.split(", ") if n})
+    return f"{title}<br>energy {' / '.join(notes)}" if uses_energy(name) and notes else title

@@ -225,6 +225,10 @@ def test_plot_specifications_are_valid_plotly_figures() -> None:
     netscore = next(f for f in figs if f.id == "d1-netscore").figure
     axes = sorted(k for k in netscore["layout"] if k.startswith("xaxis"))
     assert len(axes) == 5 and len({t["xaxis"] for t in netscore["data"]}) == 5
+    titles = [netscore["layout"][a]["title"]["text"] for a in axes]
+    # NetScore-E uses the energy: on digits bitfit's is a share, none is estimated
+    assert not any("estimated" in t for t in titles)
+    assert "NetScore-E (dB)<br>energy share" in titles and "NetScore (Wong 2018) (dB)" in titles
 
 
 # ---------------------------------------------------------------- headless Chromium
