@@ -424,7 +424,10 @@ def _keep_grid(grid_path: str, store: RecordStore, name: str) -> None:
     target = Path(store.output) / name
     if target.exists() and os.path.samefile(grid_path, target):
         return
-    shutil.copyfile(grid_path, target)
+    try:
+        shutil.copyfile(grid_path, target)
+    except OSError as exc:
+        raise WriteError(str(target), exc) from exc
 
 
 def _leave_ray() -> None:

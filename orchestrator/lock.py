@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 
+from orchestrator.records import WriteError
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
@@ -81,7 +83,10 @@ class OutputLock:
         self.release()
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only output, a folder in the way
+            raise WriteError(str(self.path), exc) from exc
         try:
             flocked = _try_flock(fd)
             owner = _read(fd)
@@ -97,8 +102,11 @@ class OutputLock:
                 )
             self._me = Owner.me(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             _write(fd, self._me)
-        except BaseException:
+        except OSError as exc:
             os.close(fd)  # drops the flock too
+            raise WriteError(str(self.path), exc) from exc
+        except BaseException:
+            os.close(fd)
             raise
         self._fd = fd
         self._beat = threading.Thread(target=self._heartbeat, name="output-lock", daemon=True)

@@ -15,6 +15,7 @@ import pytest
 
 from orchestrator import lock
 from orchestrator.lock import LOCK_FILE, OutputBusy, OutputLock
+from orchestrator.records import WriteError
 
 
 def _dead_pid() -> int:
@@ -111,3 +112,9 @@ def test_the_owner_refreshes_its_heartbeat(tmp_path: Path, monkeypatch: pytest.M
                 break
         else:
             pytest.fail("the heartbeat was not refreshed")
+
+
+def test_a_lock_that_cannot_be_written_is_a_write_error(tmp_path: Path) -> None:
+    (tmp_path / LOCK_FILE).mkdir()  # a folder where the file belongs: unwritable even for root
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path / LOCK_FILE}: Is a directory"):
+        OutputLock(tmp_path).acquire()
