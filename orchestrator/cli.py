@@ -149,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        # SIGINT/SIGTERM stop a command cleanly; run and search hold them while they
+        # wind their trials down (args.signals)
         with StopSignals() as args.signals:
             return COMMANDS[args.command](args)
     except (GridError, UsageError, OutputBusy) as exc:
