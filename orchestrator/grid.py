@@ -548,12 +548,17 @@ def _dataclass_from(fail: Any, where: str, cls: type, value: Any) -> Any:
         raise fail(where, f"unknown field {shown(unknown[0])}; valid: {', '.join(sorted(fields))}")
     value = dict(value)
     for key, item in value.items():
-        if isinstance(fields[key].default, float) and isinstance(item, str):
+        floating = isinstance(fields[key].default, float)
+        if floating and isinstance(item, str):
             item = value[key] = _float_or_same(item)  # YAML reads 1e-3 as a string
         try:
             check_value(key, item)  # NaN, infinities, ints past 64 bits, huge strings
         except RegistryError as exc:
             raise fail(f"{where}.{key}", str(exc)) from None
+        if floating and is_int(item) and abs(item) > 2**53:  # kept an int: ids hold
+            raise fail(
+                f"{where}.{key}", f"must be a number a float64 column holds exactly, got {item}"
+            )
     try:
         return cls(**value)
     except (TypeError, ValueError) as exc:
@@ -715,7 +720,7 @@ def _search(fail: Any, raw: Any, grid: Grid) -> Search:
     if not isinstance(objectives, list) or not objectives:
         raise fail("search.objectives", f"must be a non-empty list of names, got {objectives!r}")
     for name in objectives:
-        if name not in SEARCH_OBJECTIVES:
+        if not isinstance(name, str) or name not in SEARCH_OBJECTIVES:
             raise fail(
                 "search.objectives",
                 f"unknown objective {name!r}; valid: {', '.join(SEARCH_OBJECTIVES)} "

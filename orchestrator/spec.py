@@ -103,8 +103,14 @@ class TrainConfig:
 
 
 def is_number(value: Any) -> bool:
-    """A finite int or float (bool, NaN and infinities are not numbers of a grid)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (bool, NaN, infinities and ints past float range are not
+    numbers of a grid)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def is_int(value: Any) -> bool:

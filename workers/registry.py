@@ -181,11 +181,18 @@ def _jsonable(value: Any) -> Any:
 # JSON can carry, strings no longer than a path may be (nothing reads longer ones).
 INT_RANGE = (-(1 << 63), (1 << 63) - 1)
 MAX_STRING = 4096
+JSON_TYPES = (str, int, float, bool, type(None), list, tuple, dict)
 
 
 def check_value(where: str, value: Any) -> None:
-    """Reject NaN, infinities, ints outside int64, strings over ``MAX_STRING`` characters
-    or with a NUL, anywhere inside ``value`` (lists and dicts included)."""
+    """Reject anything but JSON values (a spec is canonical JSON), NaN, infinities, ints
+    outside int64, strings over ``MAX_STRING`` characters or with a NUL, mapping keys
+    that are not strings, anywhere inside ``value`` (lists and dicts included)."""
+    if not isinstance(value, JSON_TYPES):
+        raise RegistryError(
+            f"{where} must be a string, number, boolean, null, list or mapping, "
+            f"got {type(value).__name__} {value!r}"
+        )
     if isinstance(value, float) and not math.isfinite(value):
         raise RegistryError(f"{where} must be a finite number, got {value!r}")
     if isinstance(value, int) and not INT_RANGE[0] <= value <= INT_RANGE[1]:
@@ -200,14 +207,21 @@ def check_value(where: str, value: Any) -> None:
             check_value(where, item)
     elif isinstance(value, dict):
         for key, item in value.items():
+            if not isinstance(key, str):
+                raise RegistryError(f"{where} keys must be strings, got {key!r}")
             check_value(f"{where} key", key)
             check_value(f"{where}[{key!r}]", item)
 
 
 def _check_type(where: str, value: Any, hint: Any) -> Any:
-    """Check a value against its annotation (and ``check_value``); ints are accepted
+    """Check a value against its annotation, then ``check_value``; ints are accepted
     (and converted) for floats."""
+    value = _match_type(where, value, hint)
     check_value(where, value)
+    return value
+
+
+def _match_type(where: str, value: Any, hint: Any) -> Any:
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
         if option is type(None) and value is None:
@@ -217,7 +231,10 @@ def _check_type(where: str, value: Any, hint: Any) -> Any:
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise RegistryError(f"{where} must be a finite number, got {value!r}") from None
         if option is str and isinstance(value, str):
             return value
         origin = typing.get_origin(option) or option

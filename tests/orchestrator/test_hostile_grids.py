@@ -12,6 +12,7 @@ through ``orchestrator.cli.main``; a few through the real ``orchestrate`` proces
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import subprocess
 import sys
@@ -151,6 +152,27 @@ HOSTILE: list[Any] = [
     ),
     pytest.param(
         set_("search", {"seed": 2**40}), "search", ("seed must be", str(2**40)), id="search-seed"
+    ),
+    pytest.param(
+        set_("budget_mb", 2**1100), "budget_mb", ("> 0", str(2**1100)[:50]), id="budget-past-float"
+    ),
+    pytest.param(
+        set_("search", {"objectives": [[]]}),
+        "search.objectives",
+        ("unknown objective []",),
+        id="search-objective-a-list",
+    ),
+    pytest.param(
+        set_("backbones", {"vit_test": {"model_args": {"depth": datetime.date(2020, 1, 1)}}}),
+        "backbones.vit_test",
+        ("must be a string, number, boolean, null, list or mapping", "date"),
+        id="model-args-date",
+    ),
+    pytest.param(
+        set_("methods", {"lora": {"target": {"x", "y"}}}),
+        "methods.lora",
+        ("argument 'target' must be str", "'x'"),
+        id="argument-a-yaml-set",
     ),
     # ---- NaN and infinities, named by their field
     pytest.param(set_("budget_mb", float("nan")), "budget_mb", ("nan",), id="nan-budget"),

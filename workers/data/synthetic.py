@@ -27,10 +27,11 @@ class SyntheticConfig(SourceConfig):
         super().__post_init__()
         check_image_size(self.image_size, least=4)
         for name in ("num_classes", "images_per_class"):
-            if not 2 <= getattr(self, name) <= MAX_GENERATED:
-                raise ValueError(
-                    f"{name} must be in [2, {MAX_GENERATED}], got {getattr(self, name)}"
-                )
+            value = getattr(self, name)
+            if value < 2:
+                raise ValueError(f"synthetic needs {name} >= 2, got {value}")
+            if value > MAX_GENERATED:
+                raise ValueError(f"{name} must be at most {MAX_GENERATED}, got {value}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
 
