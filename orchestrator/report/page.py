@@ -142,7 +142,7 @@ def findings_html(found: Findings) -> str:
             parts.append(
                 f"<li><b>{esc(f.dataset)}</b>: <span class='statement'>{esc(f.text)}</span>"
                 f"{caveats}<details><summary>"
-                f"the {len(f.trials)} trials</summary><ul>{details}</ul>"
+                f"the {len(f.trials)} trial{'s' * (len(f.trials) != 1)}</summary><ul>{details}</ul>"
                 f"<p class='ids'>{esc(f.trial_list())}</p></details></li>"
             )
         parts.append("</ul>")
