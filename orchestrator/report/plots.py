@@ -57,44 +57,39 @@ class Plot:
 def plots(analysis: Analysis) -> list[Plot]:
     """Every interactive figure, dataset by dataset."""
     style = enc.of_configs(analysis.configs)
+    return [
+        plot
+        for d, dataset in enumerate(analysis.datasets)
+        for plot in _dataset_plots(analysis, f"d{d}", dataset, style)
+    ]
+
+
+def _dataset_plots(analysis: Analysis, key: str, dataset: str, style: enc.Encoding) -> list[Plot]:
+    """The Pareto views, the 3-D front, parallel coordinates and NetScores of one dataset."""
     out = []
-    for d, dataset in enumerate(analysis.datasets):
-        for view in PLOT_VIEWS:
-            front = analysis.fronts.get(view, {}).get(dataset)
-            if front is not None:
-                fig = pareto_2d(front, view, style)
-                out.append(
-                    Plot(f"d{d}-{view}", dataset, VIEW_TITLES[view], front_summary(front), fig)
-                )
-        front = analysis.fronts.get("accuracy_memory_energy", {}).get(dataset)
+    for view in PLOT_VIEWS:
+        front = analysis.fronts.get(view, {}).get(dataset)
         if front is not None:
-            title = VIEW_TITLES["accuracy_memory_energy"]
-            out.append(
-                Plot(f"d{d}-3d", dataset, title, front_summary(front), pareto_3d(front, style))
-            )
-        configs = analysis.configs[analysis.configs["dataset"] == dataset]
-        if len(configs):
-            out.append(
-                Plot(
-                    f"d{d}-parallel",
-                    dataset,
-                    "every configuration, parallel coordinates",
-                    "Drag along an axis to select a range; colour is top-1 accuracy.",
-                    parallel(configs),
-                )
-            )
-        scored = [v for v in analysis.variants if configs[v].notna().any()]
-        if scored:
-            out.append(
-                Plot(
-                    f"d{d}-netscore",
-                    dataset,
-                    "NetScore family, one axis per variant",
-                    f"Best {NETSCORE_ROWS} configurations by {scored[0]}; each variant has its "
-                    "own dB scale (they are not comparable with each other).",
-                    netscores(configs, scored, style),
-                )
-            )
+            fig = pareto_2d(front, view, style)
+            out.append(Plot(f"{key}-{view}", dataset, VIEW_TITLES[view], front_summary(front), fig))
+    front = analysis.fronts.get("accuracy_memory_energy", {}).get(dataset)
+    if front is not None:
+        title = VIEW_TITLES["accuracy_memory_energy"]
+        fig = pareto_3d(front, style)
+        out.append(Plot(f"{key}-3d", dataset, title, front_summary(front), fig))
+    configs = analysis.configs[analysis.configs["dataset"] == dataset]
+    if len(configs):
+        text = "Drag along an axis to select a range; colour is top-1 accuracy."
+        title = "every configuration, parallel coordinates"
+        out.append(Plot(f"{key}-parallel", dataset, title, text, parallel(configs)))
+    scored = [v for v in analysis.variants if configs[v].notna().any()]
+    if scored:
+        text = (
+            f"Best {NETSCORE_ROWS} configurations by {scored[0]}; each variant has its own dB "
+            "scale (they are not comparable with each other)."
+        )
+        title = "NetScore family, one axis per variant"
+        out.append(Plot(f"{key}-netscore", dataset, title, text, netscores(configs, scored, style)))
     return out
 
 
