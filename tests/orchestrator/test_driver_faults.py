@@ -224,10 +224,9 @@ def test_sigterm_stops_the_sweep_without_an_abort(
     assert "interrupted (SIGTERM)" in err and "run the same command again to resume" in err
     assert gone
     recorded = _records(output)
-    assert 1 <= len(recorded) < 3
+    assert 1 <= len(recorded) < 3  # valid records; a re-run after a stop: the SIGINT test
     assert RecordStore(output).existing_ids() == {p.stem for p in recorded}
-    assert main(["run", str(path), "--no-progress", "--no-dashboard"]) == 0
-    _one_valid_record_per_trial(path)
+    assert not (output / "report.html").exists()
 
 
 def test_sigterm_stops_a_search_and_the_same_command_resumes_it(
