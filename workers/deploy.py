@@ -12,9 +12,12 @@ variants and the Pareto front can use inference cost:
    the reference of every ratio, always measured;
 2. variants: post-training quantization of that copy (``workers.quantization``):
    ``int8`` (weights only, any backbone), ``w8a8`` (int8 weights and linear-layer
-   inputs, calibrated on ``calibration_batches`` training batches), ``quamba2`` (w8a8 +
-   the Quamba/Quamba2 recipe in the Mamba mixers; Mamba backbones only: on another
-   backbone the variant is skipped, its reason in the results);
+   inputs, calibrated on ``calibration_batches`` training batches), and on Mamba
+   backbones only (elsewhere the variant is skipped, its reason in the results):
+   ``quamba`` (Quamba's W8A8 recipe: per-tensor weights, int8 outputs, full-width
+   Hadamard, its percentile observer) and ``w8a8_ssm`` (our finer recipe: per-channel
+   weights, block Hadamard, percentile-clipped scan operands, grouped B and C;
+   ``quamba2`` is its former name, kept for existing grids: it is not Quamba2's recipe);
 3. measure each: top-1 accuracy on the test split (the caller's ``evaluate``), inference
    latency at batch 1 and at the batch size (median, warm-up excluded, synchronised)
    and peak memory (``workers.cost.measure_inference``; weights counted as stored: int8
@@ -61,11 +64,12 @@ from orchestrator.spec import is_int, is_number
 from workers.backbones import MAMBA, family
 from workers.cost import inference_model, measure_inference
 from workers.memory import MB
-from workers.quantization import quantize_model, simulation_tensors
+from workers.quantization import MAMBA_RECIPES, quantize_model, simulation_tensors
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("float", "int8", "w8a8", "quamba2")  # canonical order: least to most processed
+# canonical order: least to most processed ("quamba2": former name of "w8a8_ssm")
+VARIANTS = ("float", "int8", "w8a8", "quamba", "w8a8_ssm", "quamba2")
 EXPORTS = ("merged", "adapter", "none")
 # Timed forwards per batch size (median) after untimed warm-up ones.
 REPEATS = 10
@@ -79,9 +83,9 @@ class DeployConfig:
 
     variants: tuple[str, ...] = ("float", "int8")  # what to build and measure
     ship: str = ""  # the variant of the record's flat deploy_* columns ("": the last listed)
-    calibration_batches: int = 4  # training batches that calibrate w8a8 / quamba2 activations
-    percentile: float = 99.99  # quamba2: percentile of |x| that clips the scan's operands
-    bc_groups: int = 4  # quamba2: groups of state channels with their own B and C scales
+    calibration_batches: int = 4  # training batches that calibrate the activations' ranges
+    percentile: float = 99.99  # w8a8_ssm: percentile of |x| that clips the scan's operands
+    bc_groups: int = 4  # w8a8_ssm: groups of state channels with their own B and C scales
     export: str = "merged"  # merged | adapter | none (see the module doc)
 
     def __post_init__(self) -> None:
@@ -119,8 +123,8 @@ class DeployConfig:
 
 def not_applicable(variant: str, backbone: str) -> str:
     """Why ``variant`` cannot be built for ``backbone`` ("" when it can)."""
-    if variant == "quamba2" and (own := family(backbone)) != MAMBA:
-        return f"quamba2 applies to Mamba backbones only; {backbone} is of the {own} family"
+    if variant in MAMBA_RECIPES and (own := family(backbone)) != MAMBA:
+        return f"{variant} applies to Mamba backbones only; {backbone} is of the {own} family"
     return ""
 
 

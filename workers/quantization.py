@@ -1,34 +1,52 @@
-"""Post-training quantization of a trained model to 8 bits: three recipes, simulated in float.
+"""Post-training quantization of a trained model to 8 bits: four recipes, simulated in float.
 
-Every recipe stores weights as symmetric int8 codes with one fp32 scale per output
-channel, scale = max |w| of the channel / 127, so that each weight is within scale / 2
-of its stored value (round to nearest). Activations, when quantized, are per-tensor
-static int8 with a scale fixed by calibration on a few training batches. The recipes:
+Weights are symmetric int8 codes, scale = max |w| / 127 (per output channel, or per
+tensor for ``quamba``), each weight within scale / 2 of its stored value (round to
+nearest). Activations, when quantized, are per-tensor static int8 with a scale fixed by
+calibration on a few training batches. The recipes:
 
 - ``int8``: weight-only, every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``, any backbone;
 - ``w8a8``: int8 weights as ``int8`` and int8 inputs of every ``nn.Linear``, the clipping
   range the largest |x| seen in the calibration batches (min-max calibration);
-- ``quamba2``: ``w8a8`` plus, in every Mamba mixer (a module owning a
-  ``workers.mamba.kernels.ScanInputs``), the recipe of Quamba / Quamba2:
+- ``quamba`` (Mamba backbones): Quamba's W8A8 recipe for Mamba1 (enyac-group/Quamba,
+  ``W8A8QMamba`` and ``run_quamba_calibration``), its arithmetic equal to the authors'
+  observers and quantizers (tests/fixtures/official/quamba.pt):
 
-  * a Hadamard rotation of the inputs of ``in_proj`` and ``out_proj``, fused into their
-    weights (W -> W H, stored quantized) and applied online to the activation (x -> x H),
-    so that (x H)(W H)^T = x W^T: the float function is unchanged, and a few outlier
-    channels are spread over all channels before the activation is rounded;
-  * percentile clipping (``percentile`` of |x|, not its max) of the selective scan's
-    input u, shared by ``x_proj``, which reads the same tensor, and of delta, B and C;
-  * B and C with one scale per group of state channels (``bc_groups``), Quamba2's
-    per-state-group quantization.
+  * every ``nn.Linear``: one weight scale per tensor (``quantize_tensor_per_tensor_absmax``)
+    and int8 inputs; the product runs on the integer codes (``W8A8B16O16Linear``);
+  * in the Mamba mixers, ``in_proj``, ``x_proj`` and ``dt_proj`` also round their output
+    to int8 (``W8A8B8O8Linear``: round(acc * s_in / s_out * s_w)), ``dt_proj`` reads its
+    input on ``x_proj``'s output scale, and the scan's u is rounded on the scale of
+    ``x_proj``'s input (delta, B and C arrive as those int8 outputs);
+  * ranges: min-max, except ``x_proj``'s input (the SSM input) and u: the 99.95th
+    percentile of |x|, smoothed over the batches by an EMA of factor 0.01
+    (``PerTensorPercentileObserver``, ``percentile_alpha`` 0.9995);
+  * ``out_proj``'s input rotated by a full-width Hadamard matrix fused into its weight:
+    Sylvester's for a power-of-two width (the authors' transform exactly); for 12 or 20
+    times a power of two (Vim's 768, MambaVision's 640), Paley's matrix of 12 or 20 times
+    Sylvester's, a Hadamard matrix of the same size but not the CUDA kernel's
+    (``had_12_paley`` / 40N), so the rounding differs there; other widths fall back to
+    the block-diagonal rotation;
+
+  not reproduced: the quantized norms, embedding and causal conv (convolutions keep
+  per-channel int8 weights, float input), the quantized cached SSM state (vision models
+  run whole sequences), the activation truncation of its ``QAct`` (round to nearest
+  here), 4-bit variants;
+- ``w8a8_ssm`` (Mamba backbones; formerly ``quamba2``, a name kept for existing grids:
+  it is not Quamba2's recipe): ``w8a8`` plus, in every Mamba mixer (a module owning a
+  ``workers.mamba.kernels.ScanInputs``), our finer variant of Quamba's ideas:
+
+  * a block-diagonal Hadamard rotation (blocks of the largest power of two dividing the
+    width) of the inputs of ``in_proj`` and ``out_proj``, fused into their weights
+    (W -> W H) and applied online to the activation (x -> x H): (x H)(W H)^T = x W^T;
+  * percentile clipping (``percentile`` of |x| per batch, averaged) of the selective
+    scan's input u, shared by ``x_proj``, which reads the same tensor, and of delta, B, C;
+  * B and C with one scale per group of state channels (``bc_groups``; not Quamba2's
+    groups, which are Mamba2's SSD groups), per-channel weights, float outputs.
 
   Chiang et al., "Quamba: A Post-Training Quantization Recipe for Selective State Space
-  Models", ICLR 2025, https://arxiv.org/abs/2410.13229; "Quamba2: A Robust and Scalable
-  Post-training Quantization Framework for Selective State Space Models", ICML 2025,
+  Models", ICLR 2025, https://arxiv.org/abs/2410.13229; "Quamba2", ICML 2025,
   https://arxiv.org/abs/2503.22879 (code: https://github.com/enyac-group/Quamba).
-
-  Not done here: Quamba2's sort-and-cluster of the SSM input's channels and its
-  reordering of the weights (per-tensor u instead), 4-bit weights (W4A8/W4A16), the
-  quantized cached state (vision models run whole sequences, not token by token), and
-  fusing the norm and the rotation into the residual stream (the rotation runs online).
 
 Simulation: no int8 kernel runs. Each quantized layer keeps its int8 codes and scales as
 persistent buffers (what a state dict, an exported file and the memory figure hold) and
@@ -41,17 +59,18 @@ after dequantizing their int8 operands.
 
 Calibration observes the float model (forward hooks, as Quamba's observers), then
 ``convert`` replaces the layers. A percentile is computed per calibration batch and
-averaged over the batches (Quamba's observer keeps a running average too): an exact
-percentile over all batches would keep every activation of every batch.
+averaged over the batches (``w8a8_ssm``) or smoothed by Quamba's EMA (``quamba``): an
+exact percentile over all batches would keep every activation of every batch.
 
 Example:
-    >>> model = quantize_model(model, "quamba2", calibration=[xb1, xb2])  # doctest: +SKIP
+    >>> model = quantize_model(model, "w8a8_ssm", calibration=[xb1, xb2])  # doctest: +SKIP
     >>> sorted({type(m).__name__ for m in model.modules()} & {"QuantLinear", "QuantScanInputs"})
     ['QuantLinear', 'QuantScanInputs']
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -68,7 +87,12 @@ log = logging.getLogger(__name__)
 
 QMAX = 127  # symmetric int8 codes in [-127, 127]: zero is exact, the range symmetric
 TINY = 1e-8  # smallest clipping range (an all-zero channel still gets a usable scale)
-RECIPES = ("int8", "w8a8", "quamba2")
+# "quamba2" is the former name of "w8a8_ssm" (not Quamba2's recipe), kept for old grids
+RECIPES = ("int8", "w8a8", "quamba", "w8a8_ssm", "quamba2")
+MAMBA_RECIPES = ("quamba", "w8a8_ssm", "quamba2")  # they need a Mamba mixer
+QUAMBA_PERCENTILE = 99.95  # Quamba's x_proj input (Mamba1): percentile_alpha 0.9995
+QUAMBA_SMOOTHING = 0.01  # its percentile observer's EMA factor (percentile_sigma)
+_QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs
 
 
 # ---------------------------------------------------------------- rounding
@@ -89,12 +113,29 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(x / scale), -QMAX, QMAX) * scale).to(x.dtype)
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel int8: (codes shaped like ``weight``, fp32 scales (out,))."""
+def quantize_weight(
+    weight: torch.Tensor, per_tensor: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel int8: (codes shaped like ``weight``, fp32 scales (out,)).
+    ``per_tensor``: one scale for the tensor (shape (1,)), Quamba's
+    ``quantize_tensor_per_tensor_absmax``."""
     flat = weight.detach().float().flatten(1)
-    scale = scale_of(flat.abs().amax(dim=1))
+    top = flat.abs().amax().reshape(1) if per_tensor else flat.abs().amax(dim=1)
+    scale = scale_of(top)
     codes = quantize(flat, scale[:, None]).view(weight.shape)
     return codes, scale
+
+
+def quantile(values: torch.Tensor, q: float, dim: int = -1) -> torch.Tensor:
+    """``torch.quantile(values, q, dim)`` (linear interpolation), also above its size limit."""
+    if values.numel() <= _QUANTILE_LIMIT:
+        return torch.quantile(values, q, dim=dim)
+    n = values.shape[dim]
+    rank = torch.tensor(q, dtype=values.dtype) * (n - 1)  # as torch.quantile
+    below, above = int(rank.floor()), int(rank.ceil())
+    low = values.kthvalue(below + 1, dim=dim).values
+    high = values.kthvalue(above + 1, dim=dim).values
+    return torch.lerp(low, high, rank - below)
 
 
 # ---------------------------------------------------------------- Hadamard rotation
@@ -106,11 +147,33 @@ def hadamard_block(n: int) -> int:
     return n & -n
 
 
+def full_hadamard(n: int) -> bool:
+    """Whether ``full_width`` rotation can rotate ``n`` channels at once: ``n`` is a power
+    of two, or 12 or 20 times one (the widths Quamba's transform takes, 40 = 20 * 2 too)."""
+    odd = n // hadamard_block(n)
+    return n > 1 and odd in (1, 3, 5)
+
+
+def _paley(order: int) -> torch.Tensor:
+    """A Hadamard matrix of ``order`` = q + 1 (q prime, q = 3 mod 4): Paley's first
+    construction, I + [[0, 1], [-1, Q]] with Q the Jacobsthal matrix of q."""
+    q = order - 1
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if i in squares else -1.0 for i in range(1, q)])
+    jacobsthal = torch.stack([chi.roll(i) for i in range(q)])  # Q[i, j] = chi(j - i)
+    s = torch.zeros(order, order)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, jacobsthal
+    return torch.eye(order) + s
+
+
 @functools.cache
 def _sylvester(block: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The orthonormal Hadamard matrix of size ``block``, built once per device and
-    dtype (a deployed model rotates in every forward: no copy to the device each time)."""
-    h = torch.ones(1, 1)
+    dtype (a deployed model rotates in every forward: no copy to the device each time):
+    Sylvester's for a power of two; for 12 or 20 times one, Paley's of 12 or 20 (times
+    Sylvester's), another matrix than Quamba's CUDA transform (had_12_paley, 40N)."""
+    odd = block // hadamard_block(block)
+    h = torch.ones(1, 1) if odd == 1 else _paley(4 * odd)
     while h.shape[0] < block:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return (h / math.sqrt(block)).to(device, dtype)
@@ -118,7 +181,8 @@ def _sylvester(block: int, device: torch.device, dtype: torch.dtype) -> torch.Te
 
 def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     """``x`` times the block-diagonal orthonormal Hadamard matrix H (blocks of ``block``)
-    along its last dimension. H is symmetric and H H = I: rotating twice is the identity."""
+    along its last dimension. H H^T = I, so (x H)(W H)^T = x W^T; Sylvester's H is also
+    symmetric (rotating twice is the identity)."""
     h = _sylvester(block, x.device, x.dtype)
     shape = x.shape
     return (x.reshape(*shape[:-1], shape[-1] // block, block) @ h).reshape(shape)
@@ -132,10 +196,14 @@ class RangeObserver:
     """Clipping range of an activation over the calibration batches, per group.
 
     ``percentile`` 100: the largest |x| seen in any batch. Below 100: that percentile of
-    |x| in each batch, averaged over the batches. Values arrive shaped (groups, n).
+    |x| in each batch, averaged over the batches; with ``smoothing`` s > 0, Quamba's
+    ``PerTensorPercentileObserver`` instead: the interpolated percentile (as
+    ``torch.quantile``) of the first batch, then moved by s of the way to each next
+    batch's. Values arrive shaped (groups, n).
     """
 
     percentile: float = 100.0
+    smoothing: float = 0.0
     _max: torch.Tensor | None = None
     _sum: torch.Tensor | None = None
     batches: int = 0
@@ -145,6 +213,9 @@ class RangeObserver:
         if self.percentile >= 100.0:
             top = values.amax(dim=1)
             self._max = top if self._max is None else torch.maximum(self._max, top)
+        elif self.smoothing > 0.0:
+            top = quantile(values, self.percentile / 100.0, dim=1)
+            self._max = top if self._max is None else self._max + self.smoothing * (top - self._max)
         else:
             k = min(values.shape[1], max(1, math.ceil(self.percentile / 100.0 * values.shape[1])))
             top = values.kthvalue(k, dim=1).values
@@ -174,9 +245,11 @@ class QuantWeight(nn.Module):
     channel) persistent; ``weight``, their dequantized float copy, non-persistent and
     recomputed whenever a state dict is loaded."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, per_tensor: bool = False
+    ) -> None:
         super().__init__()
-        codes, scale = quantize_weight(weight)
+        codes, scale = quantize_weight(weight, per_tensor)
         self.register_buffer("qweight", codes)
         self.register_buffer("weight_scale", scale.to(weight.device))
         self.register_buffer("weight", torch.empty_like(weight, dtype=torch.float32), False)
@@ -193,26 +266,63 @@ class QuantWeight(nn.Module):
 class QuantLinear(QuantWeight):
     """``nn.Linear`` with int8 weights; ``act``: its input rounded to int8 with a static
     per-tensor scale (``input_scale``); ``rotation``: a Hadamard block size, the input
-    rotated first and the rotation fused into the stored weight."""
+    rotated first and the rotation fused into the stored weight.
 
-    def __init__(self, linear: nn.Linear, *, act: bool, rotation: int = 1) -> None:
+    ``per_tensor`` (Quamba's ``W8A8B16O16Linear``): one weight scale, the input codes in
+    [-128, 127] and the product computed on the integer codes, then scaled; ``output``
+    (its ``W8A8B8O8Linear``): the output rounded to int8 too, with ``output_scale``, as
+    round(acc * (s_in / s_out) * s_w)."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        *,
+        act: bool,
+        rotation: int = 1,
+        per_tensor: bool = False,
+        output: bool = False,
+    ) -> None:
         weight = linear.weight.detach().float()
-        super().__init__(rotate(weight, rotation) if rotation > 1 else weight, linear.bias)
+        rotated = rotate(weight, rotation) if rotation > 1 else weight
+        super().__init__(rotated, linear.bias, per_tensor)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.rotation = rotation
-        scale = torch.ones((), device=weight.device) if act else None
-        self.register_buffer("input_scale", scale)
+        self.rotation, self.per_tensor = rotation, per_tensor
+        one = torch.ones((), device=weight.device)
+        self.register_buffer("input_scale", one.clone() if act else None)
+        self.register_buffer("output_scale", one.clone() if output else None)
 
     def extra_repr(self) -> str:
         act = "int8" if self.input_scale is not None else "float"
-        return f"{self.in_features}, {self.out_features}, input={act}, rotation={self.rotation}"
+        out = "int8" if self.output_scale is not None else "float"
+        weight = "per tensor" if self.per_tensor else "per channel"
+        return (
+            f"{self.in_features}, {self.out_features}, weight {weight}, input={act}, "
+            f"output={out}, rotation={self.rotation}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotation > 1:
             x = rotate(x, self.rotation)
+        if self.per_tensor and self.input_scale is not None:
+            return self._integer_forward(x)
         if self.input_scale is not None:
             x = fake_quantize(x, self.input_scale)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias)
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quamba's int8 GEMM: integer codes multiplied (exact in float32 up to ~1000
+        inputs), one float scaling, the output rounded to int8 when ``output_scale``."""
+        s_in, s_w = self.input_scale, self.weight_scale[0]
+        codes = torch.clamp(torch.round(x.float() / s_in), -QMAX - 1, QMAX)
+        acc = codes @ self.qweight.float().T
+        bias = None if self.bias is None else self.bias.float()
+        if self.output_scale is None:
+            y = acc * (s_in * s_w)
+            return (y if bias is None else y + bias).to(x.dtype)
+        s_out = self.output_scale
+        a = (s_in.double() / s_out.double()).float()  # Quamba: float(s_in / s_out) in fp64
+        y = acc * a * s_w if bias is None else acc * a * s_w + bias / s_out
+        return (torch.clamp(torch.round(y), -QMAX - 1, QMAX) * s_out).to(x.dtype)
 
 
 class QuantConv(QuantWeight):
@@ -236,16 +346,21 @@ class QuantConv(QuantWeight):
 
 class QuantScanInputs(nn.Module):
     """The selective scan's operands rounded to int8: u and delta per tensor, B and C with
-    one scale per group of ``state / groups`` state channels (scales shaped (groups,))."""
+    one scale per group of ``state / groups`` state channels (scales shaped (groups,)).
+    ``u_only``: delta, B and C pass as they are (Quamba: they arrive as the int8 outputs
+    of ``dt_proj`` and ``x_proj``)."""
 
-    def __init__(self, groups: int, device: torch.device | None = None) -> None:
+    def __init__(
+        self, groups: int, device: torch.device | None = None, u_only: bool = False
+    ) -> None:
         super().__init__()
-        self.groups = groups
+        self.groups, self.u_only = groups, u_only
         for name, shape in (("u", ()), ("delta", ()), ("b", (groups,)), ("c", (groups,))):
-            self.register_buffer(f"{name}_scale", torch.ones(shape, device=device))
+            scale = None if u_only and name != "u" else torch.ones(shape, device=device)
+            self.register_buffer(f"{name}_scale", scale)
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}"
+        return "u only" if self.u_only else f"groups={self.groups}"
 
     def _grouped(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         per_state = scale.repeat_interleave(x.shape[1] // self.groups)
@@ -254,6 +369,8 @@ class QuantScanInputs(nn.Module):
     def forward(
         self, u: torch.Tensor, delta: torch.Tensor, B: torch.Tensor, C: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.u_only:
+            return fake_quantize(u, self.u_scale), delta, B, C
         return (
             fake_quantize(u, self.u_scale),
             fake_quantize(delta, self.delta_scale),
@@ -275,6 +392,11 @@ class Site:
     rotation: int = 1  # linear: Hadamard block size of the input (1: none)
     percentile: float = 100.0  # linear input / scan operands: clipping percentile
     groups: int = 1  # scan: state groups of B and C
+    per_tensor: bool = False  # linear: one weight scale, integer product (Quamba)
+    output: bool = False  # linear: int8 output too (Quamba's B8O8 layers)
+    smoothing: float = 0.0  # percentile observer's EMA factor (Quamba's), 0: an average
+    input_from: str = ""  # linear: take the input scale of this site's output (Quamba)
+    u_only: bool = False  # scan: quantize u only (Quamba)
 
 
 @dataclass
@@ -302,16 +424,15 @@ def plan(model: nn.Module, recipe: str, percentile: float = 99.99, bc_groups: in
     """The sites of ``recipe`` (one of ``RECIPES``) on ``model``; see the module doc."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {list(RECIPES)}, got {recipe!r}")
-    act = recipe in ("w8a8", "quamba2")
-    rotated: set[str] = set()
-    ssm_inputs: set[str] = set()
-    if recipe == "quamba2":
-        mixers = mamba_mixers(model)
-        if not mixers:
-            raise ValueError("quamba2 needs a Mamba backbone: the model has no Mamba mixer")
-        prefix = [f"{m}." if m else "" for m in mixers]
-        rotated = {p + c for p in prefix for c in ("in_proj", "out_proj")}
-        ssm_inputs = {p + c for p in prefix for c in ("x_proj", "x_proj_b")}
+    if recipe in MAMBA_RECIPES and not mamba_mixers(model):
+        raise ValueError(f"{recipe} needs a Mamba backbone: the model has no Mamba mixer")
+    if recipe == "quamba":
+        return _quamba_plan(model)
+    act = recipe != "int8"
+    ssm = recipe in ("w8a8_ssm", "quamba2")
+    prefix = [f"{m}." if m else "" for m in mamba_mixers(model)] if ssm else []
+    rotated = {p + c for p in prefix for c in ("in_proj", "out_proj")}
+    ssm_inputs = {p + c for p in prefix for c in ("x_proj", "x_proj_b")}
     sites = []
     for name, module in model.named_modules():
         if type(module) is nn.Linear:
@@ -320,9 +441,44 @@ def plan(model: nn.Module, recipe: str, percentile: float = 99.99, bc_groups: in
             sites.append(Site(name, "linear", act, rotation, clip))
         elif type(module) in (nn.Conv1d, nn.Conv2d) and module.padding_mode == "zeros":
             sites.append(Site(name, "conv"))
-        elif recipe == "quamba2" and isinstance(module, ScanInputs):
+        elif ssm and isinstance(module, ScanInputs):
             sites.append(Site(name, "scan", percentile=percentile, groups=bc_groups))
     return Plan(sites)
+
+
+def _quamba_plan(model: nn.Module) -> Plan:
+    """Quamba's W8A8 (Mamba1) sites: see the module doc."""
+    prefix = [f"{m}." if m else "" for m in mamba_mixers(model)]
+    mixer = {p + c: c for p in prefix for c in _MIXER_LINEARS}
+    sites = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear:
+            role = mixer.get(name, "")
+            n = module.in_features
+            rotation = (n if full_hadamard(n) else hadamard_block(n)) if role == "out_proj" else 1
+            ssm_input = role.startswith("x_proj")
+            sites.append(
+                Site(
+                    name,
+                    "linear",
+                    act=True,
+                    rotation=rotation,
+                    percentile=QUAMBA_PERCENTILE if ssm_input else 100.0,
+                    smoothing=QUAMBA_SMOOTHING if ssm_input else 0.0,
+                    per_tensor=True,
+                    output=role in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b"),
+                    input_from=name.replace("dt_proj", "x_proj") if role.startswith("dt") else "",
+                )
+            )
+        elif type(module) in (nn.Conv1d, nn.Conv2d) and module.padding_mode == "zeros":
+            sites.append(Site(name, "conv"))
+        elif isinstance(module, ScanInputs):
+            scan = Site(name, "scan", percentile=QUAMBA_PERCENTILE, smoothing=QUAMBA_SMOOTHING)
+            sites.append(dataclasses.replace(scan, u_only=True))
+    return Plan(sites)
+
+
+_MIXER_LINEARS = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
 
 
 @torch.no_grad()
@@ -338,9 +494,18 @@ def calibrate(model: nn.Module, quant_plan: Plan, batches: Iterable[torch.Tensor
 
         return hook
 
+    def observe_output(observers: list[RangeObserver]) -> object:
+        def hook(_module: nn.Module, _args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            observers[1].update(out.reshape(1, -1))
+
+        return hook
+
     def observe_scan(site: Site, observers: list[RangeObserver]) -> object:
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             u, delta, B, C = args
+            if site.u_only:
+                observers[0].update(u.reshape(1, -1))
+                return
             if B.shape[1] % site.groups:
                 raise ValueError(
                     f"bc_groups={site.groups} does not divide the {B.shape[1]} states of "
@@ -356,12 +521,14 @@ def calibrate(model: nn.Module, quant_plan: Plan, batches: Iterable[torch.Tensor
     modules = dict(model.named_modules())
     for site in quant_plan.sites:
         if site.kind == "linear" and site.act:
-            observers = [RangeObserver(site.percentile)]
+            observers = [RangeObserver(site.percentile, site.smoothing), RangeObserver()]
             handles.append(
                 modules[site.name].register_forward_pre_hook(observe_input(site, observers))
             )
+            if site.output:
+                handles.append(modules[site.name].register_forward_hook(observe_output(observers)))
         elif site.kind == "scan":
-            observers = [RangeObserver(site.percentile) for _ in range(4)]
+            observers = [RangeObserver(site.percentile, site.smoothing) for _ in range(4)]
             handles.append(
                 modules[site.name].register_forward_pre_hook(observe_scan(site, observers))
             )
@@ -387,15 +554,26 @@ def convert(model: nn.Module, quant_plan: Plan) -> nn.Module:
         module = modules[site.name]
         observers = quant_plan.observers.get(site.name)
         if site.kind == "linear":
-            new: nn.Module = QuantLinear(module, act=site.act, rotation=site.rotation)
+            new: nn.Module = QuantLinear(
+                module,
+                act=site.act,
+                rotation=site.rotation,
+                per_tensor=site.per_tensor,
+                output=site.output,
+            )
             if site.act and observers:
-                new.input_scale.copy_(scale_of(observers[0].clip()[0]))
+                source = quant_plan.observers.get(site.input_from)
+                clip = source[1].clip() if source else observers[0].clip()
+                new.input_scale.copy_(scale_of(clip[0]))
+            if site.output and observers:
+                new.output_scale.copy_(scale_of(observers[1].clip()[0]))
         elif site.kind == "conv":
             new = QuantConv(module)
         else:
-            new = QuantScanInputs(site.groups, device=_device_of(model))
+            new = QuantScanInputs(site.groups, device=_device_of(model), u_only=site.u_only)
             if observers:
-                for name, observer in zip(("u", "delta", "b", "c"), observers, strict=True):
+                used = observers[:1] if site.u_only else observers
+                for name, observer in zip(("u", "delta", "b", "c"), used, strict=False):
                     clip = observer.clip()  # (groups,) for B and C, (1,) for u and delta
                     grouped = name in ("b", "c")
                     getattr(new, f"{name}_scale").copy_(scale_of(clip if grouped else clip[0]))

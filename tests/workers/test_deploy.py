@@ -24,7 +24,7 @@ from workers import deploy as deploy_module
 from workers.backbones import classifier_name, create_backbone
 from workers.cost import _adapter_layers, _four_bit_layers, inference_model
 from workers.data import ImageData
-from workers.deploy import DeployConfig, deploy
+from workers.deploy import DeployConfig, deploy, not_applicable
 from workers.memory import MB
 from workers.methods import MethodContext, apply_method
 from workers.quantization import quantize_model
@@ -388,3 +388,13 @@ def test_quamba2_needs_a_mamba_backbone_in_the_grid(tiny_grid: dict[str, Any]) -
     shipped = with_deploy(tiny_grid, {"variants": ["quamba2"]}, ["vim_test", "vit_test"])
     with pytest.raises(GridError, match=r"\(vit_test, quamba2\)"):
         parse_grid(shipped)
+
+
+def test_quamba_and_w8a8_ssm_are_variants_for_mamba_backbones_only() -> None:
+    config = DeployConfig(variants=["quamba2", "w8a8_ssm", "quamba", "int8"])
+    assert config.variants == ("float", "int8", "quamba", "w8a8_ssm", "quamba2")
+    for variant in ("quamba", "w8a8_ssm", "quamba2"):
+        assert not_applicable(variant, "vim_test") == ""
+        assert not_applicable(variant, "vit_test") == (
+            f"{variant} applies to Mamba backbones only; vit_test is of the transformer family"
+        )

@@ -1,16 +1,19 @@
-"""Post-training quantization: int8 rounding bounds, calibration, the Hadamard rotation, and
-the Quamba2-style recipe on the tiny Vim."""
+"""Post-training quantization: int8 rounding bounds, calibration, the Hadamard rotation, the
+authors' Quamba arithmetic (reference fixture), and the quamba and w8a8_ssm recipes on the
+tiny Vim."""
 
 from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.fixtures.official import make_quamba
 from workers.backbones import create_backbone, input_size
 from workers.data import batches, load_dataset
 from workers.mamba.kernels import ScanInputs
@@ -21,6 +24,7 @@ from workers.quantization import (
     QuantScanInputs,
     RangeObserver,
     fake_quantize,
+    full_hadamard,
     hadamard_block,
     quantize_model,
     quantize_weight,
@@ -198,11 +202,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def test_quamba2_keeps_the_tiny_vims_accuracy_with_per_group_bc_scales() -> None:
+def test_w8a8_ssm_keeps_the_tiny_vims_accuracy_with_per_group_bc_scales() -> None:
     model, calibration, test_x, test_y = trained_vim()
     float_accuracy = accuracy(model, test_x, test_y)
     assert float_accuracy > 0.6  # chance: 0.25
-    quantized = quantize_model(copy.deepcopy(model), "quamba2", calibration, bc_groups=4)
+    quantized = quantize_model(copy.deepcopy(model), "w8a8_ssm", calibration, bc_groups=4)
     assert accuracy(quantized, test_x, test_y) >= float_accuracy - 0.05
     naive = quantize_model(copy.deepcopy(model), "w8a8", calibration)
     with torch.no_grad():
@@ -230,7 +234,7 @@ def test_quamba2_keeps_the_tiny_vims_accuracy_with_per_group_bc_scales() -> None
     assert quantized.head.rotation == 1  # rotations only inside the mixers
 
 
-def test_quamba2_clips_the_ssm_input_below_its_maximum() -> None:
+def test_w8a8_ssm_clips_the_ssm_input_below_its_maximum() -> None:
     model, calibration, _, _ = trained_vim()
     largest: list[float] = []
     hook = model.layers[0].mixer.scan_inputs.register_forward_pre_hook(
@@ -240,17 +244,118 @@ def test_quamba2_clips_the_ssm_input_below_its_maximum() -> None:
         for xb in calibration:
             model(xb)
     hook.remove()
-    quantized = quantize_model(copy.deepcopy(model), "quamba2", calibration, percentile=99.0)
+    quantized = quantize_model(copy.deepcopy(model), "w8a8_ssm", calibration, percentile=99.0)
     u_clip = float(quantized.layers[0].mixer.scan_inputs.u_scale) * 127
     assert 0 < u_clip < min(largest)
 
 
-def test_quamba2_needs_a_mamba_backbone() -> None:
-    with pytest.raises(ValueError, match="Mamba"):
-        quantize_model(create_backbone("vit_test", num_classes=3), "quamba2", [])
+@pytest.mark.parametrize("recipe", ["quamba", "w8a8_ssm", "quamba2"])
+def test_mamba_recipes_need_a_mamba_backbone(recipe: str) -> None:
+    with pytest.raises(ValueError, match=f"{recipe} needs a Mamba backbone"):
+        quantize_model(create_backbone("vit_test", num_classes=3), recipe, [])
+
+
+def test_quamba2_is_the_former_name_of_w8a8_ssm() -> None:
+    model, calibration, test_x, _ = trained_vim()
+    old = quantize_model(copy.deepcopy(model), "quamba2", calibration)
+    new = quantize_model(copy.deepcopy(model), "w8a8_ssm", calibration)
+    assert old.state_dict().keys() == new.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(old(test_x), new(test_x), rtol=0, atol=0)
 
 
 def test_bc_groups_must_divide_the_states() -> None:
     model, calibration, _, _ = trained_vim()
     with pytest.raises(ValueError, match="bc_groups=3 does not divide the 16 states"):
-        quantize_model(copy.deepcopy(model), "quamba2", calibration[:1], bc_groups=3)
+        quantize_model(copy.deepcopy(model), "w8a8_ssm", calibration[:1], bc_groups=3)
+
+
+# ---------------------------------------------------------------- quamba: the authors' arithmetic
+
+OFFICIAL = Path(__file__).parents[1] / "fixtures" / "official" / "quamba.pt"
+
+
+def _official() -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    """The fixture and its calibration batches' activations (its float data path)."""
+    fixture = torch.load(OFFICIAL, weights_only=True)
+    path = [make_quamba._activations(h, fixture["weights"]) for h in fixture["hidden"]]
+    return fixture, path
+
+
+def test_observers_equal_quambas() -> None:
+    fixture, path = _official()
+    for key, clip in fixture["clip"].items():
+        ssm_input = key == "x_proj:input"  # the 99.95th percentile, EMA 0.01
+        observer = RangeObserver(99.95, 0.01) if ssm_input else RangeObserver()
+        for acts in path:
+            observer.update(acts[key].reshape(1, -1))
+        torch.testing.assert_close(observer.clip()[0], clip, rtol=1e-6, atol=0, msg=key)
+        torch.testing.assert_close(scale_of(observer.clip()[0]), fixture["scales"][key], msg=key)
+    assert fixture["clip"]["x_proj:input"] < max(a["x_proj:input"].abs().max() for a in path)
+
+
+def test_per_tensor_weights_equal_quambas() -> None:
+    fixture, _ = _official()
+    for name, weight in fixture["weights"].items():
+        codes, scale = quantize_weight(weight, per_tensor=True)
+        assert torch.equal(codes, fixture[f"{name}:qweight"]), name
+        torch.testing.assert_close(scale[0], fixture[f"{name}:weight_scale"], rtol=0, atol=0)
+
+
+def test_w8a8b8o8_linear_equals_quambas() -> None:
+    """x_proj with int8 input and output: the integer product, one scaling, rounding."""
+    fixture, path = _official()
+    layer = QuantLinear(
+        nn.Linear(64, 20, bias=False), act=True, per_tensor=True, output=True
+    )  # fmt: skip
+    layer.qweight.copy_(fixture["x_proj:qweight"])
+    layer.weight_scale.copy_(fixture["x_proj:weight_scale"])
+    layer.input_scale.copy_(fixture["scales"]["x_proj:input"])
+    layer.output_scale.copy_(fixture["scales"]["x_proj:output"])
+    x = path[-1]["x_proj:input"]
+    x_codes = torch.clamp(torch.round(x / layer.input_scale), -128, 127)
+    assert torch.equal(x_codes.to(torch.int8), fixture["x_proj:x_int8"])
+    y_codes = torch.round(layer(x) / layer.output_scale)
+    assert torch.equal(y_codes.to(torch.int8), fixture["x_proj:y_int8"])
+
+
+def test_full_width_hadamard_of_a_power_of_two_equals_the_transforms() -> None:
+    fixture, _ = _official()
+    x, z = (fixture["hidden"][-1] @ fixture["weights"]["in_proj"].T).chunk(2, dim=-1)
+    y = F.silu(x) * F.silu(z)  # out_proj's input before the rotation (the fixture's path)
+    torch.testing.assert_close(rotate(y, 64), fixture["out_proj:rotated"])
+    assert not torch.allclose(rotate(y, 32), fixture["out_proj:rotated"])  # block-diagonal
+
+
+@pytest.mark.parametrize("n", [12, 20, 40, 640, 768])
+def test_full_width_hadamard_of_12_or_20_times_a_power_of_two_is_orthonormal(n: int) -> None:
+    assert full_hadamard(n) and not full_hadamard(7 * 64)
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = rotate(x, n)
+    torch.testing.assert_close(y.norm(dim=1), x.norm(dim=1))
+    entries = (rotate(torch.eye(n, dtype=torch.float64), n) * n**0.5).abs()
+    torch.testing.assert_close(entries, torch.ones(n, n, dtype=torch.float64))  # +-1 / sqrt(n)
+
+
+def test_quamba_recipe_on_the_tiny_vim() -> None:
+    model, calibration, test_x, test_y = trained_vim()
+    float_accuracy = accuracy(model, test_x, test_y)
+    quantized = quantize_model(copy.deepcopy(model), "quamba", calibration)
+    assert accuracy(quantized, test_x, test_y) >= float_accuracy - 0.1
+    linears = [m for m in quantized.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.per_tensor and m.weight_scale.shape == (1,) for m in linears)
+    assert all(m.input_scale is not None for m in linears)
+    for layer in quantized.layers:
+        mixer = layer.mixer
+        for name in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b"):
+            assert getattr(mixer, name).output_scale is not None, name  # int8 outputs
+        assert mixer.out_proj.output_scale is None and mixer.out_proj.rotation == 64
+        assert mixer.in_proj.rotation == 1  # Quamba (Mamba1) rotates out_proj's input only
+        for x_proj, dt_proj, scan in (
+            (mixer.x_proj, mixer.dt_proj, mixer.scan_inputs),
+            (mixer.x_proj_b, mixer.dt_proj_b, mixer.scan_inputs_b),
+        ):
+            assert torch.equal(dt_proj.input_scale, x_proj.output_scale)
+            assert scan.u_only and scan.b_scale is None
+            torch.testing.assert_close(scan.u_scale, x_proj.input_scale)  # the same tensor
+    assert quantized.head.output_scale is None and quantized.head.rotation == 1
