@@ -1,10 +1,13 @@
 """The README and docs/ hold together: every doc is reachable from the README, every
-relative link in them resolves, the README's grid is the shipped smoke grid, and the
-record schema in docs/records.md is what `orchestrate schema` prints."""
+relative link in them resolves, the docs build as a site (`make docs`: MkDocs, strict),
+the README's grid is the shipped smoke grid, and the record schema in docs/records.md is
+what `orchestrate schema` prints."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,21 @@ def _links(path: Path) -> list[str]:
 
 def test_every_doc_is_linked_from_the_readme() -> None:
     linked = {(README.parent / t).resolve() for t in _links(README)}
-    assert [d.name for d in DOCS if d.resolve() not in linked] == []
+    unlinked = [d.name for d in DOCS if d.resolve() not in linked]
+    assert unlinked == [], "link each doc from the README's Documentation section"
+
+
+def test_the_docs_build_as_a_site(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "analysis" / "index.html").read_text()
+    assert "Findings" in page and 'href="../records/"' in page
 
 
 @pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: p.name)
