@@ -31,6 +31,8 @@ def _session_ray_token() -> None:
 
 
 _session_ray_token()
+# matplotlib (the report's figures) keeps its font cache under ~/.cache unless told
+os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="vramsweep-mpl-"))
 
 # The smallest grid that trains something real in a couple of seconds on one core.
 TINY_GRID: dict[str, Any] = {
