@@ -157,6 +157,9 @@ HOSTILE: list[Any] = [
         set_("budget_mb", 2**1100), "budget_mb", ("> 0", str(2**1100)[:50]), id="budget-past-float"
     ),
     pytest.param(
+        set_("train.lr", 2**60), "train.lr", ("float64 column holds", str(2**60)), id="lr-int"
+    ),
+    pytest.param(
         set_("search", {"objectives": [[]]}),
         "search.objectives",
         ("unknown objective []",),
