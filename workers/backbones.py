@@ -20,6 +20,7 @@ import argparse
 import functools
 import json
 import logging
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -241,8 +242,15 @@ def load_pretrained_file(model: nn.Module, path: Path) -> None:
 
         state = load_file(str(path), device="cpu")
     else:
-        with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # not a checkpoint, or one with unsafe objects
+            raise pickle.UnpicklingError(
+                f"{path}: refused by weights-only loading ({_first_line(exc)})"
+            ) from None
+        except (RuntimeError, EOFError, ValueError) as exc:
+            raise RuntimeError(f"{path}: not a loadable checkpoint ({_first_line(exc)})") from None
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -264,6 +272,10 @@ def load_pretrained_file(model: nn.Module, path: Path) -> None:
             f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}"
         )
     log.info("loaded %s (%d tensors, head re-initialised: %s)", path, len(state), bool(dropped))
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _without_wrapper_prefix(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:

@@ -76,31 +76,34 @@ def test_failures_are_records_and_the_sweep_goes_on(
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
-    # tiny_vit_test names weights that do not exist: its trials fail inside the worker;
-    # vit_test at 0.25 MB is over budget; vit_test at 2048 MB is fine
+    # tiny_vit_test names a weights file that is no checkpoint (validation sees it
+    # exists; loading it fails inside the worker); vit_test at 0.25 MB is over budget;
+    # vit_test at 2048 MB is fine
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     tiny_grid["backbones"] = {
         "vit_test": {"img_size": 16},
-        "tiny_vit_test": {"pretrained": str(tmp_path / "missing.pth")},
+        "tiny_vit_test": {"pretrained": str(tmp_path / "broken.pth")},
     }
     tiny_grid["methods"] = {"full": {}}
     tiny_grid["budget_mb"] = [0.25, 2048]
     path = write_grid(tiny_grid)
     assert main(["run", str(path), "--no-progress"]) == 1
-    assert "2 trial(s) failed" in capsys.readouterr().err
+    assert "1 trial(s) failed" in capsys.readouterr().err
     frame = RecordStore(tiny_grid["output"]).collect()
     status = {(r.backbone, r.budget_mb): r.status for r in frame.itertuples()}
     assert status == {
         ("vit_test", 0.25): "over_budget",
         ("vit_test", 2048.0): "ok",
-        ("tiny_vit_test", 0.25): "failed",
+        # refused before it allocates (or loads weights): its least memory is > 0.25 MB
+        ("tiny_vit_test", 0.25): "over_budget",
         ("tiny_vit_test", 2048.0): "failed",
     }
     failed = frame[frame["status"] == "failed"]
-    assert failed["error"].str.contains("missing.pth").all()
+    assert failed["error"].str.contains("broken.pth: refused by weights-only loading").all()
 
     # --retry-failed re-runs exactly the failed ones (they fail again, nothing else runs)
     assert main(["run", str(path), "--no-progress", "--retry-failed"]) == 1
-    assert "4 trials, 2 already recorded, 2 to run" in capsys.readouterr().out
+    assert "4 trials, 3 already recorded, 1 to run" in capsys.readouterr().out
 
 
 def test_trials_read_the_shared_dataset_not_the_disk(
