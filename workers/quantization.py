@@ -82,6 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.mamba.kernels import ScanInputs
+from workers.quantile import quantile
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,6 @@ RECIPES = ("int8", "w8a8", "quamba", "w8a8_ssm", "quamba2")
 MAMBA_RECIPES = ("quamba", "w8a8_ssm", "quamba2")  # they need a Mamba mixer
 QUAMBA_PERCENTILE = 99.95  # Quamba's x_proj input (Mamba1): percentile_alpha 0.9995
 QUAMBA_SMOOTHING = 0.01  # its percentile observer's EMA factor (percentile_sigma)
-_QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs
 
 
 # ---------------------------------------------------------------- rounding
@@ -124,18 +124,6 @@ def quantize_weight(
     scale = scale_of(top)
     codes = quantize(flat, scale[:, None]).view(weight.shape)
     return codes, scale
-
-
-def quantile(values: torch.Tensor, q: float, dim: int = -1) -> torch.Tensor:
-    """``torch.quantile(values, q, dim)`` (linear interpolation), also above its size limit."""
-    if values.numel() <= _QUANTILE_LIMIT:
-        return torch.quantile(values, q, dim=dim)
-    n = values.shape[dim]
-    rank = torch.tensor(q, dtype=values.dtype) * (n - 1)  # as torch.quantile
-    below, above = int(rank.floor()), int(rank.ceil())
-    low = values.kthvalue(below + 1, dim=dim).values
-    high = values.kthvalue(above + 1, dim=dim).values
-    return torch.lerp(low, high, rank - below)
 
 
 # ---------------------------------------------------------------- Hadamard rotation

@@ -32,7 +32,6 @@ from workers.methods.snella import (
     distance_kernel,
     final_keep_for,
     keep_schedule,
-    quantile,
 )
 from workers.registry import RegistryError
 from workers.trial import run_trial
@@ -204,13 +203,6 @@ def test_fused_qkv_is_another_update_of_the_same_factors() -> None:
             fused.kernel_matrix()
             - torch.softmax(distance_kernel(fused.snella_parts[0].B, fused.snella_parts[0].A), 0),
         )
-
-
-def test_quantile_matches_torch_beyond_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    values = torch.rand(1001, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    expected = [torch.quantile(values, q) for q in (0.0, 0.01, 0.5, 0.93)]
-    monkeypatch.setattr("workers.methods.snella._QUANTILE_LIMIT", 10)
-    assert [quantile(values, q) for q in (0.0, 0.01, 0.5, 0.93)] == expected
 
 
 # ---------------------------------------------------------------- structure

@@ -70,6 +70,7 @@ from workers.methods.lora import (
     effective_target,
     missing_targets,
 )
+from workers.quantile import quantile
 from workers.structure import Structure
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,6 @@ DISTANCE_WEIGHT = 0.1  # weight of each of the two distance kernels (reference c
 # 1 - target_ratio of the released SNELLA-32 VTAB-1k scripts, by our dataset names
 FINAL_KEEP_BY_DATASET = {"cifar100": 0.2, "dtd": 0.07}
 DEFAULT_FINAL_KEEP = FINAL_KEEP_BY_DATASET["cifar100"]
-_QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs
 
 
 @dataclass(frozen=True)
@@ -177,17 +177,6 @@ def distance_kernel(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     near = torch.cdist(b[:, :half], a[:, :half])  # through a matmul: ~7x faster on CPU
     far = torch.cdist(b[:, half:], a[:, half:])
     return DISTANCE_WEIGHT * (near - far)
-
-
-def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """``torch.quantile(values, q)`` (linear interpolation), also above its size limit."""
-    flat = values.flatten()
-    if flat.numel() <= _QUANTILE_LIMIT:
-        return torch.quantile(flat, q)
-    rank = torch.tensor(q, dtype=flat.dtype) * (flat.numel() - 1)  # as torch.quantile
-    below, above = int(rank.floor()), int(rank.ceil())
-    low, high = flat.kthvalue(below + 1).values, flat.kthvalue(above + 1).values
-    return torch.lerp(low, high, rank - below)
 
 
 class SnellaKernel(nn.Module):
