@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -288,7 +289,7 @@ class _Recorder(tune.Callback):
         self.done += 1
         spec = TrialSpec.from_json(trial.config["spec"])
         if spec.trial_id not in self.written and not self.stopping():
-            error = trial.get_error() or "the trial process ended without reporting a result"
+            error = _trial_error(trial)
             if self._write(TrialRecord(spec=spec, status="failed", error=f"ray: {error}")):
                 self.crashed += 1
                 self.bad += 1
@@ -297,6 +298,21 @@ class _Recorder(tune.Callback):
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _trial_error(trial: Any) -> str:
+    """What Tune recorded of a trial's failure (e.g. Ray's out-of-memory killer's report).
+
+    Read from the trial's local error file, written before the callback runs; Tune's
+    ``get_error()`` reads the synced copy in the storage folder, which may not be there yet.
+    """
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        with contextlib.suppress(OSError):
+            text = Path(path).read_text(errors="replace").strip()
+            if text:
+                return text
+    return str(trial.get_error() or "the trial process ended without reporting a result")
 
 
 class _StopAll(tune.Stopper):
