@@ -207,8 +207,11 @@ def fit_logistic(
     minimising scikit-learn's ``C * sum(cross-entropy) + |W|^2 / 2`` (bias not
     penalised), divided by ``C * n`` for a well-scaled L-BFGS (same minimiser)."""
     n, dim = x.shape
-    weight = torch.zeros(num_classes, dim, device=x.device, requires_grad=True)
-    bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
+    # in float64: the minimum is flat, and float32 arithmetic stops L-BFGS up to 3e-4
+    # away from the minimiser (which one depends on the CPU's kernels)
+    dtype, x = x.dtype, x.double()
+    weight = torch.zeros(num_classes, dim, device=x.device, dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros(num_classes, device=x.device, dtype=x.dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [weight, bias],
         lr=1.0,
@@ -227,7 +230,7 @@ def fit_logistic(
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    return weight.detach().to(dtype), bias.detach().to(dtype)
 
 
 def _split(y: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
