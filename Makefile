@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint clean chromium docs
+.PHONY: demo test test-all lint clean chromium gpu-check docs
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test: $(VENV)/.installed chromium
 
 test-all: $(VENV)/.installed chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The GPU acceptance check (docs/gpu_check.md): on a GPU machine it needs no virtual
+# environment (the image's python3 and packages); GPU_CHECK_ARGS=--cpu runs it tiny on a CPU.
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_CHECK_OUT ?= results/gpu_check
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 # The documentation as a static site in site/ (MkDocs, mkdocs.yml; a broken internal
 # link fails the build).
