@@ -256,7 +256,11 @@ def _finetune(
                 data.train_x, data.train_y, train.batch_size, generator=gen, augment=augment
             ):
                 if step == 0 and ckpt.wants_profile:
-                    resident = data.nbytes if data.train_x.device == device else 0
+                    # a dataset resident in device memory counts against the budget; on
+                    # the CPU it is host memory like any dataset, outside the accounting
+                    # of every strategy (else adaptive alone would pay for it)
+                    on_device = device.type != "cpu" and data.train_x.device == device
+                    resident = data.nbytes if on_device else 0
                     _prepare_checkpointing(ckpt, model, xb, yb, spec, autocast, resident)
                 loss, replanned = _step_with_replans(
                     forward_backward, xb, yb, ckpt, model, optimizer, device
