@@ -13,6 +13,10 @@ For a tiny and a small ViT on CPU, profiles the blocks once, then for each budge
   least step time of any schedule that stores block inputs in the budget and
   re-runs blocks, from ``revolve_forward_steps`` and the profiled block times.
 
+Then, per strategy, with a cold and a warm block-profile cache (``workers.profile_cache``):
+the first step (profiling or reading the cache, then forward + backward + AdamW step),
+the steady-state step time (median after warm-up) and the accounted activation peak.
+
     .venv/bin/python benchmarks/checkpointing.py [--steps 10]
 """
 
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,7 @@ from workers.checkpointing import (
     set_mode,
 )
 from workers.memory import ActivationMeter
+from workers.profile_cache import ProfileCache, library_versions
 
 MIB = 1 << 20
 MODELS = [  # (label, backbone, backbone args, batch)
@@ -145,6 +152,49 @@ def bench(label: str, backbone: str, args: dict, batch: int, steps: int) -> None
         )
 
 
+def startup(label: str, backbone: str, args: dict, batch: int, steps: int) -> None:
+    """First-step and steady-state time, and peak, per strategy, cold and warm cache."""
+    print(f"\n{label}: start-up per strategy (adaptive budget: 0.6 of unconstrained)")
+    print("| strategy | cache | first step ms | steady step ms | peak MiB | profile from |")
+    print("|---|---|---:|---:|---:|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ("none", "static", "adaptive"):
+            for cache_state in ("cold", "warm"):  # cold writes the entry that warm reads
+                row = _startup_row(name, backbone, args, batch, steps, Path(folder))
+                print(f"| {name} | {cache_state} | {row} |")
+
+
+def _startup_row(  # noqa: PLR0913
+    name: str, backbone: str, args: dict, batch: int, steps: int, folder: Path
+) -> str:
+    torch.manual_seed(0)
+    model = create_backbone(backbone, num_classes=10, **args).train()
+    size = model.pretrained_cfg["input_size"][-1]
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    unconstrained = profile_blocks(model, lambda: F.cross_entropy(model(x), y), timed=False)
+    ckpt = Checkpointer(name, {}, model)
+    margin = int(getattr(ckpt.config, "margin_mb", 0) * MIB)
+    budget = int(0.6 * unconstrained.unconstrained_bytes) + unconstrained.prefix_bytes + margin
+    key = {"bench": backbone, "args": args, "batch": batch, "timed": ckpt.adaptive}
+    cache = ProfileCache(key | {"libraries": library_versions()}, folder)
+    t0 = time.perf_counter()
+    try:
+        if ckpt.wants_profile:
+            ckpt.prepare(lambda: F.cross_entropy(model(x), y), budget, 0, cache=cache)
+    except Infeasible:
+        return "infeasible | | | "
+    loss = F.cross_entropy(model(x), y)  # the first step
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    first = time.perf_counter() - t0
+    steady = _step_time(model, x, y, optimizer, steps)
+    peak = _peak(model, x, y, ckpt)
+    source = "-" if ckpt.profile_s is None else "cache" if ckpt.profile_cached else "measured"
+    return f"{first * 1e3:.0f} | {steady * 1e3:.0f} | {peak / MIB:.2f} | {source}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
@@ -154,6 +204,8 @@ def main() -> None:
     print("1 thread; step = forward + backward + AdamW step; ratios measured in this run")
     for label, backbone, bargs, batch in MODELS[:1] if args.tiny_only else MODELS:
         bench(label, backbone, bargs, batch, args.steps)
+    for label, backbone, bargs, batch in MODELS[:1] if args.tiny_only else MODELS:
+        startup(label, backbone, bargs, batch, args.steps)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ fields of ``TrialRecord`` in declaration order, each with a unit in its name and
 doc string (``describe_schema()`` prints the table that the README shows). Its
 version, ``SCHEMA_VERSION`` (column ``schema_version``, Parquet metadata), is bumped
 whenever columns change; version 4 added the deployment phase: the spec's ``deploy``
-column and the ``deploy_*`` columns; version 5 ``data_skipped_images``. Older record
-files still collect (their missing columns are empty).
+column and the ``deploy_*`` columns; version 5 ``data_skipped_images``; version 6
+``ckpt_profile_s`` and ``ckpt_profile_cached``. Older record files still collect (their
+missing columns are empty).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ log = logging.getLogger(__name__)
 
 # 2: checkpointing plan columns; 3: dataset options (data source, wait, validation
 # accuracy); 4: the deployment phase (spec column `deploy`, deploy_* columns);
-# 5: data_skipped_images.
-SCHEMA_VERSION = 5
+# 5: data_skipped_images; 6: ckpt_profile_s, ckpt_profile_cached (train_time_s no
+# longer includes block profiling).
+SCHEMA_VERSION = 6
 QUARANTINE = "quarantine"  # folder beside records/ that unreadable record files move to
 STATUSES = ("ok", "oom", "over_budget", "failed", "skipped")
 
@@ -87,11 +89,17 @@ class TrialRecord:
         "float", "dataset kept on the trial's CUDA device (inside its cap and peak), MiB"
     )
     # time
-    train_time_s: float | None = _col("float", "wall time of the training loop, s")
+    train_time_s: float | None = _col(
+        "float",
+        "wall time of the training loop, s; one-off set-up (block profiling: "
+        "ckpt_profile_s) excluded for every strategy",
+    )
     eval_time_s: float | None = _col("float", "wall time of the evaluation, s")
     throughput_img_s: float | None = _col("float", "training images/s, first step excluded")
     first_step_s: float | None = _col(
-        "float", "from the trial's start (data, model, method) to the end of its first step, s"
+        "float",
+        "from the trial's start (data, model, method) to the end of its first step, s; "
+        "includes block profiling (ckpt_profile_s); energy and throughput start after it",
     )
     steps: int | None = _col("int", "optimizer steps taken")
     # memory
@@ -204,6 +212,12 @@ class TrialRecord:
         "float", "recompute time per step the plan predicted, ms"
     )
     ckpt_replans: int | None = _col("int", "re-plans after an over-budget step or an OOM")
+    ckpt_profile_s: float | None = _col(
+        "float", "seconds the block profile took (0: read from the profile cache; empty: none)"
+    )
+    ckpt_profile_cached: bool | None = _col(
+        "bool", "the block profile came from the profile cache (empty: no profile)"
+    )
     # provenance
     device: str = _col("str", "device the trial ran on", "")
     host: str = _col("str", "host name", "")

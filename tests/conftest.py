@@ -33,6 +33,8 @@ def _session_ray_token() -> None:
 _session_ray_token()
 # matplotlib (the report's figures) keeps its font cache under ~/.cache unless told
 os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="vramsweep-mpl-"))
+# decoded datasets and block profiles: a session's own folder, never the user's cache
+os.environ.setdefault("VRAMSWEEP_CACHE", tempfile.mkdtemp(prefix="vramsweep-cache-"))
 
 # The smallest grid that trains something real in a couple of seconds on one core.
 TINY_GRID: dict[str, Any] = {

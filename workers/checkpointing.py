@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,6 +44,9 @@ from workers import checkpoint_plan
 from workers.memory import ActivationMeter, sync
 from workers.registry import NoArgs, Registry
 from workers.structure import find_blocks
+
+if TYPE_CHECKING:
+    from workers.profile_cache import ProfileCache
 
 log = logging.getLogger(__name__)
 
@@ -589,6 +592,8 @@ class Checkpointer:
         self.model = model
         self.adaptive = needs_profile(name)
         self.profile: Profile | None = None
+        self.profile_s: float | None = None  # seconds profiling took (0: from the cache)
+        self.profile_cached: bool | None = None
         self.plan: checkpoint_plan.Plan | None = None
         self.activation_budget: int | None = None
         self.replans = 0
@@ -605,12 +610,23 @@ class Checkpointer:
         budget_bytes: int,
         static_bytes: int,
         context: Callable[[], Any] | None = None,
+        cache: ProfileCache | None = None,
     ) -> None:
-        """Profile on the first batch; an adaptive strategy plans for ``budget_bytes``.
+        """Profile on the first batch (or take ``cache``'s entry); an adaptive strategy
+        plans for ``budget_bytes``.
 
         Raises ``checkpoint_plan.Infeasible`` when even the cheapest plan does not fit.
         """
-        profile = profile_blocks(self.model, forward, context=context, timed=self.adaptive)
+        t0 = time.perf_counter()
+        profile = cache.load(self.model) if cache is not None else None
+        self.profile_cached = profile is not None
+        if profile is None:
+            profile = profile_blocks(self.model, forward, context=context, timed=self.adaptive)
+            if cache is not None:
+                cache.store(self.model, profile)
+            self.profile_s = time.perf_counter() - t0
+        else:
+            self.profile_s = 0.0
         margin = int(self.config.margin_mb * (1 << 20)) if self.adaptive else 0
         self.use(profile, budget_bytes - static_bytes - profile.prefix_bytes - margin)
 

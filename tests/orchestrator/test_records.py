@@ -135,6 +135,23 @@ def test_version_4_records_collect_beside_version_5(tmp_path: Path) -> None:
     assert store.read_record(old.trial_id).data_skipped_images is None
 
 
+def test_version_5_records_collect_beside_version_6(tmp_path: Path) -> None:
+    """Records written before the block-profile columns existed still collect."""
+    store = RecordStore(tmp_path)
+    old, new = _record(seed=0), _record(seed=1)
+    new.ckpt_profile_s, new.ckpt_profile_cached = 0.0, True
+    store.write(new)
+    store.write(old)
+    path = store.path_of(old.trial_id)
+    pq.write_table(
+        pq.read_table(path).drop_columns(["ckpt_profile_s", "ckpt_profile_cached"]), path
+    )
+    frame = store.collect().set_index("trial_id")
+    assert pd.isna(frame.loc[old.trial_id, "ckpt_profile_cached"])
+    assert frame.loc[new.trial_id, "ckpt_profile_cached"]
+    assert store.read_record(old.trial_id).ckpt_profile_s is None
+
+
 def test_rewrite_replaces_the_record(tmp_path: Path) -> None:
     store = RecordStore(tmp_path)
     store.write(_record(status="failed", accuracy=None))
