@@ -11,8 +11,9 @@ doc string (``describe_schema()`` prints the table that the README shows). Its
 version, ``SCHEMA_VERSION`` (column ``schema_version``, Parquet metadata), is bumped
 whenever columns change; version 4 added the deployment phase: the spec's ``deploy``
 column and the ``deploy_*`` columns; version 5 ``data_skipped_images``; version 6
-``ckpt_profile_s`` and ``ckpt_profile_cached``. Older record files still collect (their
-missing columns are empty).
+``ckpt_profile_s`` and ``ckpt_profile_cached``; version 7 the memory of every phase
+(``eval_batch_size_used``, ``eval_peak_mem_mb``, ``rss_limit_mb``, ``*_rss_peak_mb``).
+Older record files still collect (their missing columns are empty).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ log = logging.getLogger(__name__)
 # 2: checkpointing plan columns; 3: dataset options (data source, wait, validation
 # accuracy); 4: the deployment phase (spec column `deploy`, deploy_* columns);
 # 5: data_skipped_images; 6: ckpt_profile_s, ckpt_profile_cached (train_time_s no
-# longer includes block profiling).
-SCHEMA_VERSION = 6
+# longer includes block profiling); 7: memory per phase (eval_batch_size_used,
+# eval_peak_mem_mb, rss_limit_mb, *_rss_peak_mb).
+SCHEMA_VERSION = 7
 QUARANTINE = "quarantine"  # folder beside records/ that unreadable record files move to
 STATUSES = ("ok", "oom", "over_budget", "failed", "skipped")
 
@@ -103,7 +105,11 @@ class TrialRecord:
     )
     steps: int | None = _col("int", "optimizer steps taken")
     # memory
-    peak_mem_mb: float | None = _col("float", "peak memory by the meter in mem_source, MiB")
+    peak_mem_mb: float | None = _col(
+        "float",
+        "training peak by the meter in mem_source, MiB (the Pareto axis): the training step "
+        "only; evaluation in eval_peak_mem_mb, the process's resident memory in *_rss_peak_mb",
+    )
     mem_source: str = _col("str", "cuda_allocator | accounted", "")
     cap_kind: str = _col("str", "cuda_allocator (hard cap) | accounted (checked on CPU)", "")
     accounted_peak_mb: float | None = _col("float", "params+grads+optimizer+activations+batch")
@@ -121,6 +127,35 @@ class TrialRecord:
         "float", "device memory NVML attributes to the trial's process (CUDA context included)"
     )
     mem_meters: str = _col("str", "meters that produced the memory figures, comma-separated", "")
+    # memory per phase (workers.eval_batch, RssGuard)
+    eval_batch_size_used: int | None = _col(
+        "int", "images per evaluation forward, train_eval_batch_size halved to fit the budget"
+    )
+    eval_peak_mem_mb: float | None = _col(
+        "float",
+        "evaluation peak predicted at eval_batch_size_used: what stays allocated (CPU: "
+        "params+grads+optimizer; CUDA: the allocator's bytes) + input + one forward's peak "
+        "(CPU: live tensors; CUDA: allocator), measured on a probe batch and scaled, MiB",
+    )
+    rss_limit_mb: float | None = _col(
+        "float", "CPU: resident growth at which the trial stops as over_budget (budget + margin)"
+    )
+    train_rss_peak_mb: float | None = _col(
+        "float",
+        "CPU: peak growth of the process's resident memory above its baseline after data "
+        "loading, in training (sampled before every block and after every step, and the "
+        "kernel's high-water mark reset per phase); counts what the accounted figures leave "
+        "out (allocator caches, autograd temporaries, runtime); empty on CUDA, MiB",
+    )
+    eval_rss_peak_mb: float | None = _col(
+        "float", "CPU: as train_rss_peak_mb, in evaluation (test and validation splits), MiB"
+    )
+    infer_rss_peak_mb: float | None = _col(
+        "float", "CPU: as train_rss_peak_mb, in the inference-cost measurement, MiB"
+    )
+    deploy_rss_peak_mb: float | None = _col(
+        "float", "CPU: as train_rss_peak_mb, in the deployment phase (empty: none ran), MiB"
+    )
     # energy
     energy_j: float | None = _col(
         "float",

@@ -448,7 +448,7 @@ def measure_inference(
                 model(x)
 
         latency[batch] = _median_ms(forward, device, repeats, warmup)
-        peak[batch] = (weights + _forward_peak_bytes(forward, x, device)) / MB
+        peak[batch] = (weights + forward_peak_bytes(forward, x, device)) / MB
         del x
     return InferenceCost(
         latency_ms_b1=latency[1],
@@ -485,7 +485,7 @@ def _weight_bytes_of(tensors: Collection[torch.Tensor]) -> int:
     return sum(k[1] for k in keys if k is not None)
 
 
-def _forward_peak_bytes(forward: Callable[[], None], x: torch.Tensor, device: torch.device) -> int:
+def forward_peak_bytes(forward: Callable[[], None], x: torch.Tensor, device: torch.device) -> int:
     """Input bytes + the peak bytes that one ``forward()`` allocates on top."""
     if device.type == "cuda":
         sync(device)

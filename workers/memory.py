@@ -36,10 +36,17 @@ class OverBudget(RuntimeError):
     """The memory of a trial exceeded its budget: the accounted peak (CPU cap), the least
     it needs as predicted before allocating, or the process memory (RSS) guard."""
 
-    def __init__(self, peak_mb: float, budget_mb: float, what: str = "accounted peak") -> None:
+    def __init__(
+        self,
+        peak_mb: float,
+        budget_mb: float,
+        what: str = "accounted peak",
+        phase: str = "training",
+    ) -> None:
         super().__init__(f"{what} {peak_mb:.1f} MB exceeds the budget of {budget_mb:g} MB")
         self.peak_mb = peak_mb
         self.budget_mb = budget_mb
+        self.phase = phase  # training | evaluation | inference | deployment
 
 
 # Slack of the process-memory guard over the budget: what the runtime holds besides the
@@ -59,6 +66,28 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_rss_high_water_mark() -> bool:
+    """Reset this process's peak RSS (Linux >= 4.0: ``clear_refs`` 5); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_high_water_mark_bytes() -> int | None:
+    """Peak RSS of this process since start or the last reset (``VmHWM``); None if unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class RssGuard:
     """Stops a CPU trial whose process memory grows past its budget plus a margin.
 
@@ -67,6 +96,7 @@ class RssGuard:
     the node's out-of-memory killer struck. ``check()`` (run before every block's
     forward and after every step) compares the growth of the resident set since the
     guard was made with ``budget + RSS_MARGIN_MB + RSS_MARGIN_SHARE * budget``.
+    ``begin(phase)`` names the phase that a stop and ``peaks_mb`` report.
     """
 
     def __init__(self, budget_mb: float, margin_mb: float | None = None) -> None:
@@ -74,13 +104,36 @@ class RssGuard:
         self.budget_mb = budget_mb
         self.limit_mb = budget_mb + margin
         self.baseline = rss_bytes()
+        self.phase = "training"
+        # growth of the resident set above the baseline, MiB, per phase: the largest of
+        # the samples and of the kernel's high-water mark (where it can be reset)
+        self.peaks_mb: dict[str, float] = {}
+        self._hwm_reset = reset_rss_high_water_mark()
 
     def check(self, *_: Any) -> None:
         grown = (rss_bytes() - self.baseline) / MB
+        self.peaks_mb[self.phase] = max(self.peaks_mb.get(self.phase, 0.0), grown)
         if grown > self.limit_mb:
             raise OverBudget(
-                grown, self.budget_mb, f"process memory growth (RSS, limit {self.limit_mb:g} MB)"
+                grown,
+                self.budget_mb,
+                f"process memory growth (RSS, limit {self.limit_mb:g} MB) in {self.phase}:",
+                self.phase,
             )
+
+    def begin(self, phase: str) -> None:
+        """Close the current phase (its high-water mark read) and start ``phase``."""
+        self.end()
+        self.phase = phase
+        self._hwm_reset = reset_rss_high_water_mark()
+        self.check()
+
+    def end(self) -> None:
+        """Fold the kernel's high-water mark into the current phase's peak."""
+        hwm = rss_high_water_mark_bytes() if self._hwm_reset else None
+        if hwm is not None:
+            grown = (hwm - self.baseline) / MB
+            self.peaks_mb[self.phase] = max(self.peaks_mb.get(self.phase, 0.0), grown)
 
     def watch(self, blocks: list[tuple[str, nn.Module]]) -> list[Any]:
         """Check before every block's forward; returns the hook handles."""

@@ -37,7 +37,7 @@ from torch import nn
 
 from orchestrator.records import TrialRecord
 from orchestrator.spec import TrialSpec
-from workers import memory
+from workers import eval_batch, memory
 from workers.backbones import classifier_name, create_backbone, input_size
 from workers.baselines import BaselineContext, run_baseline
 from workers.checkpoint_plan import Infeasible
@@ -135,7 +135,8 @@ def run_trial(
         record.status = "ok"
     except memory.OverBudget as exc:
         record.status, record.error = "over_budget", str(exc)
-        record.peak_mem_mb = exc.peak_mb
+        if exc.phase == "training":  # peak_mem_mb stays the training peak
+            record.peak_mem_mb = exc.peak_mb
     except torch.OutOfMemoryError as exc:
         record.status, record.error = "oom", str(exc).splitlines()[0]
         if device.type == "cuda":
@@ -248,6 +249,7 @@ def _finetune(
              "energy_j": _energy_so_far(energy_meter)}
         )  # fmt: skip
 
+    evaluate = _Evaluator(model, train_feed, autocast, device, spec, record, optimizer)
     excluded_s = excluded_j = 0.0  # per-epoch validation, not training
     try:
         epoch = 0
@@ -297,10 +299,10 @@ def _finetune(
                 # a pruner's signal, taken out of the training time and energy (the
                 # record of a searched trial stands beside a grid trial's of the same id)
                 t_val, j_val = time.perf_counter(), _energy_so_far(energy_meter)
-                val = _evaluate(
-                    model, data.val_x, data.val_y, data.num_classes, train_feed, spec, autocast
-                )
+                _begin(guard, "evaluation")
+                val = evaluate(data.val_x, data.val_y, data.num_classes)
                 progress({"epoch": epoch, "val_accuracy": val[0]})
+                _begin(guard, "training")
                 model.train()
                 memory.sync(device)
                 excluded_s += time.perf_counter() - t_val
@@ -331,23 +333,30 @@ def _finetune(
         _fill_cuda_peaks(record, device)
         record.peak_mem_mb = record.cuda_max_allocated_mb
 
-    t_eval = time.perf_counter()
-    record.accuracy, record.top5_accuracy, record.loss = _evaluate(
-        model, data.test_x, data.test_y, data.num_classes, train_feed, spec, autocast
-    )
-    if data.val_x is not None:
-        record.val_accuracy = _evaluate(
-            model, data.val_x, data.val_y, data.num_classes, train_feed, spec, autocast
-        )[0]
-    memory.sync(device)
-    record.eval_time_s = time.perf_counter() - t_eval
-    optimizer.state.clear()  # room for the inference copy under the cap
-    _fill_inference(record, model, size, train.batch_size, device, autocast)
-    try:
-        _deploy(spec, record, model, data, size, feed, device, options.artifacts_dir)
-    except Exception as exc:  # noqa: BLE001 - a failed deployment keeps the trained trial
-        log.warning("deployment phase failed: %s", exc)
-        record.deploy_results = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+    try:  # the resident peaks of every phase that ran, also on an over_budget stop
+        t_eval = time.perf_counter()
+        _begin(guard, "evaluation")
+        test = (data.test_x, data.test_y, data.num_classes)
+        record.accuracy, record.top5_accuracy, record.loss = evaluate(*test)
+        if data.val_x is not None:
+            val = (data.val_x, data.val_y, data.num_classes)
+            record.val_accuracy = evaluate(*val)[0]
+        memory.sync(device)
+        record.eval_time_s = time.perf_counter() - t_eval
+        optimizer.state.clear()  # room for the inference copy under the cap
+        _begin(guard, "inference")
+        _fill_inference(record, model, size, train.batch_size, device, autocast)
+        if spec.deploy:
+            _begin(guard, "deployment")
+        try:
+            _deploy(spec, record, model, data, size, feed, device, options.artifacts_dir)
+        except memory.OverBudget:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed deployment keeps the trained trial
+            log.warning("deployment phase failed: %s", exc)
+            record.deploy_results = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        _fill_rss(record, guard)
 
 
 def _prepare_checkpointing(
@@ -493,6 +502,75 @@ def _data(
     return data
 
 
+@dataclass
+class _Evaluator:
+    """Evaluates at the batch size that fits the budget (``workers.eval_batch``), chosen
+    at the first call and recorded; an over-budget stop or OOM halves it and retries,
+    down to the floor (below it the stop is the trial's record)."""
+
+    model: nn.Module
+    feed: Callable[..., Any]
+    autocast: Any
+    device: torch.device
+    spec: TrialSpec
+    record: TrialRecord
+    optimizer: torch.optim.Optimizer
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, classes: int) -> tuple[float, ...]:
+        record = self.record
+        if record.eval_batch_size_used is None:
+            self._fit(x, y)
+        floor = min(eval_batch.EVAL_BATCH_FLOOR, self.spec.train.eval_batch_size)
+        while True:
+            batch = record.eval_batch_size_used
+            assert batch is not None
+            try:
+                return _evaluate(self.model, x, y, classes, self.feed, batch, self.autocast)
+            except (memory.OverBudget, torch.OutOfMemoryError):
+                if batch // 2 < floor:
+                    raise
+                log.warning("evaluation over budget at batch %d: halved", batch)
+                if self.device.type == "cuda":
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                record.eval_batch_size_used = batch // 2
+
+    def _fit(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            resident = torch.cuda.memory_allocated(self.device)
+        else:  # the data stays on the host: the guard's baseline, not the budget's
+            resident = memory.account(self.model, self.optimizer, 0, 0).peak_bytes
+        probe = next(iter(self.feed(x, y, min(eval_batch.EVAL_BATCH_FLOOR, len(y)))))[0]
+        fit = eval_batch.fit_eval_batch(
+            self.model,
+            probe,
+            resident_bytes=resident,
+            budget_bytes=int(self.spec.budget_mb * MB),
+            requested=self.spec.train.eval_batch_size,
+            autocast=self.autocast,
+        )
+        self.record.eval_batch_size_used = fit.batch_size
+        self.record.eval_peak_mem_mb = fit.predicted_bytes / MB
+
+
+def _begin(guard: memory.RssGuard | None, phase: str) -> None:
+    """Name the phase the CPU guard measures and stops in (no guard on CUDA)."""
+    if guard is not None:
+        guard.begin(phase)
+
+
+def _fill_rss(record: TrialRecord, guard: memory.RssGuard | None) -> None:
+    if guard is None:
+        return
+    guard.end()
+    peaks = guard.peaks_mb
+    record.rss_limit_mb = guard.limit_mb
+    record.train_rss_peak_mb = peaks.get("training")
+    record.eval_rss_peak_mb = peaks.get("evaluation")
+    record.infer_rss_peak_mb = peaks.get("inference")
+    record.deploy_rss_peak_mb = peaks.get("deployment")
+
+
 @torch.no_grad()
 def _evaluate(
     model: nn.Module,
@@ -500,14 +578,14 @@ def _evaluate(
     y: torch.Tensor,
     num_classes: int,
     feed: Callable[..., Any],
-    spec: TrialSpec,
+    batch_size: int,
     autocast: Any,
 ) -> tuple[float, float, float]:
     model.eval()
     k = min(5, num_classes)
     correct1 = correct5 = 0
     loss_sum = 0.0
-    for xb, yb in feed(x, y, spec.train.eval_batch_size):
+    for xb, yb in feed(x, y, batch_size):
         with autocast:
             logits = model(xb).float()
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
@@ -690,7 +768,8 @@ def _deploy(
 
     def evaluate(variant: nn.Module) -> float:
         test = (data.test_x, data.test_y, data.num_classes)
-        return _evaluate(variant, *test, feed, spec, nullcontext())[0]
+        batch = record.eval_batch_size_used or spec.train.eval_batch_size
+        return _evaluate(variant, *test, feed, batch, nullcontext())[0]
 
     result = deploy(
         model,
