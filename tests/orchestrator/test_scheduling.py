@@ -58,7 +58,7 @@ def test_auto_is_accepted_and_checked_later() -> None:
     check_resources(Resources(gpus_per_trial="auto"), {"CPU": 2})  # no GPU: CPU trials
     with pytest.raises(ValueError, match="gpus_per_trial=2 but the Ray cluster has 1 GPUs"):
         check_resources(Resources(gpus_per_trial=2), {"CPU": 2, "GPU": 1})
-    with pytest.raises(ValueError, match="a number >= 0 or 'auto', got 'some'"):
+    with pytest.raises(ValueError, match="a number in \[0, 64\] or 'auto', got 'some'"):
         Resources(gpus_per_trial="some")
 
 
