@@ -9,6 +9,7 @@ import pytest
 from orchestrator.spec import TrainConfig, TrialSpec
 from workers import memory
 from workers.data import load_dataset
+from workers.data.images import available_bytes
 from workers.preflight import least_memory
 from workers.trial import run_trial
 
@@ -29,20 +30,22 @@ def test_the_bound_adds_weights_batch_and_the_largest_activation() -> None:
     assert small.batch_bytes == 16 * 3 * 32 * 32 * 4
     assert small.weights_bytes > 0
     assert small.activation_bytes >= 16 * 17 * 64 * 4  # at least one block's output
-    big = least_memory(_spec(backbone_args={"img_size": 8192}), num_classes=4)
-    assert big.batch_bytes == 16 * 3 * 8192 * 8192 * 4
+    big = least_memory(_spec(backbone_args={"img_size": 4096}), num_classes=4)
+    assert big.batch_bytes == 16 * 3 * 4096 * 4096 * 4
     assert big.activation_bytes > small.activation_bytes * 1000
     assert big.total_bytes == big.weights_bytes + big.batch_bytes + big.activation_bytes
 
 
 def test_a_giant_input_is_over_budget_without_allocating() -> None:
+    """4096 px, the largest size a grid accepts: the batch alone (3 GiB) and the patch
+    tokens exceed a 2 GiB budget; nothing of it is allocated."""
     before = memory.rss_bytes()
-    record = run_trial(_spec(backbone_args={"img_size": 30000}, budget_mb=2048), num_threads=1)
+    record = run_trial(_spec(backbone_args={"img_size": 4096}, budget_mb=2048), num_threads=1)
     grown_mb = (memory.rss_bytes() - before) / 2**20
     assert record.status == "over_budget", record.error
     assert "least memory predicted before allocating" in record.error
-    assert record.peak_mem_mb > 100 * 2048  # the prediction, hundreds of GB
-    assert grown_mb < 200  # the ~400 GB it would need were never asked for
+    assert record.peak_mem_mb > 2 * 2048  # the prediction: several times the budget
+    assert grown_mb < 200  # the ~7 GB it would need were never asked for
 
 
 def test_the_process_memory_guard_trips_on_growth_past_its_limit() -> None:
@@ -67,5 +70,11 @@ def test_a_trial_whose_process_memory_runs_away_is_over_budget(
 
 
 def test_a_dataset_larger_than_the_machine_is_refused_before_decoding() -> None:
-    with pytest.raises(ValueError, match="would take .* GiB decoded, more than the"):
-        load_dataset("digits", {"image_size": 100_000})
+    available = available_bytes()
+    assert available is not None  # Linux: /proc/meminfo
+    # digits at 4096 px: 1797 images x 5 bytes per pixel (float copy + uint8) = 140.4 GiB
+    assert 1797 * 5 * 4096**2 > available  # more than this machine has
+    before = memory.rss_bytes()
+    with pytest.raises(ValueError, match="1797 images at 4096 px would take 140.4 GiB decoded, more than the"):
+        load_dataset("digits", {"image_size": 4096})
+    assert (memory.rss_bytes() - before) / 2**20 < 200
