@@ -75,6 +75,7 @@ def test_a_dataset_larger_than_the_machine_is_refused_before_decoding() -> None:
     # digits at 4096 px: 1797 images x 5 bytes per pixel (float copy + uint8) = 140.4 GiB
     assert 1797 * 5 * 4096**2 > available  # more than this machine has
     before = memory.rss_bytes()
-    with pytest.raises(ValueError, match="1797 images at 4096 px would take 140.4 GiB decoded, more than the"):
+    message = "1797 images at 4096 px would take 140.4 GiB decoded, more than the"
+    with pytest.raises(ValueError, match=message):
         load_dataset("digits", {"image_size": 4096})
     assert (memory.rss_bytes() - before) / 2**20 < 200
