@@ -1,21 +1,25 @@
-"""Our data pipeline against a torchvision DataLoader, and a trial's wait for its data.
+"""Our data pipeline against the best torchvision set-up, and a trial's wait for its data.
 
-1. Images/s producing the same training batches: random-resized crop (torchvision's
-   scale and ratio ranges) + horizontal flip + resize to 224 px + normalise, batch 64,
-   from uint8 images stored at 32 px (CIFAR-100) and at 224 px (DTD):
+1. Images/s producing the same training batches: batch 64, random-resized crop
+   (torchvision's scale and ratio ranges) + horizontal flip + resize + normalise, in
+   the compute dtype (fp32 or bf16), from uint8 images stored at 32 px (CIFAR) and at
+   224 px (DTD decoded), to 32 px (the shipped grids) and to 224 px:
 
-   - ours: ``workers.data.batches`` (whole dataset one uint8 tensor, every step a
-     batched tensor op, crops as one ``grid_sample``);
-   - torchvision: a ``Dataset`` returning one PIL image per item, with
-     ``RandomResizedCrop(224)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``
-     through a ``DataLoader`` with 0 and with 2 worker processes; its images are the
-     same uint8 arrays in memory (as torchvision's CIFAR100 keeps them), or JPEG files
-     of DTD's sizes opened per item (as torchvision's DTD reads them; ours are those
-     decoded once, at 224 px).
+   - ours: ``workers.data.batches`` (the whole dataset one uint8 tensor, every step a
+     batched tensor op), in the main process (on the CPU it makes batches on one
+     intra-op thread of the ``cpu_count`` it is given);
+   - torchvision: a ``DataLoader`` (shuffled, 0, 2 and cpu_count worker processes,
+     pinned memory when a GPU takes the batches) over the same uint8 images, per item
+     either PIL (``RandomResizedCrop``, ``RandomHorizontalFlip``, ``ToTensor``,
+     ``Normalize``) or ``transforms.v2`` on uint8 tensors (the same, bilinear without
+     antialiasing as ours, ``ToDtype``), cast to the compute dtype in the worker;
+     without workers the transforms run on one thread (faster here than a team).
 
-   Both use the machine's cores (ours through torch's intra-op threads, torchvision's
-   through its workers); the first batch is excluded. Ours also as bf16 batches, the
-   ones a bf16 trial (the paper grid's precision) consumes.
+   The best peer of each row is the arm with the highest median; the ratio is ours
+   over it, median (and range) of the repeats, every arm of a repeat run back to back
+   in this process. The first batch of every arm (worker start-up) is excluded. With a
+   GPU (``--device cuda``) ours runs there on resident data and every peer batch is
+   copied to it.
 
 2. Seconds a trial waits for a decoded dataset at its start: read from the on-disk
    decode cache (``torch.load``, warm page cache: a cold disk is slower) against mapped
@@ -23,7 +27,7 @@
 
 Ratios are the result: the machine is shared and noisy.
 
-    .venv/bin/python benchmarks/data.py [--batches 20] [--skip-wait]
+    .venv/bin/python benchmarks/data.py [--batches 12] [--repeats 3] [--skip-wait]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +46,10 @@ import torch
 from workers.data import Augment, ImageData, batches, from_shared, to_shared
 
 BATCH = 64
-SIZE = 224
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
+CASES = ((32, 32), (32, 224), (224, 224))  # (stored px, output px)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def fake_images(n: int, side: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,112 +58,175 @@ def fake_images(n: int, side: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return x, torch.randint(0, 100, (n,), generator=gen)
 
 
-def ours(x: torch.Tensor, y: torch.Tensor, n_batches: int, dtype: torch.dtype) -> float:
-    """Images/s of our batches (of ``dtype``), first batch excluded."""
-    gen = torch.Generator().manual_seed(0)
-    augment = Augment(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True)
-    feed = batches(
-        x, y, BATCH, size=SIZE, mean=MEAN, std=STD, device=torch.device("cpu"),
-        generator=gen, augment=augment, drop_last=True, dtype=dtype,
-    )  # fmt: skip
-    next(feed)
-    start = time.perf_counter()
+def _rate(feed: Iterable, n_batches: int, device: torch.device) -> float:
+    """Images/s of ``feed`` on ``device``, its first batch excluded."""
+    it = iter(feed)
+    next(it)
     done = 0
-    for xb, _ in feed:
+    start = time.perf_counter()
+    for xb, _ in it:
+        xb = xb.to(device, non_blocking=True)
         done += len(xb)
         if done >= n_batches * BATCH:
             break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return done / (time.perf_counter() - start)
 
 
-class _PilDataset(torch.utils.data.Dataset):
-    """One PIL image per item, torchvision transforms: from in-memory uint8 arrays (as
-    torchvision's CIFAR100) or from JPEG files opened per item (as its DTD)."""
+def ours(x: torch.Tensor, y: torch.Tensor, size: int, dtype: torch.dtype, n_batches: int,
+         device: torch.device) -> float:  # fmt: skip
+    """Images/s of our augmented batches."""
+    feed = batches(
+        x, y, BATCH, size=size, mean=MEAN, std=STD, device=device,
+        generator=torch.Generator().manual_seed(0), augment=Augment(SCALE, RATIO, True),
+        drop_last=True, dtype=dtype,
+    )  # fmt: skip
+    return _rate(feed, n_batches, device)
 
-    def __init__(self, y: torch.Tensor, x: torch.Tensor | None, files: list[Path] | None) -> None:
+
+class _Cast:
+    """A transform casting a tensor to ``dtype`` (a class: workers may pickle it)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype)
+
+
+class _Items(torch.utils.data.Dataset):
+    """One transformed image per item from in-memory uint8 images (as torchvision's
+    CIFAR100 keeps them): a PIL image, or a uint8 CHW tensor for ``transforms.v2``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, size: int, dtype: torch.dtype,
+                 kind: str) -> None:  # fmt: skip
         from torchvision import transforms
+        from torchvision.transforms import v2
 
-        self.images = x.permute(0, 2, 3, 1).contiguous().numpy() if x is not None else None
-        self.files = files
-        self.labels = y.numpy()
-        self.transform = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(SIZE),
+        self.kind, self.labels = kind, y.numpy()
+        if kind == "pil":
+            self.images = x.permute(0, 2, 3, 1).contiguous().numpy()
+            self.transform = transforms.Compose([
+                transforms.RandomResizedCrop(size, SCALE, RATIO),
                 transforms.RandomHorizontalFlip(),
                 transforms.ToTensor(),
                 transforms.Normalize(MEAN, STD),
-            ]
-        )
+                _Cast(dtype),
+            ])  # fmt: skip
+        else:
+            self.images = x
+            self.transform = v2.Compose([
+                v2.RandomResizedCrop(size, SCALE, RATIO, antialias=False),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(MEAN, STD),
+                v2.ToDtype(dtype),
+            ])  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
+        image = self.images[i]
+        if self.kind == "pil":
+            from PIL import Image
 
-        if self.images is not None:
-            image = Image.fromarray(self.images[i])
-        else:
-            image = Image.open(self.files[i]).convert("RGB")
+            image = Image.fromarray(image)
         return self.transform(image), int(self.labels[i])
 
 
-def torchvision_loader(dataset: _PilDataset, n_batches: int, workers: int) -> float:
-    """Images/s of a torchvision DataLoader, first batch excluded."""
+def peer_arms(device: torch.device) -> list[tuple[str, str, int, bool]]:
+    """(label, item kind, workers, pinned) of every torchvision set-up measured."""
+    pins = (False, True) if device.type == "cuda" else (False,)
+    return [
+        (f"{kind} {w}w{' pin' if pin else ''}", kind, w, pin)
+        for kind in ("pil", "v2")
+        for w in sorted({0, 2, os.cpu_count() or 1})
+        for pin in pins
+    ]
+
+
+def peer(dataset: _Items, workers: int, pin: bool, n_batches: int, device: torch.device) -> float:
+    """Images/s of a torchvision DataLoader. Without workers its per-image transforms run
+    here on one thread: their small ops gain nothing from a thread team (workers run
+    one thread each anyway)."""
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True
-    )
-    it = iter(loader)
-    next(it)
-    start = time.perf_counter()
-    done = 0
-    for xb, _ in it:
-        done += len(xb)
-        if done >= n_batches * BATCH:
-            break
-    return done / (time.perf_counter() - start)
+        dataset, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
+        pin_memory=pin,
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if workers == 0 else threads)
+    try:
+        return _rate(loader, n_batches, device)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def write_jpegs(folder: Path, n: int) -> list[Path]:
-    """``n`` JPEG files of DTD's sizes (300 to 640 px a side), textured noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    files = []
-    for i in range(n):
-        w, h = rng.integers(300, 641, 2)
-        small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize((int(w), int(h)), Image.Resampling.BICUBIC)
-        files.append(folder / f"{i}.jpg")
-        image.save(files[-1], quality=90)
-    return files
-
-
-def throughput(n_batches: int) -> None:
+def throughput(n_batches: int, repeats: int, device: torch.device) -> None:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    n = (n_batches + 2) * BATCH
-    print(f"batches of {BATCH} at {SIZE} px, {n_batches} timed batches, {threads} cores")
-    print(f"{'torchvision source':>34} {'ours img/s':>11} {'tv 0 workers':>13} "
-          f"{'tv 2 workers':>13} {'x vs 0':>7} {'x vs 2':>7} {'ours bf16':>10} "
-          f"{'x vs 2':>7}")  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        files = write_jpegs(Path(tmp), n)
-        cases = [  # (label, our stored images, torchvision's dataset)
-            ("arrays in memory, 32 px", 32, None),
-            ("arrays in memory, 224 px", 224, None),
-            ("JPEG files (DTD sizes)", 224, files),
-        ]
-        for label, side, jpegs in cases:
-            x, y = fake_images(n, side)
-            ours_rate = statistics.median(ours(x, y, n_batches, torch.float32) for _ in range(3))
-            bf16 = statistics.median(ours(x, y, n_batches, torch.bfloat16) for _ in range(3))
-            dataset = _PilDataset(y, None if jpegs else x, jpegs)
-            tv0 = torchvision_loader(dataset, n_batches, 0)
-            tv2 = torchvision_loader(dataset, n_batches, 2)
-            print(f"{label:>34} {ours_rate:>11.0f} {tv0:>13.0f} {tv2:>13.0f} "
-                  f"{ours_rate / tv0:>7.1f} {ours_rate / tv2:>7.1f} {bf16:>10.0f} "
-                  f"{bf16 / tv2:>7.1f}")  # fmt: skip
+    n = (n_batches + 6) * BATCH  # prefetching workers draw a few batches more
+    arms = peer_arms(device)
+    rates: dict[tuple, list[float]] = {}
+    stored = {side: fake_images(n, side) for side in {side for side, _ in CASES}}
+    for _ in range(repeats):  # every arm once per repeat: load drifts hit all alike
+        for side, size in CASES:
+            x, y = stored[side]
+            for name, dtype in DTYPES.items():
+                row = (side, size, name)
+                resident = x.to(device)
+                rates.setdefault(row + ("ours",), []).append(
+                    ours(resident, y, size, dtype, n_batches, device)
+                )
+                for label, kind, workers, pin in arms:
+                    dataset = _Items(x, y, size, dtype, kind)
+                    rates.setdefault(row + (label,), []).append(
+                        peer(dataset, workers, pin, n_batches, device)
+                    )
+        rates.setdefault(("fresh",), []).append(fresh_batches(n_batches, device))
+    _print_table(rates, [label for label, *_ in arms], n_batches, repeats, threads, device)
+    print(f"a new fp32 batch at 224 px ({BATCH * 3 * 224 * 224 * 4 / 1e6:.1f} MB) allocated "
+          f"and written once, one thread: {statistics.median(rates[('fresh',)]):.0f} images/s, "
+          "the ceiling of a one-thread pipeline that hands out new batches")  # fmt: skip
+
+
+def fresh_batches(n_batches: int, device: torch.device) -> float:
+    """Images/s of only allocating and filling new fp32 224 px batches (first-touch page
+    faults included), on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        torch.empty(BATCH, 3, 224, 224, device=device).fill_(0.5)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    torch.set_num_threads(threads)
+    return n_batches * BATCH / (time.perf_counter() - start)
+
+
+def _print_table(rates: dict[tuple, list[float]], labels: list[str], n_batches: int,
+                 repeats: int, threads: int, device: torch.device) -> None:  # fmt: skip
+    def med(key: tuple) -> float:
+        return statistics.median(rates[key])
+
+    print(f"batches of {BATCH}, {n_batches} timed per arm, median of {repeats} repeats, "
+          f"{threads} cores, ours on {device} (on the CPU batches run on one thread); "
+          "images/s")  # fmt: skip
+    print("| stored -> out | dtype | ours | " + " | ".join(f"tv {lb}" for lb in labels)
+          + " | best peer | ours / best (range) |")  # fmt: skip
+    print("|---|---|" + "---:|" * (len(labels) + 1) + "---|---:|")
+    for side, size in CASES:
+        for name in DTYPES:
+            row = (side, size, name)
+            best = max(labels, key=lambda lb: med(row + (lb,)))
+            ratios = [
+                a / b for a, b in zip(rates[row + ("ours",)], rates[row + (best,)], strict=True)
+            ]
+            cells = " | ".join(f"{med(row + (lb,)):.0f}" for lb in labels)
+            print(f"| {side} -> {size} | {name} | {med(row + ('ours',)):.0f} | {cells} | "
+                  f"{best} | {statistics.median(ratios):.2f}x "
+                  f"({min(ratios):.2f}-{max(ratios):.2f}) |")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- data wait
@@ -207,14 +277,20 @@ def data_wait(repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per pipeline")
-    parser.add_argument("--repeats", type=int, default=5, help="Ray tasks per wait figure")
+    parser.add_argument("--batches", type=int, default=12, help="timed batches per arm")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every arm")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where our batches are made and every batch ends (cpu | cuda)",
+    )
+    parser.add_argument("--wait-repeats", type=int, default=5, help="Ray tasks per wait figure")
     parser.add_argument("--skip-wait", action="store_true", help="only the throughput part")
     args = parser.parse_args()
     np.random.seed(0)
-    throughput(args.batches)
+    throughput(args.batches, args.repeats, torch.device(args.device))
     if not args.skip_wait:
-        data_wait(args.repeats)
+        data_wait(args.wait_repeats)
 
 
 if __name__ == "__main__":

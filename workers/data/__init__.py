@@ -7,8 +7,9 @@ bundled digits, the offline default), ``synthetic`` (generated, for tests),
 Adding a source is adding one module that registers into ``DATASETS`` and importing
 it here. Beside the sources: ``core`` (registry, ``ImageData``, ``DataOptions``),
 ``cache`` (decode once: process and disk cache), ``selection`` (subset, validation
-split), ``batches`` (batching and augmentation on the device), ``sharing`` (the Ray
-object store) and ``images`` (image files decoded, bad images handled).
+split), ``batches`` (batching and augmentation on the device), ``resample`` (crops
+and resizes of a batch, separably), ``sharing`` (the Ray object store) and ``images``
+(image files decoded, bad images handled).
 """
 
 from workers.data import (  # noqa: F401  (registration)

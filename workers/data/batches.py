@@ -1,8 +1,8 @@
 """Training and evaluation batches cut from a whole dataset with tensor ops.
 
-Every step is one batched call on the trial's device: gather, convert, normalise,
-resize, or, with augmentation, a seeded random-resized crop and flip drawn for the
-whole batch at once (no per-image Python, no PIL in the loop).
+Every step is one batched call on the trial's device: gather, then crop (with
+augmentation, a seeded random-resized crop and flip drawn for the whole batch at once),
+resize, normalise and convert in one ``resample`` (no PIL, no per-image transform).
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from workers.data.core import DataOptions, pair
+from workers.data.resample import resample
 
 log = logging.getLogger(__name__)
 
@@ -65,45 +66,6 @@ def crop_transforms(n: int, augment: Augment, generator: torch.Generator) -> tor
     return theta
 
 
-def resample(
-    x: torch.Tensor, theta: torch.Tensor, size: int, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Bilinear samples of ``x`` (B, C, H, W) at ``size`` x ``size`` points mapped by the
-    axis-aligned affine maps ``theta`` (B, 2, 3), as ``grid_sample`` with border padding,
-    returned as ``dtype``.
-
-    A map without rotation is separable: per image, out = Ry @ x @ Rx^T with two
-    interpolation matrices. From a small stored image (CIFAR's 32 px to 224 px) those
-    two batched matmuls cost less than ``grid_sample``'s per-pixel grid, and a bf16
-    batch (a bf16 trial's) comes from bf16 matmuls directly; from a large one their
-    dense inner dimension costs more, and ``grid_sample`` is used.
-    """
-    height, width = x.shape[-2:]
-    if max(height, width) * 2 > size:
-        grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return out.to(dtype)
-    rows = _interpolation_matrix(theta[:, 1, 1], theta[:, 1, 2], height, size).to(dtype)
-    cols = _interpolation_matrix(theta[:, 0, 0], theta[:, 0, 2], width, size).to(dtype)
-    return torch.matmul(torch.matmul(rows[:, None], x.to(dtype)), cols.transpose(1, 2)[:, None])
-
-
-def _interpolation_matrix(
-    scale: torch.Tensor, offset: torch.Tensor, n_in: int, n_out: int
-) -> torch.Tensor:
-    """(B, n_out, n_in) bilinear weights of output pixel centres mapped to the input by
-    ``u -> scale * u + offset`` in [-1, 1] coordinates (``align_corners=False``)."""
-    u = (2 * torch.arange(n_out, device=scale.device, dtype=scale.dtype) + 1) / n_out - 1
-    pos = (((scale[:, None] * u + offset[:, None]) + 1) * n_in - 1) / 2
-    pos = pos.clamp(0, n_in - 1)  # border padding
-    lo = pos.floor().long().clamp_(max=n_in - 1)
-    hi = (lo + 1).clamp_(max=n_in - 1)
-    frac = (pos - lo)[..., None]
-    weights = torch.zeros(len(scale), n_out, n_in, device=scale.device, dtype=scale.dtype)
-    weights.scatter_add_(2, lo[..., None], 1 - frac)
-    return weights.scatter_add_(2, hi[..., None], frac)
-
-
 def batches(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -121,10 +83,11 @@ def batches(
     """Yield normalised ``dtype`` batches at ``size`` px; shuffled when ``generator`` is
     given.
 
-    Every step is one batched tensor op on ``device``: gather, convert, normalise, resize
-    (or, with ``augment``, crop + flip + resize in one ``resample`` whose random maps
-    are drawn from ``generator``). ``x`` may already live on ``device``. A trial that
-    computes in bf16 asks for bf16 batches: autocast would cast them at the first layer.
+    Every step is one batched tensor op on ``device``: gather, then crop + flip + resize
+    + normalise in one ``resample`` (crop maps drawn from ``generator`` with
+    ``augment``, else the whole image). ``x`` may already live on ``device``. A trial
+    that computes in bf16 asks for bf16 batches: autocast would cast them at the first
+    layer.
     """
     if augment is not None and generator is None:
         raise ValueError("augmented batches need a generator (their crops are seeded)")
@@ -141,12 +104,47 @@ def batches(
             if order is not None
             else slice(start, start + batch_size)
         )
-        # normalised at the stored resolution: resampling weights sum to 1, so this
-        # equals normalising the (larger) output, at a fraction of the passes over it
-        xb = torch.addcmul(shift, x[idx].to(device, non_blocking=True).float(), scale)
-        if augment is not None:
-            theta = crop_transforms(len(xb), augment, generator).to(device)  # type: ignore[arg-type]
-            xb = resample(xb, theta, size, dtype)
-        elif xb.shape[-2:] != (size, size):
-            xb = F.interpolate(xb, size=(size, size), mode="bilinear", align_corners=False)
-        yield xb.to(dtype), y[idx].to(device, non_blocking=True)
+        with _one_thread(device):
+            # index_select copies whole images, advanced indexing element by element
+            xb = x[idx] if isinstance(idx, slice) else x.index_select(0, idx)
+            xb = xb.to(device, non_blocking=True)
+            xb = _images(xb, size, scale, shift, dtype, augment, generator)
+        yield xb, y[idx].to(device, non_blocking=True)
+
+
+def _images(
+    xb: torch.Tensor,
+    size: int,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    dtype: torch.dtype,
+    augment: Augment | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The uint8 batch ``xb`` at ``size`` px, normalised, as ``dtype``: randomly cropped
+    and flipped with ``augment``, else resized whole (``F.interpolate``'s bilinear)."""
+    if augment is not None:
+        theta = crop_transforms(len(xb), augment, generator).to(xb.device)  # type: ignore[arg-type]
+    elif xb.shape[-2:] != (size, size):
+        theta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=xb.device)
+        theta = theta.expand(len(xb), 2, 3)
+    else:
+        return torch.addcmul(shift, xb.float(), scale).to(dtype)
+    return resample(xb, theta, size, dtype, scale, shift)
+
+
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Batches made on the CPU on one intra-op thread. Their ops are short passes over
+    memory, and a team of threads waits at each for its slowest member: a whole time
+    slice whenever other work holds a core. On the shared 2-core machine this measured
+    one thread faster at every size (`benchmarks/data.py`, docs/data_pipeline.md)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,139 @@
+"""Separable resampling: the same pixels as ``grid_sample``; batches keep their contract."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers.data import Augment, batches, crop_transforms, resample
+
+resampling = importlib.import_module("workers.data.resample")  # the package re-exports names
+
+AUGMENT = Augment(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True)
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+
+def _grid_sample(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """The reference: bilinear, border padding, align_corners=False."""
+    grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@pytest.mark.parametrize(
+    ("side", "size", "chunk"),
+    [
+        (8, 24, None),  # small image enlarged: vertical pass by matmul
+        (16, 16, None),  # same size: vertical pass by row blends, images in chunks
+        (24, 10, None),  # shrunk
+        (20, 20, 1),  # one image per chunk: only the columns each crop spans
+        (7, 40, 1),  # matmul branch, one image per chunk
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resample_equals_grid_sample_on_normalised_images(
+    side: int, size: int, chunk: int | None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if chunk is not None:
+        monkeypatch.setattr(resampling, "_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(side * size)
+    x = torch.randint(0, 256, (9, 3, side, side), dtype=torch.uint8, generator=gen)
+    theta = crop_transforms(9, AUGMENT, gen)
+    scale = torch.rand(1, 3, 1, 1, generator=gen) / 60
+    shift = torch.rand(1, 3, 1, 1, generator=gen) - 2
+    out = resample(x, theta, size, dtype, scale, shift)
+    expected = _grid_sample(x.float() * scale + shift, theta, size)
+    assert out.dtype == dtype and out.shape == (9, 3, size, size) and out.is_contiguous()
+    # fp32: float rounding (values up to ~4); bf16: its 8-bit mantissa
+    tolerance = 1e-4 if dtype == torch.float32 else 0.04
+    assert (out.float() - expected).abs().max() < tolerance
+
+
+def test_whole_image_map_is_interpolate() -> None:
+    x = torch.rand(4, 3, 13, 13) * 255
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(4, 2, 3)
+    for size in (40, 13, 6):
+        expected = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        assert torch.allclose(resample(x, identity, size), expected, atol=1e-3)
+
+
+def test_chunks_cover_the_batch_and_the_columns_each_crop_reads() -> None:
+    theta = crop_transforms(5, AUGMENT, torch.Generator().manual_seed(0))
+    across = resampling._positions(theta[:, 0, 0], theta[:, 0, 2], 224, 224)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    whole = list(resampling._chunks(across, cpu, 3 * 224 * 8, 8))
+    assert whole == [(slice(0, 5), 0, 8)]  # small images: one chunk, every column
+    assert list(resampling._chunks(across, cuda, 3 * 224 * 224, 224)) == [(slice(0, 5), 0, 224)]
+    spans = list(resampling._chunks(across, cpu, 3 * 224 * 224, 224))
+    assert [part for part, _, _ in spans] == [slice(i, i + 1) for i in range(5)]
+    for (_, start, stop), pos in zip(spans, across, strict=True):
+        # the span holds both taps of every output pixel, and nothing else
+        assert start == int(pos.min().floor()) and stop == min(int(pos.max().floor()) + 2, 224)
+    assert sum(stop - start for _, start, stop in spans) < 5 * 224  # crops skip columns
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+@pytest.mark.parametrize(("side", "size"), [(8, 32), (16, 16), (24, 12)])
+def test_augmented_batches_are_the_seeded_crops_of_the_normalised_images(
+    side: int, size: int
+) -> None:
+    # the contract the sweep's results rest on: for a seed, the shuffle and the crop maps
+    # drawn from it, sampled bilinearly from the normalised image (as grid_sample would)
+    x = torch.randint(0, 256, (20, 3, side, side), dtype=torch.uint8)
+    y = torch.arange(20)
+    feed = batches(
+        x, y, 8, size=size, mean=MEAN, std=STD, device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(4), augment=AUGMENT,
+    )  # fmt: skip
+    replay = torch.Generator().manual_seed(4)
+    order = torch.randperm(20, generator=replay)
+    for start, (xb, yb) in zip(range(0, 20, 8), feed, strict=True):
+        idx = order[start : start + 8]
+        theta = crop_transforms(len(idx), AUGMENT, replay)
+        assert torch.equal(yb, y[idx])
+        assert (xb - _grid_sample(_normalised(x[idx]), theta, size)).abs().max() < 1e-4
+
+
+def test_plain_batches_are_interpolated_normalised_images() -> None:
+    x = torch.randint(0, 256, (6, 3, 9, 9), dtype=torch.uint8)
+    for size in (9, 27, 5):
+        xb, _ = next(
+            batches(x, torch.arange(6), 6, size=size, mean=MEAN, std=STD,
+                    device=torch.device("cpu"))
+        )  # fmt: skip
+        expected = F.interpolate(_normalised(x), size=(size, size), mode="bilinear")
+        assert torch.allclose(xb, expected, atol=1e-4)
+
+
+def test_batches_use_one_thread_and_give_the_threads_back() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    real = resampling.resample
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    try:
+        batches_module = importlib.import_module("workers.data.batches")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(batches_module, "resample", spy)
+            x = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+            for _ in batches(
+                x, torch.arange(8), 4, size=16, mean=MEAN, std=STD,
+                device=torch.device("cpu"), generator=torch.Generator(), augment=AUGMENT,
+            ):  # fmt: skip
+                assert torch.get_num_threads() == 2  # the trial's step keeps its threads
+        assert seen == [1, 1]
+    finally:
+        torch.set_num_threads(threads)
