@@ -145,7 +145,7 @@ def family(name: str, args: dict[str, Any] | None = None) -> str:
     tags = BACKBONES.get(name).tags & set(FAMILIES)
     if len(tags) == 1:
         return next(iter(tags))
-    found = structure(name, args).families
+    found = check_backbone(name, args).families
     return next((f for f in FAMILIES if f in found), "other")
 
 
@@ -333,11 +333,6 @@ def check_backbone(name: str, args: dict[str, Any] | None = None) -> Structure:
     forward at its input size there; its ``Structure``. Raises ``RegistryError`` with
     the reason (an unknown name or argument, an input size it cannot take)."""
     return _checked(name, json.dumps(args or {}, sort_keys=True))
-
-
-def structure(name: str, args: dict[str, Any] | None = None) -> Structure:
-    """The ``Structure`` of backbone ``name`` with ``args`` (see ``check_backbone``)."""
-    return check_backbone(name, args)
 
 
 def meta_backbone(name: str, args: dict[str, Any] | None, num_classes: int) -> nn.Module:
