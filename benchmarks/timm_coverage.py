@@ -406,15 +406,14 @@ def main(argv: list[str] | None = None) -> int:
             MODELS_CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
         rows.append(row)
         print(_progress(i, len(modules), row), flush=True)
+        if args.out:  # after every row: an interrupted run resumes with --rerun
+            _save(args.out, rows, time.perf_counter() - t0, timm.__version__)
     elapsed = time.perf_counter() - t0
     text = summary(rows)
     print(text)
     print(f"wall time {elapsed / 60:.1f} min", flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"timm": timm.__version__, "wall_s": elapsed, "summary": text,
-                   "rows": [r.to_dict() for r in rows]}  # fmt: skip
-        args.out.write_text(json.dumps(payload, indent=1) + "\n")
+        _save(args.out, rows, elapsed, timm.__version__)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(
@@ -422,6 +421,15 @@ def main(argv: list[str] | None = None) -> int:
             f"Wall time {elapsed / 60:.1f} min on {_cpus()} CPU cores.\n\n{table(rows)}\n"
         )
     return 0
+
+
+def _save(path: Path, rows: list[Row], elapsed: float, timm_version: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"timm": timm_version, "wall_s": elapsed, "summary": summary(rows),
+               "rows": [r.to_dict() for r in rows]}  # fmt: skip
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(payload, indent=1) + "\n")
+    partial.replace(path)
 
 
 def _kept_rows(path: Path, cache: dict[str, Any]) -> dict[str, Row]:

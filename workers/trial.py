@@ -520,7 +520,7 @@ class _Evaluator:
         record = self.record
         if record.eval_batch_size_used is None:
             self._fit(x, y)
-        floor = min(eval_batch.EVAL_BATCH_FLOOR, self.spec.train.eval_batch_size)
+        floor = self._floor()
         while True:
             batch = record.eval_batch_size_used
             assert batch is not None
@@ -535,6 +535,11 @@ class _Evaluator:
                     torch.cuda.empty_cache()
                 record.eval_batch_size_used = batch // 2
 
+    def _floor(self) -> int:
+        # a forward at the training batch size fits wherever the training step did
+        train = self.spec.train
+        return min(eval_batch.EVAL_BATCH_FLOOR, train.eval_batch_size, train.batch_size)
+
     def _fit(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.device.type == "cuda":
             resident = torch.cuda.memory_allocated(self.device)
@@ -548,6 +553,7 @@ class _Evaluator:
             budget_bytes=int(self.spec.budget_mb * MB),
             requested=self.spec.train.eval_batch_size,
             autocast=self.autocast,
+            floor=self._floor(),
         )
         self.record.eval_batch_size_used = fit.batch_size
         self.record.eval_peak_mem_mb = fit.predicted_bytes / MB

@@ -68,7 +68,7 @@ def test_a_trial_whose_evaluation_would_not_fit_is_shrunk_and_ok() -> None:
 def test_an_evaluation_that_cannot_fit_at_the_floor_is_over_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(eval_batch, "EVAL_BATCH_FLOOR", 128)
+    monkeypatch.setattr(trial._Evaluator, "_floor", lambda self: 128)
     record = run_trial(_spec(budget_mb=12), num_threads=1)
     assert record.status == "over_budget"
     assert record.error.startswith("evaluation at batch 128")
@@ -93,6 +93,21 @@ def test_an_over_budget_stop_in_evaluation_halves_the_batch(
     assert record.status == "ok", record.error
     assert tried[:3] == [256, 128, 64]
     assert record.eval_batch_size_used == 32
+
+
+def test_the_floor_is_never_above_the_training_batch() -> None:
+    # a forward at the training batch fits wherever the training step did: the evaluation
+    # may go down to the training batch instead of stopping the trial at the usual floor
+    def floor(batch_size: int, eval_batch_size: int) -> int:
+        evaluator = trial._Evaluator.__new__(trial._Evaluator)
+        train = TrainConfig(batch_size=batch_size, eval_batch_size=eval_batch_size)
+        evaluator.spec = TrialSpec(backbone="mobilenetv2_test", dataset="digits", train=train)
+        return evaluator._floor()
+
+    assert eval_batch.EVAL_BATCH_FLOOR == 8
+    assert floor(2, 64) == 2
+    assert floor(32, 64) == 8
+    assert floor(32, 4) == 4
 
 
 def test_every_phase_has_a_resident_peak_within_the_limit() -> None:
