@@ -47,5 +47,7 @@ docs: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check orchestrator workers tests benchmarks
 
+# What make made (the environment, the docs site) and the tools' caches; never results/,
+# which holds the user's sweeps.
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) site .pytest_cache .ruff_cache

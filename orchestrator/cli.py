@@ -10,15 +10,19 @@
     orchestrate collect DIR          all records of a sweep as one table
     orchestrate report DIR           Pareto analysis + HTML/PNG/Markdown report
 
-Exit status: 0 success, 2 bad input (the message names file, field and value),
-1 failure (including a sweep in which some trial ended with status ``failed``).
-``validate`` and ``run --dry-run`` write nothing and reach no network.
+Exit status: 0 success, 2 bad input (the message names file, field and value; a grid's
+every error, one line each), 1 failure (including a sweep in which some trial ended with
+status ``failed``), 141 when the reader of the output went away (``orchestrate collect DIR |
+head``: no message). ``validate`` and ``run --dry-run`` write nothing and reach no network.
+``-v`` / ``--verbose`` goes before or after the command; its log lines are written above
+the progress bar.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -31,6 +35,7 @@ import pandas as pd
 from orchestrator import pareto
 from orchestrator.expansion import expand
 from orchestrator.grid import MAX_TRIALS, Grid, GridError, Search, load_grid
+from orchestrator.grid_errors import GridErrors, validate_grid
 from orchestrator.lock import OutputBusy, OutputLock
 from orchestrator.records import RecordStore, WriteError, describe_schema
 from orchestrator.report import front_display, front_summary, write_report
@@ -40,6 +45,8 @@ from orchestrator.spec import TrialSpec
 log = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("run", "validate", "search", "collect", "report", "schema")
+TOP_FLAGS = ("-v", "--verbose")  # the options that may come before the command
+PIPE_CLOSED = 128 + 13  # a shell's status for a process ended by SIGPIPE
 
 
 class UsageError(Exception):
@@ -54,7 +61,20 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: orchestrate grid/smoke.yaml   (runs the CPU smoke sweep)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # every command takes -v too; SUPPRESS: a command without it keeps the one given before
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log progress details",
+    )
+    sub = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        parser_class=functools.partial(argparse.ArgumentParser, parents=[verbose]),
+    )
 
     run = sub.add_parser("run", help="run a grid (the default command)")
     run.add_argument("grid", help="grid YAML file")
@@ -134,25 +154,34 @@ def _max_trials_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
-        argv.insert(0, "run")  # `orchestrate GRID`
+    try:
+        status = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a closed pipe shows here rather than at the interpreter's exit
+        return status
+    except BrokenPipeError:  # `orchestrate collect DIR | head`: the reader has what it wanted
+        _leave_ray()
+        return _pipe_closed()
+
+
+def _main(argv: list[str]) -> int:
+    flags = next((i for i, a in enumerate(argv) if a not in TOP_FLAGS), len(argv))
+    if flags < len(argv) and not argv[flags].startswith("-") and argv[flags] not in SUBCOMMANDS:
+        argv.insert(flags, "run")  # `orchestrate [-v] GRID`
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # a missing optional CPU kernel package is not the user's concern
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    _configure_logging(args.verbose)
     if args.command is None:
         parser.print_help()
         return 2
     try:
         # SIGINT/SIGTERM stop a command cleanly; run and search hold them while they
-        # wind their trials down (args.signals)
-        with StopSignals() as args.signals:
+        # wind their trials down (args.signals); log lines go above a progress bar
+        with StopSignals() as args.signals, _above_progress_bars():
             return COMMANDS[args.command](args)
+    except GridErrors as exc:
+        for line in exc.lines():
+            print(f"orchestrate: error: {line}", file=sys.stderr)
+        return 2
     except (GridError, UsageError, OutputBusy) as exc:
         print(f"orchestrate: error: {exc}", file=sys.stderr)
         return 2
@@ -175,11 +204,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except BrokenPipeError:
+        raise  # main's: no message
     except Exception as exc:  # noqa: BLE001 - one line for the user, details with -v
         if args.verbose:
             log.exception("failed")
         print(f"orchestrate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:  # a missing optional CPU kernel package is not the user's concern
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _above_progress_bars() -> contextlib.AbstractContextManager:
+    """Console log lines written through tqdm: above a progress bar, not into it."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
+def _pipe_closed() -> int:
+    """Standard output's reader is gone: point it at /dev/null, so that the interpreter's
+    last flush finds nowhere to fail, and end with the status of a process SIGPIPE ended."""
+    with contextlib.suppress(OSError, ValueError):  # no file descriptor (a test's capture)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return PIPE_CLOSED
 
 
 # ---------------------------------------------------------------- commands
@@ -206,7 +262,7 @@ def _trial_table(specs: Sequence[TrialSpec]) -> pd.DataFrame:
 def _load(path: str, max_trials: int) -> tuple[Grid, list[TrialSpec]]:
     if max_trials < 1:
         raise UsageError(f"--max-trials must be >= 1, got {max_trials}")
-    grid = load_grid(path, max_trials)
+    grid = validate_grid(path, max_trials)  # every error of the grid at once
     try:
         specs = expand(grid)
     except ValueError as exc:
