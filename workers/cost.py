@@ -25,6 +25,9 @@ phase's variants, ``workers.deploy``):
   allocator statistics, it is the peak total of live tensor storages that the
   forward's operators return, followed to their release (``live_tensors``). Scratch
   buffers inside a kernel are invisible to the CPU figure.
+- the batch: the trial's batch size, halved until the copy + the rest of the trial +
+  one forward fit the trial's budget when one is given (the record's
+  ``inference_batch_size_used``).
 
 Example:
     >>> model = create_backbone("vit_test", num_classes=10)
@@ -54,6 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from workers.batch_fit import fit_batch, with_halving
 from workers.memory import MB, storage_key, sync
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,8 @@ class InferenceCost:
     # True: adapters folded into the weights; False: adapters left unmerged (they ran
     # as extra branches); None: the model has no adapter layers (full, bitfit, ...)
     merged: bool | None
+    # images of the *_batch figures: the requested batch, halved to fit a budget if given
+    batch_size: int | None = None
 
 
 # ---------------------------------------------------------------- MACs
@@ -163,8 +169,23 @@ def forward_macs(model: nn.Module, size: int, device: torch.device) -> int:
     The model runs in eval mode without gradients; every module's mode is restored.
     """
     x = torch.zeros(1, 3, size, size, device=device, dtype=_input_dtype(model))
-    with _eval_mode(model):
+    with _eval_mode(model), _frozen(model):
         return call_macs(lambda: model(x))
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter requires grad inside: under ``no_grad`` a no-op view of a parameter
+    (PiT's ``cls_token.expand(1, ...)``) still requires grad without a grad function, and
+    the counter's module tracker fails on it."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
 
 
 @contextmanager
@@ -387,13 +408,16 @@ def inference_cost(
     repeats: int = 10,
     warmup: int = 3,
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    budget_bytes: int | None = None,
+    resident_bytes: int = 0,
 ) -> InferenceCost:
     """Latency and peak memory of inference with ``model`` at batch 1 and ``batch_size``.
 
     Measured on ``inference_model(model)`` (an extra copy of the model on ``device``),
     in eval mode under ``torch.inference_mode()`` and ``autocast()`` (the trial's
     precision). On CUDA it resets the allocator's peak statistics: read the trial's
-    own peaks first.
+    own peaks first. With ``budget_bytes`` the batch is fitted to it (see
+    ``measure_inference``); ``resident_bytes``: what stays allocated beside the copy.
 
     Example:
         >>> cost = inference_cost(model, 224, 64, torch.device("cuda"))  # doctest: +SKIP
@@ -412,6 +436,8 @@ def inference_cost(
         warmup=warmup,
         autocast=autocast,
         merged=merged,
+        budget_bytes=budget_bytes,
+        resident_bytes=resident_bytes,
     )
 
 
@@ -426,6 +452,9 @@ def measure_inference(
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
     merged: bool | None = None,
     not_stored: Collection[torch.Tensor] = (),
+    budget_bytes: int | None = None,
+    resident_bytes: int = 0,
+    phase: str = "inference",
 ) -> InferenceCost:
     """Latency and peak memory of inference with ``model`` itself (put in eval mode, on
     ``device``), measured as ``inference_cost`` describes; ``merged`` is passed through.
@@ -433,31 +462,70 @@ def measure_inference(
     ``not_stored``: tensors of the model that its weights' figure leaves out: the float
     copies that simulated quantization computes with (``workers.quantization``), whose
     stored form (int8 codes + scales) is what the figure counts.
+
+    ``budget_bytes``: the batch is fitted to it (``workers.batch_fit``): ``resident_bytes``
+    (what else stays allocated) + the model's weights + the batch-1 forward's peak per
+    image (an over-estimate: its fixed part is scaled too); an over-budget stop or an
+    out-of-memory error halves the batch and measures again. Not even batch 1 fitting
+    is OverBudget naming ``phase``.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     model.eval()
-    weights = _weight_bytes(model) - _weight_bytes_of(not_stored)
+    held = weight_bytes(model)
+    weights = held - _weight_bytes_of(not_stored)
     dtype = _input_dtype(model)
-    latency, peak = {}, {}
-    for batch in sorted({1, batch_size}):
+
+    def measure(batch: int) -> tuple[float, float]:
+        """(median latency ms, peak MiB) at ``batch`` images."""
         x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
 
-        def forward(x: torch.Tensor = x) -> None:
+        def forward() -> None:
             with torch.inference_mode(), autocast():
                 model(x)
 
-        latency[batch] = _median_ms(forward, device, repeats, warmup)
-        peak[batch] = (weights + forward_peak_bytes(forward, x, device)) / MB
-        del x
+        latency = _median_ms(forward, device, repeats, warmup)
+        return latency, (weights + forward_peak_bytes(forward, x, device)) / MB
+
+    def free() -> None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    one, _ = with_halving(measure, 1, 1, phase, free)
+    batch = batch_size
+    if budget_bytes is not None:
+        per_image = one[1] * MB - weights  # the batch-1 forward, input included
+        batch = fit_batch(
+            per_image_bytes=per_image,
+            resident_bytes=resident_bytes + held,
+            budget_bytes=budget_bytes,
+            requested=batch_size,
+            floor=1,
+            phase=phase,
+        ).batch_size
+    at_batch, batch = (one, 1) if batch == 1 else with_halving(measure, batch, 1, phase, free)
     return InferenceCost(
-        latency_ms_b1=latency[1],
-        latency_ms_batch=latency[batch_size],
-        peak_mem_mb_b1=peak[1],
-        peak_mem_mb_batch=peak[batch_size],
+        latency_ms_b1=one[0],
+        latency_ms_batch=at_batch[0],
+        peak_mem_mb_b1=one[1],
+        peak_mem_mb_batch=at_batch[1],
         mem_source="cuda_allocator" if device.type == "cuda" else "live_tensors",
         merged=merged,
+        batch_size=batch,
     )
+
+
+def one_image_forward_bytes(model: nn.Module, size: int, device: torch.device) -> int:
+    """Input + peak bytes of one eval-mode inference forward of one ``size`` px image: an
+    upper bound of the bytes per image of a larger batch (the fixed part is included)."""
+    x = torch.zeros(1, 3, size, size, device=device, dtype=_input_dtype(model))
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    with _eval_mode(model):
+        return forward_peak_bytes(forward, x, device)
 
 
 def _median_ms(
@@ -475,7 +543,8 @@ def _median_ms(
     return statistics.median(times)
 
 
-def _weight_bytes(model: nn.Module) -> int:
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct storages of ``model``'s parameters and buffers."""
     return _weight_bytes_of([*model.parameters(), *model.buffers()])
 
 

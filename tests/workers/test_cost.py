@@ -120,6 +120,25 @@ def test_macs_restore_every_module_mode() -> None:
     assert [m.training for m in model.modules()] == before
 
 
+class ClassToken(nn.Module):
+    """PiT's pattern: a parameter expanded to batch 1 (a no-op view) passed to a child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.proj = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.token.expand(x.shape[0], -1, -1)).flatten(1) + x.mean()
+
+
+def test_macs_of_a_model_passing_a_parameter_view_to_a_child() -> None:
+    model = ClassToken()
+    model.proj.bias.requires_grad_(False)  # a frozen parameter stays frozen after
+    assert forward_macs(model, 2, CPU) == 4 * 5  # the linear (a mean is not counted)
+    assert [p.requires_grad for p in model.parameters()] == [True, True, False]
+
+
 class Repeat(nn.Module):
     """Known live tensors: y (4 units) and z (4 units) and the output, all alive at once."""
 
