@@ -1,9 +1,12 @@
 """TrialRecord, its Arrow schema, and the record store: the only module that writes records.
 
-One record per trial, one Parquet file per record under ``OUTPUT/records/``,
-written atomically (temporary file, fsync, rename), so a crash never leaves half a
-record and a resumed sweep skips every trial id that already has one. Failures are
-records too (status ``failed``, ``oom``, ``over_budget``).
+One row per trial in the Parquet dataset ``OUTPUT/records/``: a file per record
+(``<trial_id>.parquet``) or a part holding several (a group commit of records that finish
+together, or a compaction of small files: ``orchestrator.compaction``). Every file is
+written atomically (temporary file, fsync, rename), so a crash never leaves half a record
+and a resumed sweep skips every trial id that already has one. Failures are records too
+(status ``failed``, ``oom``, ``over_budget``). A trial recorded again (``--retry-failed``)
+is the newest of its rows (``recorded_at``).
 
 The schema is defined once, here: the columns of the spec (flattened), then the
 fields of ``TrialRecord`` in declaration order, each with a unit in its name and a
@@ -12,27 +15,35 @@ version, ``SCHEMA_VERSION`` (column ``schema_version``, Parquet metadata), is bu
 whenever columns change; version 4 added the deployment phase: the spec's ``deploy``
 column and the ``deploy_*`` columns; version 5 ``data_skipped_images``; version 6
 ``ckpt_profile_s`` and ``ckpt_profile_cached``; version 7 the memory of every phase
-(``eval_batch_size_used``, ``eval_peak_mem_mb``, ``rss_limit_mb``, ``*_rss_peak_mb``).
-Older record files still collect (their missing columns are empty).
+(``eval_batch_size_used``, ``eval_peak_mem_mb``, ``rss_limit_mb``, ``*_rss_peak_mb``);
+version 8 the flat typed argument columns (``train.lr``, ``method.r``: see
+``orchestrator.record_columns``) and ``recorded_at``. Older record files still collect
+(their missing columns are empty, their flat columns derived from their JSON columns).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import io
 import json
 import logging
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator import compaction
+from orchestrator.compaction import StoredFile
+from orchestrator.record_columns import ARG_COLUMNS, is_flat, train_fields, with_flat_columns
 from orchestrator.spec import TrainConfig, TrialSpec, canonical_json
 
 log = logging.getLogger(__name__)
@@ -41,10 +52,14 @@ log = logging.getLogger(__name__)
 # accuracy); 4: the deployment phase (spec column `deploy`, deploy_* columns);
 # 5: data_skipped_images; 6: ckpt_profile_s, ckpt_profile_cached (train_time_s no
 # longer includes block profiling); 7: memory per phase (eval_batch_size_used,
-# eval_peak_mem_mb, rss_limit_mb, *_rss_peak_mb).
-SCHEMA_VERSION = 7
+# eval_peak_mem_mb, rss_limit_mb, *_rss_peak_mb); 8: flat typed columns beside the JSON
+# ones (train.<field> for every train field, <component>.<key> for every argument of
+# backbone_args, method_args, checkpointing_args, dataset_args, baseline_args) and
+# recorded_at (the newest row of a trial wins); records may share a file (parts).
+SCHEMA_VERSION = 8
 QUARANTINE = "quarantine"  # folder beside records/ that unreadable record files move to
-STATUSES = ("ok", "oom", "over_budget", "failed", "skipped")
+# stopped: a grid's scheduler (orchestrator.scheduler) ended it early; figures so far
+STATUSES = ("ok", "oom", "over_budget", "failed", "skipped", "stopped")
 
 _ARROW = {"str": pa.string(), "float": pa.float64(), "int": pa.int64(), "bool": pa.bool_()}
 
@@ -58,7 +73,7 @@ class TrialRecord:
     """The outcome of one trial: its spec plus status, metrics, costs and provenance."""
 
     spec: TrialSpec
-    status: str = _col("str", "ok | oom | over_budget | failed | skipped", "failed")
+    status: str = _col("str", "ok | oom | over_budget | failed | skipped | stopped", "failed")
     error: str = _col("str", "error text when status is not ok", "")
     # metrics (held-out split)
     accuracy: float | None = _col("float", "top-1 accuracy, fraction in [0, 1]")
@@ -94,7 +109,7 @@ class TrialRecord:
     train_time_s: float | None = _col(
         "float",
         "wall time of the training loop, s; one-off set-up (block profiling: "
-        "ckpt_profile_s) excluded for every strategy",
+        "ckpt_profile_s; compilation: compile_s) excluded for every strategy",
     )
     eval_time_s: float | None = _col("float", "wall time of the evaluation, s")
     throughput_img_s: float | None = _col("float", "training images/s, first step excluded")
@@ -136,6 +151,15 @@ class TrialRecord:
         "evaluation peak predicted at eval_batch_size_used: what stays allocated (CPU: "
         "params+grads+optimizer; CUDA: the allocator's bytes) + input + one forward's peak "
         "(CPU: live tensors; CUDA: allocator), measured on a probe batch and scaled, MiB",
+    )
+    inference_batch_size_used: int | None = _col(
+        "int", "images of infer_*_batch: train_batch_size halved to fit the budget with the copy"
+    )
+    deploy_batch_size_used: int | None = _col(
+        "int", "images of deploy_*_batch and per calibration forward, halved to fit the budget"
+    )
+    baseline_batch_size_used: int | None = _col(
+        "int", "baselines: images per image-encoder forward, train_eval_batch_size fitted likewise"
     )
     rss_limit_mb: float | None = _col(
         "float", "CPU: resident growth at which the trial stops as over_budget (budget + margin)"
@@ -253,6 +277,12 @@ class TrialRecord:
     ckpt_profile_cached: bool | None = _col(
         "bool", "the block profile came from the profile cache (empty: no profile)"
     )
+    compile_s: float | None = _col(
+        "float",
+        "seconds torch.compile took (checkpointing compiled; 0: nothing compiled), "
+        "excluded from train_time_s",
+        0.0,
+    )
     # provenance
     device: str = _col("str", "device the trial ran on", "")
     host: str = _col("str", "host name", "")
@@ -265,6 +295,12 @@ class TrialRecord:
     versions: str = _col("str", "JSON: python and package versions", "")
     started_at: str = _col("str", "UTC ISO-8601 start time", "")
     ended_at: str = _col("str", "UTC ISO-8601 end time", "")
+    recorded_at: str = _col(
+        "str",
+        "UTC ISO-8601 time the record store committed the record (microseconds): of two "
+        "records of one trial the later counts; empty before schema 8",
+        "",
+    )
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -350,14 +386,22 @@ def schema_fields() -> list[tuple[str, pa.DataType, str]]:
         ("schema_version", pa.int64(), f"version of this schema ({SCHEMA_VERSION})"),
     ]
     results = [(f.name, _ARROW[f.metadata["arrow"]], f.metadata["doc"]) for f in _result_fields()]
-    return head + _spec_schema_fields() + results
+    return head + _spec_schema_fields() + results + train_fields()
 
 
 def record_schema() -> pa.Schema:
+    """Every column a record file of this version has, except its argument columns
+    (``method.r``...), which depend on the trial (``record_columns.with_flat_columns``)."""
     return pa.schema(
         [pa.field(n, t, metadata={"doc": d}) for n, t, d in schema_fields()],
         metadata={"vramsweep_schema_version": str(SCHEMA_VERSION)},
     )
+
+
+def _row_schema() -> pa.Schema:
+    """``record_schema()`` without the flat columns: what ``TrialRecord.to_row`` fills."""
+    schema = record_schema()
+    return pa.schema([f for f in schema if not is_flat(f.name)], metadata=schema.metadata)
 
 
 def describe_schema() -> str:
@@ -366,6 +410,12 @@ def describe_schema() -> str:
     for name, arrow_type, doc in schema_fields():
         cell = doc.replace("|", "\\|")  # a bare | would end the Markdown cell
         lines.append(f"| `{name}` | {arrow_type} | {cell} |")
+    prefixes = ", ".join(f"`{p}.<key>`" for p in ARG_COLUMNS.values())
+    lines.append(
+        f"| {prefixes} | by value | every key of the JSON column `<prefix>_args` "
+        "(nested keys joined with dots), typed: bool, int64, double (ints and floats "
+        "mixed) or string (lists and mixed values as JSON); empty where the trial has none |"
+    )
     return "\n".join(lines)
 
 
@@ -475,18 +525,30 @@ class RecordStore:
 
     ``output`` is a local folder (NFS included) or a URI that pyarrow understands
     (``s3://bucket/prefix``, ``gs://...``); object stores make each put atomic.
+    ``compact_every``: after this many files written, small files are merged
+    (``orchestrator.compaction``; 0: never by itself). Only the output's owner writes.
+
+    Example:
+        >>> store = RecordStore("results/smoke")  # doctest: +SKIP
+        >>> store.write_many(records)  # one part, one fsync  # doctest: +SKIP
+        >>> store.collect()[["trial_id", "method.r", "train.lr", "accuracy"]]  # doctest: +SKIP
     """
 
-    def __init__(self, output: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, output: str | os.PathLike[str], *, compact_every: int = compaction.FANOUT
+    ) -> None:
+        import pyarrow.fs as pafs
+
         self.output = str(output)
         self.is_uri = "://" in self.output
+        self.compact_every = compact_every
+        self._written = 0  # files written since the last compaction
         # (file name, where it was moved, why) of every unreadable record found
         self.quarantined: list[tuple[str, str, str]] = []
         if self.is_uri:
-            import pyarrow.fs as pafs
-
             self._fs, self._root = pafs.FileSystem.from_uri(self.output)
         else:
+            self._fs = pafs.LocalFileSystem()
             self._root = str(Path(self.output).resolve())
             Path(self.records_dir).mkdir(parents=True, exist_ok=True)
 
@@ -501,14 +563,55 @@ class RecordStore:
     def path_of(self, trial_id: str) -> str:
         return f"{self.records_dir}/{trial_id}.parquet"
 
+    def inner(self, name: str) -> str:
+        """Path of ``name`` beside ``records/`` in the store's file system (no scheme)."""
+        return f"{self._root}/{name}"
+
+    # ------------------------------------------------------------ writing
+
     def write(self, record: TrialRecord) -> str:
-        """Write ``record`` atomically; an existing record of the same trial is replaced."""
-        table = pa.Table.from_pylist([record.to_row()], schema=record_schema())
+        """Write ``record`` atomically as ``<trial_id>.parquet`` (durable on return); an
+        earlier record of the same trial is superseded."""
+        path = self.path_of(record.trial_id)
+        self._commit(path, [record])
+        return path
+
+    def write_many(self, records: Sequence[TrialRecord]) -> str | None:
+        """Group commit: ``records`` (trials that finished together) in one part file,
+        one fsync, durable on return. Returns its path (None for no records)."""
+        unique = list({r.trial_id: r for r in records}.values())  # the last of a trial
+        if len(unique) <= 1:
+            return self.write(unique[0]) if unique else None
+        path = f"{self.records_dir}/{compaction.part_name(len(unique))}"
+        self._commit(path, unique)
+        return path
+
+    def _commit(self, path: str, records: list[TrialRecord]) -> None:
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        for record in records:
+            record.recorded_at = stamp
+        table = pa.Table.from_pylist([r.to_row() for r in records], schema=_row_schema())
+        self.write_table_at(path, with_flat_columns(table))
+        self._written += 1
+        if self.compact_every and self._written >= self.compact_every:
+            self.compact()
+
+    def compact(self, *, everything: bool = False) -> int:
+        """Merge small record files into parts (``orchestrator.compaction.compact``);
+        returns the parts written. A failure is logged: every record is still there."""
+        self._written = 0
+        try:
+            return compaction.compact(
+                self, everything=everything, fanout=self.compact_every or compaction.FANOUT
+            )
+        except (OSError, WriteError, pa.ArrowException) as exc:
+            log.error("compacting %s failed (%s); its records are as they were", self.output, exc)
+            return 0
+
+    def write_table_at(self, path: str, table: pa.Table) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        path = self.path_of(record.trial_id)
         self.write_bytes_at(path, buf.getvalue())
-        return path
 
     def write_bytes(self, relpath: str, data: bytes) -> str:
         """Write a file (report, table) under the output folder, atomically."""
@@ -522,34 +625,105 @@ class RecordStore:
         except OSError as exc:
             raise WriteError(path, exc) from exc
 
-    def record_paths(self) -> list[str]:
-        """Finished record files (temporary files of interrupted writes are ignored)."""
-        if self.is_uri:
-            import pyarrow.fs as pafs
+    # ------------------------------------------------------------ files
 
-            infos = self._fs.get_file_info(
-                pafs.FileSelector(self.records_dir, allow_not_found=True)
-            )
-            names = [i.path for i in infos if i.type == pafs.FileType.File]
-        else:
-            names = [str(p) for p in Path(self.records_dir).glob("*.parquet") if p.is_file()]
-        return sorted(n for n in names if not Path(n).name.startswith("."))
+    def listing(self) -> list[StoredFile]:
+        """Finished record files, sorted by name (temporary files of interrupted writes,
+        named ``.*``, are ignored)."""
+        return [f for f in self._list(self.records_dir) if f.name.endswith(".parquet")]
+
+    def record_paths(self) -> list[str]:
+        return [f.path for f in self.listing()]
+
+    def _list(self, folder: str) -> list[StoredFile]:
+        import pyarrow.fs as pafs
+
+        infos = self._fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        files = [
+            StoredFile(i.path, i.size, i.mtime_ns or 0)
+            for i in infos
+            if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_"))
+        ]
+        return sorted(files, key=lambda f: f.name)
+
+    def list_folder(self, folder: str, suffix: str) -> list[str]:
+        return [f.path for f in self._list(folder) if f.name.endswith(suffix)]
+
+    def stat(self, path: str) -> StoredFile | None:
+        import pyarrow.fs as pafs
+
+        info = self._fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            return None
+        return StoredFile(info.path, info.size, info.mtime_ns or 0)
+
+    def delete(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._fs.delete_file(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        with self._fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    def sync_records_dir(self) -> None:
+        """Make deletions and renames in ``records/`` durable (local folders)."""
+        if self.is_uri:
+            return
+        dir_fd = os.open(self.records_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # ------------------------------------------------------------ reading
+
+    def _read_checked(self, path: str, columns: list[str] | None = None) -> pa.Table | None:
+        """The checked rows of one file (``columns`` only, or all), or None when it is
+        not a valid record file: then it is quarantined. ``_Vanished`` when it went away
+        (a compaction merged it) between the listing and the read."""
+        name = path.rsplit("/", 1)[-1]
+        try:
+            parquet = pq.ParquetFile(path, filesystem=self._fs)
+            schema = parquet.schema_arrow
+            if compaction.is_part(name):
+                wanted = PART_CHECKED if columns is not None else None
+                table = _read(parquet, wanted, columns)
+                check_part_file(name, schema, table)
+            else:
+                wanted = list(CHECKED_COLUMNS) if columns is not None else None
+                table = _read(parquet, wanted, columns)
+                check_record_file(name, schema, table)
+        except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+            if self.stat(path) is None:
+                raise _Vanished(path) from exc
+            self._quarantine(path, exc)
+            return None
+        return table
+
+    def _read_all(self, columns: list[str] | None = None) -> list[pa.Table]:
+        """Every valid file's rows, each with a ``_source`` rank (later wins a tie)."""
+        for attempt in range(RESCANS):
+            try:
+                tables = []
+                for rank, f in enumerate(self.listing()):
+                    table = self._read_checked(f.path, columns)
+                    if table is not None:
+                        source = pa.array(np.full(table.num_rows, rank, dtype=np.int64))
+                        tables.append(table.append_column("_source", source))
+                return tables
+            except _Vanished as gone:
+                log.debug("%s went while it was read (attempt %d): listing again", gone, attempt)
+        raise OSError(f"{self.records_dir}: files keep vanishing while they are read")
 
     def existing_ids(self) -> set[str]:
-        """Trial ids that have a valid record (``check_record_file`` on the footer and the
-        checked columns). Any other file (unreadable, foreign, forged) is quarantined, so
-        its trial runs again."""
-        ids = set()
-        for path in self.record_paths():
-            try:
-                parquet = pq.ParquetFile(path, filesystem=self._fs if self.is_uri else None)
-                schema = parquet.schema_arrow
-                checked = [c for c in CHECKED_COLUMNS if c in schema.names]
-                check_record_file(Path(path).name, schema, parquet.read(columns=checked))
-            except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
-                self._quarantine(path, exc)
-                continue
-            ids.add(Path(path).stem)
+        """Trial ids that have a valid record (``check_record_file`` / ``check_part_file``
+        on the footer and the checked columns). Any other file (unreadable, foreign,
+        forged) is quarantined, so its trial runs again. An interrupted compaction is
+        finished or rolled back first."""
+        compaction.recover(self)
+        ids: set[str] = set()
+        for table in self._read_all(columns=list(CHECKED_COLUMNS)):
+            ids.update(table["trial_id"].to_pylist())
         return ids
 
     @property
@@ -560,42 +734,118 @@ class RecordStore:
         """Move an unreadable record out of ``records/`` (kept, named, never dropped)."""
         name = f"{Path(path).name}.{time.strftime('%Y%m%d-%H%M%S')}.{uuid.uuid4().hex[:6]}"
         target = f"{self.quarantine_dir}/{name}"
-        if self.is_uri:
-            self._fs.create_dir(self.quarantine_dir, recursive=True)
+        self._fs.create_dir(self.quarantine_dir, recursive=True)
+        try:
             self._fs.move(path, target)
-        else:
-            Path(self.quarantine_dir).mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
+        except FileNotFoundError:  # another reader moved it first
+            return
         self.quarantined.append((Path(path).name, target, f"{type(reason).__name__}: {reason}"))
         log.error("record %s is unreadable (%s): moved to %s", path, reason, target)
 
-    def read_table(self) -> pa.Table:
-        """All records as one Arrow table; unreadable files are quarantined (see
-        ``quarantined``) and their trials count as not run."""
-        tables = []
-        for path in self.record_paths():
+    def combine(self, files: Sequence[StoredFile] | None = None) -> pa.Table | None:
+        """The records of ``files`` (default: all) as one table in the file layout: the
+        newest row of each trial, sorted by trial id, every column of this schema, the
+        flat columns derived again. None when a file vanished while it was read."""
+        if files is None:
+            tables = self._read_all()
+        else:
             try:
-                table = pq.read_table(path, filesystem=self._fs if self.is_uri else None)
-                check_record_file(Path(path).name, table.schema, table)
-            except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
-                self._quarantine(path, exc)
-                continue
-            tables.append(table)
+                tables = [self._read_checked(f.path) for f in files]
+            except _Vanished:
+                return None
+            tables = [
+                t.append_column("_source", pa.array(np.full(t.num_rows, i, dtype=np.int64)))
+                for i, t in enumerate(tables)
+                if t is not None
+            ]
         schema = record_schema()
         if not tables:
-            return schema.empty_table()
+            return with_flat_columns(schema.empty_table())
+        tables = [t.drop_columns([c for c in t.column_names if is_flat(c)]) for t in tables]
         table = pa.concat_tables(tables, promote_options="permissive")
-        for f in schema:  # columns newer than every file: empty, so readers find them all
+        if "recorded_at" not in table.column_names:
+            table = table.append_column("recorded_at", pa.nulls(table.num_rows, pa.string()))
+        table = compaction.newest_per_trial(table)
+        base = _row_schema()
+        for f in base:  # columns newer than every file: empty, so readers find them all
             if f.name not in table.column_names:
                 table = table.append_column(f, pa.nulls(table.num_rows, f.type))
-        return table.select(schema.names)
+        extra = [c for c in table.column_names if c not in base.names]  # a newer version's
+        table = table.select(base.names + extra)
+        table = table.cast(
+            pa.schema([_doc_field(f, base) for f in table.schema], metadata=base.metadata)
+        )
+        return with_flat_columns(table)
+
+    def read_table(self) -> pa.Table:
+        """All records as one Arrow table, one row per trial sorted by trial id, with the
+        columns' documentation in its schema; unreadable files are quarantined (see
+        ``quarantined``) and their trials count as not run."""
+        table = self.combine()
+        assert table is not None  # reading everything lists again when a file vanishes
+        return table
 
     def collect(self) -> Any:
         """All records as a pandas DataFrame, one row per trial, sorted by trial id."""
-        frame = self.read_table().to_pandas()
-        return frame.sort_values("trial_id", ignore_index=True)
+        return self.read_table().to_pandas()
 
     def read_record(self, trial_id: str) -> TrialRecord:
-        path = self.path_of(trial_id)
-        table = pq.read_table(path, filesystem=self._fs) if self.is_uri else pq.read_table(path)
-        return TrialRecord.from_row(table.to_pylist()[0])
+        """The newest record of ``trial_id`` (``KeyError`` when it has none)."""
+        import pyarrow.dataset as pads
+
+        rows = []
+        for attempt in range(RESCANS):
+            try:
+                rows = []
+                for f in self.listing():
+                    if compaction.is_part(f.name) or f.name == f"{trial_id}.parquet":
+                        rows += (
+                            pads.dataset(f.path, filesystem=self._fs)
+                            .to_table(filter=pads.field("trial_id") == trial_id)
+                            .to_pylist()
+                        )
+                break
+            except FileNotFoundError:
+                log.debug("a record file went while it was read (attempt %d)", attempt)
+        if not rows:
+            raise KeyError(f"no record of trial {trial_id} in {self.records_dir}")
+        return TrialRecord.from_row(max(rows, key=lambda r: r.get("recorded_at") or ""))
+
+
+RESCANS = 20  # listings of records/ a reader tries while compactions replace files
+PART_CHECKED = [*CHECKED_COLUMNS, "kind", "recorded_at"]
+
+
+class _Vanished(Exception):
+    """A listed record file was gone when it was read."""
+
+
+def _read(parquet: pq.ParquetFile, wanted: list[str] | None, columns: list[str] | None) -> pa.Table:
+    if wanted is None:
+        return parquet.read()
+    names = parquet.schema_arrow.names
+    return parquet.read(columns=[c for c in dict.fromkeys(wanted + (columns or [])) if c in names])
+
+
+def _doc_field(f: pa.Field, schema: pa.Schema) -> pa.Field:
+    """``f`` with the documentation this version gives its column."""
+    if f.name in schema.names:
+        return f.with_metadata(schema.field(f.name).metadata)
+    return f
+
+
+def check_part_file(name: str, schema: pa.Schema, table: pa.Table) -> None:
+    """Raise ``RecordFileError`` unless the part ``name`` with Arrow ``schema`` holds
+    records of this schema (``compaction.check_part_rows``); ``table`` holds at least
+    its ``PART_CHECKED`` columns."""
+    expected = record_schema()
+    missing = [c for c in CORE_COLUMNS if c not in schema.names]
+    if missing:
+        raise RecordFileError(f"missing columns {', '.join(missing)}")
+    for f in schema:
+        want = expected.field(f.name).type if f.name in expected.names else None
+        if want is not None and f.type != want and f.type != pa.null():
+            raise RecordFileError(f"column {f.name} is {f.type}, the schema says {want}")
+    problem = compaction.check_part_rows(table, STATUSES)
+    if problem is not None:
+        raise RecordFileError(f"part {name}: {problem}")
