@@ -3,13 +3,18 @@
 A backbone's *blocks* are its chain of blocks as ``workers.structure.find_blocks`` finds
 them (ViT: ``blocks.3``; TinyViT: ``stages.1.blocks.0``; MobileNet: the stage ``blocks.2``;
 ResNet: ``layer2.1``; Swin: ``layers.1.blocks.0``; any timm model): one block-sequence
-interface for every backbone. Each block runs in one of three modes:
+interface for every backbone. Each block runs in one of four modes:
 
 - ``save``: plain autograd, every activation kept;
 - ``selective``: non-reentrant checkpoint with a selective policy: outputs of the
   expensive ops (matmuls, convolutions, attention kernels) are kept, the cheap
   memory-heavy ops (norms, activations, softmax, adds) are recomputed in backward;
-- ``recompute``: non-reentrant checkpoint of the whole block: only its input is kept.
+- ``recompute``: non-reentrant checkpoint of the whole block: only its input is kept;
+- ``compiled``: the block runs under ``torch.compile``, whose partitioner chooses what
+  to keep within PyTorch's own activation memory budget
+  (``torch._functorch.config.activation_memory_budget``, a fraction of what the
+  default partition keeps). Identical blocks share one compilation (regional
+  compilation: the compile time of one block, not of the model).
 
 The mode is installed by replacing ``forward`` on the block instance, so module names
 (and with them adapters and state dicts) are untouched and every PEFT method composes.
@@ -17,9 +22,10 @@ RNG state is restored for the recompute (``preserve_rng_state``), so dropout and
 drop_path see the same draws and the gradients are those of plain autograd.
 
 Strategies (the registry) choose the modes: ``none``, ``static`` (every k-th block
-recomputed) and ``adaptive``, which profiles every block on the first batch and lets
+recomputed), ``adaptive``, which profiles every block on the first batch and lets
 the exact planner of ``workers.checkpoint_plan`` pick, per block, the mode that fits
-the trial's memory budget at the least recompute time.
+the trial's memory budget at the least recompute time, and ``compiled`` (every block
+compiled under PyTorch's budget, so that sweeps compare the planner with it).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from torch.utils.checkpoint import (
 )
 
 from workers import checkpoint_plan
+from workers.block_compiler import BlockCompiler
 from workers.memory import ActivationMeter, sync
 from workers.registry import NoArgs, Registry
 from workers.structure import find_blocks
@@ -51,8 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKPOINTING = Registry("checkpointing")
-MODES = ("save", "selective", "recompute")
+MODES = ("save", "selective", "recompute", "compiled")
 PROFILED = "profiled"  # tag of a strategy that needs the block profile to choose
+COMPILES = "compiles"  # tag of a strategy whose blocks run compiled (no block profile)
 
 _aten = torch.ops.aten
 # Ops whose outputs the selective mode keeps: the expensive ones. Everything else
@@ -145,6 +153,8 @@ def _run(block: nn.Module, plain: Callable[..., Any], mode: str, x: Any, *args: 
         # a frozen block below every trained parameter builds no graph: checkpointing
         # it would only keep its input alive
         return plain(x, *args, **kw)
+    if mode == "compiled":
+        return block._vramsweep_compiled(x, *args, **kw)
     if isinstance(x, torch.Tensor) and x.requires_grad:
         x = KeepForRecompute.apply(x)
     plain = _stats_once(block, plain)
@@ -166,6 +176,8 @@ def set_mode(block: nn.Module, mode: str) -> None:
     """Run ``block`` in ``mode`` (one of ``MODES``) from its next forward on."""
     if mode not in MODES:
         raise ValueError(f"unknown checkpointing mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode == "compiled" and not hasattr(block, "_vramsweep_compiled"):
+        raise ValueError("the compiled mode needs compile_blocks() first")
     if not hasattr(block, "_vramsweep_mode"):
         plain = block.forward
 
@@ -560,6 +572,39 @@ def adaptive(config: AdaptiveConfig, model: nn.Module, budget: Budget | None) ->
     return {n: m for n, m in zip_plan(plan_blocks(budget, config.selective)) if n != HEAD}
 
 
+@dataclass(frozen=True)
+class CompiledConfig:
+    budget: float = 0.5  # PyTorch's activation memory budget: fraction of the default kept bytes
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"budget must be in [0, 1], got {self.budget}")
+
+
+@CHECKPOINTING.register(config_cls=CompiledConfig, tags=(COMPILES,))
+def compiled(config: CompiledConfig, model: nn.Module, budget: Budget | None) -> dict[str, str]:
+    """Every block compiled, keeping what PyTorch's partitioner fits in its memory budget."""
+    compile_blocks(model, BlockCompiler(config.budget))
+    return {n: "compiled" for n, _ in find_blocks(model)}
+
+
+def compile_blocks(model: nn.Module, compiler: BlockCompiler) -> None:
+    """Give every block a forward compiled by ``compiler`` (run in the ``compiled`` mode)."""
+    for _, block in find_blocks(model):
+        if not hasattr(block, "_vramsweep_mode"):
+            set_mode(block, "save")  # keeps the plain forward
+        block._vramsweep_compiled = compiler.wrap(block._vramsweep_plain_forward)
+        block._vramsweep_compiler = compiler
+
+
+def compile_seconds(model: nn.Module) -> float:
+    """Seconds the compilers of ``model``'s blocks spent compiling (0: none compiled)."""
+    compilers = {
+        id(c): c for _, b in find_blocks(model) if (c := getattr(b, "_vramsweep_compiler", None))
+    }
+    return sum(c.compile_s for c in compilers.values())
+
+
 def plan_blocks(budget: Budget, selective: bool = True) -> checkpoint_plan.Plan:
     """The exact plan of ``budget`` (raises ``checkpoint_plan.Infeasible``)."""
     costs = budget.profile.costs()
@@ -591,6 +636,7 @@ class Checkpointer:
         self.config = CHECKPOINTING.make_config(name, args)
         self.model = model
         self.adaptive = needs_profile(name)
+        self.compiles = COMPILES in CHECKPOINTING.get(name).tags
         self.profile: Profile | None = None
         self.profile_s: float | None = None  # seconds profiling took (0: from the cache)
         self.profile_cached: bool | None = None
@@ -602,7 +648,13 @@ class Checkpointer:
 
     @property
     def wants_profile(self) -> bool:
-        return self.profile is None and self.name != "none"
+        # a compiled block's re-materialisation is the partitioner's: nothing to profile
+        return self.profile is None and self.name != "none" and not self.compiles
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling blocks so far (a ``compiled`` strategy; else 0)."""
+        return compile_seconds(self.model) if self.compiles else 0.0
 
     def prepare(
         self,
