@@ -62,8 +62,14 @@ from torch import nn
 from orchestrator.records import write_file
 from orchestrator.spec import is_int, is_number
 from workers.backbones import MAMBA, family
-from workers.cost import inference_model, measure_inference
-from workers.memory import MB
+from workers.batch_fit import fit_batch
+from workers.cost import (
+    inference_model,
+    measure_inference,
+    one_image_forward_bytes,
+    weight_bytes,
+)
+from workers.memory import MB, OverBudget
 from workers.quantization import MAMBA_RECIPES, quantize_model, simulation_tensors
 
 log = logging.getLogger(__name__)
@@ -138,6 +144,7 @@ class VariantResult:
     latency_ms_batch: float | None = None  # median forward, the trial's batch size
     peak_mem_mb_b1: float | None = None  # stored weights + input + forward peak, batch 1
     peak_mem_mb_batch: float | None = None
+    batch_size: int | None = None  # images of the *_batch figures (fitted to the budget)
     size_mb: float | None = None  # its safetensors file
     simulated: bool = False  # quantize-dequantize in float, no int8 kernel
     file: str = ""  # where its file was exported ("" = measured, not kept)
@@ -152,6 +159,7 @@ class Deployment:
     merged: bool | None  # as InferenceCost.merged: None = the model had no adapters
     variants: dict[str, VariantResult] = field(default_factory=dict)
     artifacts: str = ""  # folder or URI of the exported files ("" = nothing exported)
+    batch_size: int | None = None  # the phase's batch: the requested one, fitted to the budget
 
     @property
     def shipped(self) -> VariantResult:
@@ -175,12 +183,18 @@ def deploy(
     evaluate: Callable[[nn.Module], float],
     artifacts_dir: str | None = None,
     metadata: dict[str, str] | None = None,
+    budget_bytes: int | None = None,
+    resident_bytes: int = 0,
 ) -> Deployment:
     """Merge, quantize, measure and export the trained ``model`` (left unchanged).
 
     ``calibration``: input batches from the training split; ``evaluate(model)``: its
     top-1 accuracy on the test split; ``artifacts_dir``: where exported files go (None:
     nothing is kept); ``metadata``: strings stored in every exported file's header.
+    ``budget_bytes``: the batch of the measurements and of calibration is fitted to it
+    (``workers.batch_fit``): ``resident_bytes`` (the trained model, what else the trial
+    holds) + the merged copy and one variant built from it + one forward; a phase that
+    does not fit at batch 1 leaves every variant skipped with the reason.
 
     Example:
         >>> out = deploy(model, DeployConfig(), backbone="vit_test", size=32,
@@ -192,12 +206,13 @@ def deploy(
     try:
         reference, merged = inference_model(model, size, device, dequantize=True)
     except torch.OutOfMemoryError as exc:  # the trial keeps its training results
-        why = f"failed: the merged copy does not fit ({str(exc).splitlines()[0]})"
-        log.warning("deploy: %s", why)
-        variants = {
-            v: VariantResult(v, simulated=v != "float", skipped=why) for v in config.variants
-        }
-        return Deployment(config.ship, None, variants)
+        return _not_deployed(config, f"the merged copy does not fit ({str(exc).splitlines()[0]})")
+    try:
+        batch = _fit_batch(reference, size, batch_size, device, budget_bytes, resident_bytes)
+    except OverBudget as exc:
+        return _not_deployed(config, str(exc))
+    if batch < batch_size:
+        calibration = [c for xb in calibration for c in xb.split(batch)]
     export = config.export if artifacts_dir else "none"
     if config.export != "none" and not artifacts_dir:
         log.info("deploy: no artifacts folder given, nothing is exported")
@@ -215,19 +230,54 @@ def deploy(
             config=config,
             backbone=backbone,
             size=size,
-            batch_size=batch_size,
+            batch_size=batch,
             device=device,
             calibration=calibration,
             evaluate=evaluate,
             scratch=Path(scratch),
             export_to=artifacts_dir if export == "merged" else None,
             header=header,
+            budget_bytes=budget_bytes,
+            resident_bytes=resident_bytes,
+            reference_bytes=weight_bytes(reference),
         )
         for variant in config.variants:
             out.variants[variant] = _variant(variant, reference, ctx)
     if out.shipped.skipped:
         log.warning("deploy: the shipped variant %s has no figures", config.ship)
+    out.batch_size = batch
     return out
+
+
+def _not_deployed(config: DeployConfig, why: str) -> Deployment:
+    """Every variant skipped for ``why``: the trial keeps its training results."""
+    why = f"failed: {why}"
+    log.warning("deploy: %s", why)
+    variants = {v: VariantResult(v, simulated=v != "float", skipped=why) for v in config.variants}
+    return Deployment(config.ship, None, variants)
+
+
+def _fit_batch(
+    reference: nn.Module,
+    size: int,
+    requested: int,
+    device: torch.device,
+    budget_bytes: int | None,
+    resident_bytes: int,
+) -> int:
+    """The phase's batch: ``requested`` halved until ``resident_bytes``, the merged copy
+    and one variant of it (two copies of its weights) and one forward (the copy's batch-1
+    forward per image, scaled) fit ``budget_bytes``; ``requested`` without a budget."""
+    if budget_bytes is None:
+        return requested
+    return fit_batch(
+        per_image_bytes=one_image_forward_bytes(reference, size, device),
+        resident_bytes=resident_bytes + 2 * weight_bytes(reference),
+        budget_bytes=budget_bytes,
+        requested=requested,
+        floor=1,
+        phase="deployment",
+    ).batch_size
 
 
 @dataclass(frozen=True)
@@ -244,6 +294,9 @@ class _Context:
     scratch: Path  # a temporary folder for the files
     export_to: str | None  # folder or URI that keeps the variants' files
     header: dict[str, str]  # metadata of every file
+    budget_bytes: int | None = None  # the trial's budget: each variant's batch fits it
+    resident_bytes: int = 0  # held beside every variant: the trained model, the trial's rest
+    reference_bytes: int = 0  # the merged copy's weights, held beside a quantized variant
 
 
 def _variant(variant: str, reference: nn.Module, ctx: _Context) -> VariantResult:
@@ -256,7 +309,7 @@ def _variant(variant: str, reference: nn.Module, ctx: _Context) -> VariantResult
         return result
     config = ctx.config
     try:
-        built = reference
+        built = reference  # float: the merged copy itself; the others a quantized copy of it
         if variant != "float":
             built = quantize_model(
                 copy.deepcopy(reference),
@@ -274,10 +327,14 @@ def _variant(variant: str, reference: nn.Module, ctx: _Context) -> VariantResult
             repeats=REPEATS,
             warmup=WARMUP,
             not_stored=simulation_tensors(built),
+            budget_bytes=ctx.budget_bytes,
+            resident_bytes=ctx.resident_bytes + (0 if built is reference else ctx.reference_bytes),
+            phase="deployment",
         )
         result.latency_ms_b1, result.latency_ms_batch = cost.latency_ms_b1, cost.latency_ms_batch
         result.peak_mem_mb_b1 = cost.peak_mem_mb_b1
         result.peak_mem_mb_batch = cost.peak_mem_mb_batch
+        result.batch_size = cost.batch_size
         path = ctx.scratch / f"{variant}.safetensors"
         safetensors.torch.save_model(built, str(path), metadata={**ctx.header, "variant": variant})
         result.size_mb = path.stat().st_size / MB

@@ -5,8 +5,9 @@ forward of 256 images holds GBs of activations, far above a training step's acco
 peak, so a trial whose training fits could be killed (CPU) or end ``oom`` (CUDA) in its
 evaluation. Here the requested size is halved until the predicted peak fits: the
 peak of one forward is measured at a small probe batch (live tensor storages on CPU,
-the allocator on CUDA) and scaled by images, since activations grow with the batch.
-Below ``EVAL_BATCH_FLOOR`` the trial is ``over_budget`` naming evaluation.
+the allocator on CUDA) and scaled by images, since activations grow with the batch
+(``workers.batch_fit``). Below ``EVAL_BATCH_FLOOR`` the trial is ``over_budget`` naming
+evaluation. The inference-cost and deployment phases fit their batches the same way.
 
 Example:
     >>> fit = fit_eval_batch(model, x, budget_bytes=2 << 30, requested=256)  # doctest: +SKIP
@@ -17,14 +18,13 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from workers.batch_fit import FittedBatch, fit_batch
 from workers.cost import forward_peak_bytes
-from workers.memory import MB, OverBudget
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,8 @@ log = logging.getLogger(__name__)
 EVAL_BATCH_FLOOR = 8
 
 
-@dataclass(frozen=True)
-class EvalBatch:
-    """The chosen evaluation batch and what it is predicted to hold."""
-
-    batch_size: int
-    predicted_bytes: int  # resident bytes + one forward at batch_size (scaled from the probe)
+# The chosen evaluation batch and what it is predicted to hold.
+EvalBatch = FittedBatch
 
 
 def fit_eval_batch(
@@ -49,28 +45,29 @@ def fit_eval_batch(
     requested: int,
     autocast: Any,
     floor: int | None = None,
-) -> EvalBatch:
+    phase: str = "evaluation",
+) -> FittedBatch:
     """Halve ``requested`` until ``resident_bytes`` + one forward fits ``budget_bytes``.
 
     ``x`` is an input batch already on the model's device (its first ``probe`` images
-    are used); ``resident_bytes`` is what stays allocated during evaluation (weights,
-    optimizer state, data kept on the device). Raises OverBudget naming evaluation when
+    are used); ``resident_bytes`` is what stays allocated during the phase (weights,
+    optimizer state, data kept on the device). Raises OverBudget naming ``phase`` when
     not even the floor fits.
     """
     floor = min(EVAL_BATCH_FLOOR if floor is None else floor, requested)
-    probe = x[: min(floor, len(x))]
-    per_image = _forward_bytes(model, probe, autocast) / len(probe)
-    batch = requested
-    while resident_bytes + batch * per_image > budget_bytes and batch > floor:
-        batch = max(floor, batch // 2)
-    predicted = int(resident_bytes + batch * per_image)
-    if predicted > budget_bytes:
-        raise OverBudget(
-            predicted / MB, budget_bytes / MB, f"evaluation at batch {batch}:", "evaluation"
-        )
-    if batch < requested:
-        log.info("evaluation batch %d -> %d to fit %.0f MiB", requested, batch, budget_bytes / MB)
-    return EvalBatch(batch, predicted)
+    return fit_batch(
+        per_image_bytes=per_image_bytes(model, x[: max(1, min(floor, len(x)))], autocast),
+        resident_bytes=resident_bytes,
+        budget_bytes=budget_bytes,
+        requested=requested,
+        floor=floor,
+        phase=phase,
+    )
+
+
+def per_image_bytes(model: nn.Module, probe: torch.Tensor, autocast: Any) -> float:
+    """Bytes one eval-mode forward allocates per image (input included), from ``probe``."""
+    return _forward_bytes(model, probe, autocast) / len(probe)
 
 
 @torch.no_grad()

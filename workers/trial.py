@@ -42,7 +42,7 @@ from workers.backbones import classifier_name, create_backbone, input_size
 from workers.baselines import BaselineContext, run_baseline
 from workers.checkpoint_plan import Infeasible
 from workers.checkpointing import Checkpointer, block_modes, find_blocks
-from workers.cost import forward_macs, inference_cost
+from workers.cost import forward_macs, inference_cost, weight_bytes
 from workers.data import (
     Augment,
     ImageData,
@@ -346,7 +346,7 @@ def _finetune(
         record.eval_time_s = time.perf_counter() - t_eval
         optimizer.state.clear()  # room for the inference copy under the cap
         _begin(guard, "inference")
-        _fill_inference(record, model, size, train.batch_size, device, autocast)
+        _fill_inference(record, model, size, spec, device, autocast)
         if spec.deploy:
             _begin(guard, "deployment")
         try:
@@ -631,9 +631,13 @@ def _baseline(
         autocast=_autocast(spec.train.precision, device),
         seed=spec.seed,
         meter=meter,
+        budget_bytes=int(spec.budget_mb * MB),
     )
     try:
         result = run_baseline(spec.baseline, spec.baseline_args, spec.backbone, data, ctx)
+    except memory.OverBudget as exc:  # its batch does not fit: a baseline's one peak
+        record.peak_mem_mb = exc.peak_mb
+        raise
     finally:
         if meter.window_open:  # a failure inside: stop the meter's poller
             meter.end_window()
@@ -643,6 +647,7 @@ def _baseline(
     record.val_accuracy = result.val_accuracy
     record.params_total, record.params_trainable = result.params_total, result.params_trainable
     record.macs = result.macs
+    record.baseline_batch_size_used = result.batch_size_used
     record.train_time_s, record.eval_time_s = result.train_time_s, result.eval_time_s
     record.params_mb, record.batch_mb = result.params_bytes / MB, result.batch_bytes / MB
     accounted = result.params_bytes + result.batch_bytes + result.work_bytes
@@ -720,17 +725,26 @@ def _fill_inference(
     record: TrialRecord,
     model: nn.Module,
     size: int,
-    batch_size: int,
+    spec: TrialSpec,
     device: torch.device,
     autocast: Any,
 ) -> None:
-    """Inference latency and memory of the adapted model; a trial whose inference copy
-    does not fit, or cannot be made, keeps its training results (the columns stay empty:
-    a measurement that failed is no reason to lose what was trained)."""
+    """Inference latency and memory of the adapted model at the trial's batch size fitted
+    to its budget beside the trained model; a trial whose inference copy does not fit, or
+    cannot be made, keeps its training results (the columns stay empty: a measurement
+    that failed is no reason to lose what was trained)."""
     model.zero_grad(set_to_none=True)
     try:
         cost = inference_cost(
-            model, size, batch_size, device, repeats=5, warmup=2, autocast=lambda: autocast
+            model,
+            size,
+            spec.train.batch_size,
+            device,
+            repeats=5,
+            warmup=2,
+            autocast=lambda: autocast,
+            budget_bytes=int(spec.budget_mb * MB),
+            resident_bytes=_resident_bytes(model, device),
         )
     except Exception as exc:  # noqa: BLE001 - out of memory, an unmergeable copy, ...
         log.warning("inference cost not measured: %s", str(exc).splitlines()[0])
@@ -744,6 +758,15 @@ def _fill_inference(
         cost.peak_mem_mb_batch,
     )
     record.infer_mem_source, record.infer_merged = cost.mem_source, cost.merged
+    record.inference_batch_size_used = cost.batch_size
+
+
+def _resident_bytes(model: nn.Module, device: torch.device) -> int:
+    """What a forward-only phase holds before it starts: the allocator's bytes on CUDA;
+    on the CPU the trained model's weights (the data is host memory, outside the budget)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return weight_bytes(model)
 
 
 def _deploy(
@@ -789,7 +812,10 @@ def _deploy(
         evaluate=evaluate,
         artifacts_dir=artifacts_dir,
         metadata={"trial_id": spec.trial_id, "num_classes": str(data.num_classes)},
+        budget_bytes=int(spec.budget_mb * MB),
+        resident_bytes=_resident_bytes(model, device),
     )
+    record.deploy_batch_size_used = result.batch_size
     shipped = result.shipped
     record.deploy_variant, record.deploy_merged = shipped.variant, result.merged
     record.deploy_accuracy, record.deploy_size_mb = shipped.accuracy, shipped.size_mb

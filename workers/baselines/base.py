@@ -16,6 +16,7 @@ cache when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -28,7 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.data import ImageData
+from workers.batch_fit import fit_batch
+from workers.cost import forward_peak_bytes
+from workers.data import ImageData, batches
+from workers.eval_batch import EVAL_BATCH_FLOOR
 from workers.registry import NoArgs, Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -109,6 +113,8 @@ class BaselineContext:
     autocast: Any  # the context manager of that precision on the device (re-enterable)
     seed: int
     meter: Any = None  # workers.energy.EnergyMeter of the trial; None: energy not measured
+    # the trial's budget: ``fit_to_budget`` halves batch_size until a forward fits it
+    budget_bytes: int | None = None
 
 
 @dataclass
@@ -136,6 +142,7 @@ class BaselineResult:
     batch_bytes: int = 0
     work_bytes: int = 0
     energy: Any = None  # workers.energy.EnergyMeasurement of the timed phases, if metered
+    batch_size_used: int | None = None  # images per forward of the image encoder
 
 
 def run_baseline(
@@ -234,6 +241,40 @@ class Stopwatch:
         if self.meter is None or not self.meter.window_open:
             return None
         return self.meter.end_window()
+
+
+def fit_to_budget(
+    ctx: BaselineContext,
+    forward: Callable[[torch.Tensor], Any],
+    images: torch.Tensor,
+    normalise: tuple[int, tuple[float, ...], tuple[float, ...]],
+    resident_bytes: int,
+) -> BaselineContext:
+    """``ctx`` with its batch size halved until ``resident_bytes`` (the model; on CUDA the
+    allocator's bytes instead) + one ``forward`` fits ``ctx.budget_bytes``, its bytes per
+    image measured on the first of the uint8 ``images`` (resized and normalised by
+    ``normalise``: size, mean, std) and scaled (``workers.batch_fit``); OverBudget naming
+    feature extraction below the floor."""
+    if ctx.budget_bytes is None:
+        return ctx
+    size, mean, std = normalise
+    first = images[:EVAL_BATCH_FLOOR]
+    labels = torch.zeros(len(first), dtype=torch.long, device=first.device)
+    feed = batches(first, labels, len(first), size=size, mean=mean, std=std, device=ctx.device)
+    probe = next(iter(feed))[0]
+    if ctx.device.type == "cuda":
+        resident_bytes = torch.cuda.memory_allocated(ctx.device)
+    with torch.no_grad(), ctx.autocast:
+        per_image = forward_peak_bytes(lambda: forward(probe), probe, ctx.device) / len(probe)
+    fit = fit_batch(
+        per_image_bytes=per_image,
+        resident_bytes=resident_bytes,
+        budget_bytes=ctx.budget_bytes,
+        requested=ctx.batch_size,
+        floor=EVAL_BATCH_FLOOR,
+        phase="feature extraction",
+    )
+    return dataclasses.replace(ctx, batch_size=fit.batch_size)
 
 
 def parameter_bytes(model: nn.Module) -> int:

@@ -34,6 +34,7 @@ from workers.baselines.base import (
     BaselineContext,
     BaselineResult,
     Stopwatch,
+    fit_to_budget,
     load_error,
     local_dir,
     parameter_bytes,
@@ -307,6 +308,10 @@ def _run(
     data_cfg = resolve_model_data_config(model)
     # timm's data config keeps the checkpoint's resolution when img_size is overridden
     size = config.image_size or int(data_cfg["input_size"][-1])
+    normalise = (size, tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
+    ctx = fit_to_budget(
+        ctx, model.forward_features, data.train_x, normalise, parameter_bytes(model)
+    )
     clock = Stopwatch(ctx)
     train_t: list[float] = []
     eval_t: list[float] = []
@@ -337,6 +342,7 @@ def _run(
         batch_bytes=min(ctx.batch_size, len(data.test_y)) * 3 * size * size * 4,
         work_bytes=sum(f.numel() * 4 for f in stored) + trainable * 4,
         energy=energy,
+        batch_size_used=ctx.batch_size,
     )
 
 

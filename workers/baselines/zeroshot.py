@@ -34,6 +34,7 @@ from workers.baselines.base import (
     BaselineResult,
     Stopwatch,
     class_names,
+    fit_to_budget,
     load_error,
     local_dir,
     parameter_bytes,
@@ -192,6 +193,8 @@ def zeroshot(
     classes = class_names(data)
     chosen = ctx.dataset if config.templates == "auto" else config.templates
     templates = prompts.templates(chosen)
+    normalise = (_square(pre["size"]), tuple(pre["mean"]), tuple(pre["std"]))
+    ctx = fit_to_budget(ctx, model.encode_image, data.test_x, normalise, parameter_bytes(model))
     clock = Stopwatch(ctx)
     fit: list[float] = []
     evaluate: list[float] = []
@@ -220,4 +223,5 @@ def zeroshot(
         batch_bytes=min(ctx.batch_size, len(data.test_y)) * 3 * size * size * 4,
         work_bytes=weights.numel() * weights.element_size() + embedded,
         energy=energy,
+        batch_size_used=ctx.batch_size,
     )
