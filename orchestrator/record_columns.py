@@ -64,11 +64,12 @@ def with_flat_columns(table: pa.Table) -> pa.Table:
     columns present) and the argument columns of every JSON column present, sorted by
     name within each component. Each new field's metadata carries its ``doc``."""
     table = table.drop_columns([c for c in table.column_names if is_flat(c)])
+    fields, arrays = [], []
     for name, arrow_type, doc in train_fields():
         source = "train_" + name.removeprefix("train.")
         if source in table.column_names:
-            values = table[source].cast(arrow_type)
-            table = table.append_column(_field(name, arrow_type, doc), values)
+            fields.append(_field(name, arrow_type, doc))
+            arrays.append(table[source].cast(arrow_type))
     for json_column, prefix in ARG_COLUMNS.items():
         if json_column in table.column_names:
             for name, values in _argument_arrays(table[json_column], prefix).items():
@@ -76,8 +77,10 @@ def with_flat_columns(table: pa.Table) -> pa.Table:
                     f"{prefix} argument `{name.removeprefix(prefix + '.')}` from {json_column} "
                     "(empty: the trial has no such argument)"
                 )
-                table = table.append_column(_field(name, values.type, doc), values)
-    return table
+                fields.append(_field(name, values.type, doc))
+                arrays.append(values)
+    schema = pa.schema([*table.schema, *fields], metadata=table.schema.metadata)
+    return pa.Table.from_arrays([*table.columns, *arrays], schema=schema)
 
 
 def _field(name: str, arrow_type: pa.DataType, doc: str) -> pa.Field:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import io
 import json
 import logging
@@ -350,12 +351,15 @@ _ARGS_FIELDS = (
 )
 
 
+_TRAIN_FIELDS = dataclasses.fields(TrainConfig)
+
+
 def _spec_columns(spec: TrialSpec) -> dict[str, Any]:
     cols: dict[str, Any] = {}
     for f in dataclasses.fields(TrialSpec):
         value = getattr(spec, f.name)
         if f.name == "train":
-            cols.update({f"train_{k}": v for k, v in dataclasses.asdict(value).items()})
+            cols.update({f"train_{t.name}": getattr(value, t.name) for t in _TRAIN_FIELDS})
         elif f.name in _ARGS_FIELDS:
             cols[f.name] = canonical_json(value)
         else:
@@ -389,6 +393,7 @@ def schema_fields() -> list[tuple[str, pa.DataType, str]]:
     return head + _spec_schema_fields() + results + train_fields()
 
 
+@functools.cache
 def record_schema() -> pa.Schema:
     """Every column a record file of this version has, except its argument columns
     (``method.r``...), which depend on the trial (``record_columns.with_flat_columns``)."""
@@ -398,6 +403,7 @@ def record_schema() -> pa.Schema:
     )
 
 
+@functools.cache
 def _row_schema() -> pa.Schema:
     """``record_schema()`` without the flat columns: what ``TrialRecord.to_row`` fills."""
     schema = record_schema()
@@ -543,6 +549,8 @@ class RecordStore:
         self.is_uri = "://" in self.output
         self.compact_every = compact_every
         self._written = 0  # files written since the last compaction
+        # small files this store wrote, as written: a compaction merges them unread
+        self._recent: dict[str, tuple[StoredFile, pa.Table]] = {}
         # (file name, where it was moved, why) of every unreadable record found
         self.quarantined: list[tuple[str, str, str]] = []
         if self.is_uri:
@@ -612,6 +620,18 @@ class RecordStore:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         self.write_bytes_at(path, buf.getvalue())
+        if table.num_rows < RECENT_ROWS:
+            stored = self.stat(path)
+            if stored is not None:
+                self._recent[path] = (stored, table)
+
+    def _written_or_read(self, stored: StoredFile) -> pa.Table | None:
+        """The table this store wrote as ``stored`` if the file is still that one, else
+        the file's checked rows (``_read_checked``)."""
+        held = self._recent.get(stored.path)
+        if held is not None and (held[0].size, held[0].mtime_ns) == (stored.size, stored.mtime_ns):
+            return held[1]
+        return self._read_checked(stored.path)
 
     def write_bytes(self, relpath: str, data: bytes) -> str:
         """Write a file (report, table) under the output folder, atomically."""
@@ -658,6 +678,7 @@ class RecordStore:
         return StoredFile(info.path, info.size, info.mtime_ns or 0)
 
     def delete(self, path: str) -> None:
+        self._recent.pop(path, None)
         with contextlib.suppress(FileNotFoundError):
             self._fs.delete_file(path)
 
@@ -750,7 +771,7 @@ class RecordStore:
             tables = self._read_all()
         else:
             try:
-                tables = [self._read_checked(f.path) for f in files]
+                tables = [self._written_or_read(f) for f in files]
             except _Vanished:
                 return None
             tables = [
@@ -772,9 +793,8 @@ class RecordStore:
                 table = table.append_column(f, pa.nulls(table.num_rows, f.type))
         extra = [c for c in table.column_names if c not in base.names]  # a newer version's
         table = table.select(base.names + extra)
-        table = table.cast(
-            pa.schema([_doc_field(f, base) for f in table.schema], metadata=base.metadata)
-        )
+        schema = pa.schema([_doc_field(f, base) for f in table.schema], metadata=base.metadata)
+        table = pa.Table.from_arrays(table.columns, schema=schema)
         return with_flat_columns(table)
 
     def read_table(self) -> pa.Table:
@@ -812,6 +832,7 @@ class RecordStore:
         return TrialRecord.from_row(max(rows, key=lambda r: r.get("recorded_at") or ""))
 
 
+RECENT_ROWS = compaction.FANOUT**2  # files this small stay in memory until compacted
 RESCANS = 20  # listings of records/ a reader tries while compactions replace files
 PART_CHECKED = [*CHECKED_COLUMNS, "kind", "recorded_at"]
 
