@@ -514,14 +514,17 @@ def _store_of(path: str) -> RecordStore:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
     store = _store_of(args.dir)
-    frame = store.collect()
+    table = store.read_table()
+    frame = table.to_pandas()
     _print_quarantined(store)
     if args.out:
         if args.out.endswith(".csv"):
             frame.to_csv(args.out, index=False)
         elif args.out.endswith(".parquet"):
-            frame.to_parquet(args.out, index=False)
+            pq.write_table(table, args.out)  # each column's `doc` stays in the schema
         else:
             raise UsageError(f"--out must end in .parquet or .csv, got {args.out!r}")
         print(f"wrote {len(frame)} records to {args.out}")
