@@ -318,6 +318,8 @@ def _sweep(args: argparse.Namespace, grid: Grid, specs: list[TrialSpec], store: 
                     dashboard=not args.no_dashboard,
                     show_progress=not args.no_progress,
                     should_stop=lambda: signals.requested,
+                    scheduler=grid.scheduler,
+                    tracking=grid.tracking,
                 )
         except ValueError as exc:  # resources the cluster cannot provide
             raise UsageError(str(exc)) from None

@@ -18,7 +18,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -26,6 +26,9 @@ from orchestrator import strict_yaml
 from orchestrator.netscore import VARIANTS
 from orchestrator.outputs import output_problem
 from orchestrator.spec import TrainConfig, is_int, is_number
+
+if TYPE_CHECKING:
+    from orchestrator.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ TOP_LEVEL = (
     "search",
     "deploy",
     "plugins",
+    "scheduler",
+    "tracking",
 )
 REQUIRED = ("name", "output", "budget_mb", "seeds", "datasets", "backbones", "methods")
 
@@ -300,6 +305,8 @@ class Grid:
     # modules imported (here, and in every worker) before the registries are read: the
     # `plugins:` entries, a path entry as the name of the module it holds
     plugins: tuple[str, ...] = ()
+    scheduler: Scheduler | None = None  # the `scheduler:` section, for `orchestrate run`
+    tracking: dict[str, Any] = field(default_factory=dict)  # tracker name -> its config
     source: str = "<grid>"
 
 
@@ -430,6 +437,10 @@ def _parse(fail: Any, raw: dict[str, Any], source: str) -> Grid:
         grid = dataclasses.replace(grid, deploy=_deploy(fail, raw["deploy"], grid))
     if raw.get("search") is not None:  # after deploy: its objectives may need that phase
         grid = dataclasses.replace(grid, search=_search(fail, raw["search"], grid))
+    if raw.get("scheduler") is not None:
+        grid = dataclasses.replace(grid, scheduler=_scheduler(fail, raw["scheduler"]))
+    if raw.get("tracking") is not None:
+        grid = dataclasses.replace(grid, tracking=_tracking(fail, raw["tracking"], output))
     return grid
 
 
@@ -949,3 +960,32 @@ def _deploy(fail: Any, raw: Any, grid: Grid) -> dict[str, Any]:
             raise fail("deploy.variants", f"{variant} applies to none of the backbones: {why}")
         log.info("deploy: %s is skipped for %s", variant, ", ".join(reasons))
     return config.to_dict()
+
+
+def _scheduler(fail: Any, value: Any) -> Scheduler:
+    from orchestrator.scheduler import Scheduler
+
+    return _dataclass_from(fail, "scheduler", Scheduler, value)
+
+
+def _tracking(fail: Any, value: Any, output: str) -> dict[str, Any]:
+    from orchestrator.tracking import TRACKERS
+
+    if not isinstance(value, dict) or not value:
+        raise fail("tracking", f"must be a mapping of trackers, got {shown(value)}")
+    trackers = {}
+    for name, args in value.items():
+        tracker = TRACKERS.get(name)
+        if tracker is None:
+            raise fail(
+                f"tracking.{shorten(str(name), MAX_SHOWN)}",
+                f"unknown tracker {shown(name)}; valid: {', '.join(TRACKERS)}",
+            )
+        trackers[name] = _dataclass_from(fail, f"tracking.{name}", tracker.config, args or {})
+        if tracker.missing():
+            raise fail(f"tracking.{name}", tracker.missing())
+    # their defaults are files in the output folder: a URI output needs them named
+    for name, field_name in (("mlflow", "tracking_uri"), ("wandb", "dir")):
+        if name in trackers and not getattr(trackers[name], field_name) and "://" in output:
+            raise fail(f"tracking.{name}.{field_name}", "required when the output is a URI")
+    return trackers

@@ -3,10 +3,13 @@
 One Tune trial per TrialSpec, each with explicit resources, at most
 ``max_concurrent`` at once. Every dataset of the sweep is decoded once, here, and
 put in the Ray object store; trials map it from their node's store (zero-copy)
-instead of reading it from disk. The trial reports its TrialRecord as JSON; a callback
-in this (driver) process writes it through the record store the moment it arrives,
-so the records on disk are always the trials that finished. A trial whose process
-dies without reporting still gets a ``failed`` record with Ray's error text.
+instead of reading it from disk. The trial reports flat figures after every epoch
+(``orchestrator.tune_metrics``: Tune's result files, schedulers and trackers read them),
+then its TrialRecord as JSON; a callback in this (driver) process writes it through the
+record store the moment it arrives, so the records on disk are always the trials that
+finished. A trial whose process dies without reporting still gets a ``failed`` record
+with Ray's error text; one that the grid's scheduler stops, a ``stopped`` record with
+the figures of its last epoch.
 """
 
 from __future__ import annotations
@@ -26,14 +29,23 @@ from ray import tune
 
 from orchestrator.grid import Resources
 from orchestrator.records import RecordStore, TrialRecord, WriteError
+from orchestrator.scheduler import SCHEDULERS, Scheduler
 from orchestrator.spec import TrialSpec
+from orchestrator.tracking import mlflow_environment, mlflow_uri, wandb_mode
+from orchestrator.tune_metrics import epoch_result, final_result, latest_line, stopped_record
 
 log = logging.getLogger(__name__)
 
 # Tune's own settings while it runs: no status tables (we draw our own bar), and no
 # SIGINT handler of its own (it would swallow Ctrl-C and advise `Tuner.restore`): the
 # command owns SIGINT and SIGTERM (orchestrator.signals) and stops Tune by a Stopper.
-TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_SIGINT_HANDLER": "1"}
+# No strict metric check: a baseline, or a trial that fails before its first epoch,
+# reports a record without the scheduler's metric (the schedulers skip such results).
+TUNE_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+}
 
 
 @dataclass
@@ -51,10 +63,19 @@ ARTIFACTS = "artifacts"  # OUTPUT/artifacts/<trial_id>/: files a trial's deploym
 
 
 def _trainable(config: dict[str, Any], shared: dict[str, Any]) -> None:
-    """Runs inside a Ray worker process: one spec in, one record reported."""
+    """Runs inside a Ray worker process: one spec in, a result per epoch, then one record.
+    A scheduler's stop ends the trial inside ``tune.report`` (Tune exits its thread)."""
     spec = TrialSpec.from_json(config["spec"])
-    record = _run_spec(spec, config, shared, LiveMetrics(spec))
-    tune.report({"record": record.to_json(), "status": record.status})
+    live = LiveMetrics(spec)
+
+    def progress(figures: dict[str, float]) -> None:
+        live(figures)
+        result = epoch_result(figures)
+        if result is not None:
+            tune.report(result)
+
+    record = _run_spec(spec, config, shared, progress)
+    tune.report(final_result(record))
 
 
 def _run_spec(
@@ -203,14 +224,22 @@ def share_datasets(specs: Sequence[TrialSpec]) -> dict[str, Any]:
 
 
 def _trial_name(trial: Any) -> str:
+    """A trial's folder name: its id and label."""
     spec = TrialSpec.from_json(trial.config["spec"])
     return f"{spec.trial_id}_{spec.label.replace('/', '_')}"
 
 
+def _trial_label(trial: Any) -> str:
+    """A trial's name in Tune (``str(trial)``): the run name the trackers show."""
+    return TrialSpec.from_json(trial.config["spec"]).label
+
+
 class _Recorder(tune.Callback):
-    """Writes each reported record at once and keeps the progress bar current. A record
-    that cannot be written (``write_error``) stops the sweep, as does ``should_stop``;
-    once stopping, a trial that ends in error was cancelled: it gets no record."""
+    """Writes each reported record at once and keeps the progress bar current (with the
+    running trials' latest epoch and ``metric``). A trial that the ``scheduler`` stopped
+    gets a ``stopped`` record from its last epoch's result. A record that cannot be
+    written (``write_error``) stops the sweep, as does ``should_stop``; once stopping, a
+    trial that ends in error or is stopped was cancelled: it gets no record."""
 
     def __init__(
         self,
@@ -218,9 +247,12 @@ class _Recorder(tune.Callback):
         total: int,
         show_progress: bool,
         should_stop: Callable[[], bool] = lambda: False,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.store = store
         self.should_stop = should_stop
+        self.scheduler = scheduler
+        self.latest: dict[str, tuple[str, dict[str, Any]]] = {}  # Tune id -> label, result
         self.write_error: WriteError | None = None
         self.written: set[str] = set()
         self.recovered: dict[str, int] = {}  # Tune trial id -> times it was run again
@@ -236,7 +268,11 @@ class _Recorder(tune.Callback):
 
     def _refresh(self) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(running=self.running, not_ok=self.bad, refresh=False)
+            metric = self.scheduler.metric if self.scheduler else None
+            latest = "; ".join(latest_line(*v, metric) for v in self.latest.values())
+            self.bar.set_postfix(
+                running=self.running, not_ok=self.bad, latest=latest[:400], refresh=False
+            )
             self.bar.n = self.done
             self.bar.refresh()
 
@@ -248,6 +284,9 @@ class _Recorder(tune.Callback):
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         if "record" not in result:
+            if "epoch" in result:
+                self.latest[trial.trial_id] = (_trial_label(trial), dict(result))
+                self._refresh()
             return
         record = TrialRecord.from_json(result["record"])
         record.attempt = self.recovered.get(trial.trial_id, 0) + 1
@@ -282,11 +321,24 @@ class _Recorder(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running -= 1
         self.done += 1
+        _, last = self.latest.pop(trial.trial_id, ("", None))
+        spec = TrialSpec.from_json(trial.config["spec"])
+        if last is not None and spec.trial_id not in self.written and not self.stopping():
+            self._stopped(trial, spec, last)  # it ended without its record: a scheduler's stop
         self._refresh()
+
+    def _stopped(self, trial: Any, spec: TrialSpec, last: dict[str, Any]) -> None:
+        how = f"{self.scheduler.name} on {self.scheduler.metric}" if self.scheduler else "Tune"
+        record = stopped_record(spec, last, f"stopped early by the scheduler ({how})")
+        record.attempt = self.recovered.get(trial.trial_id, 0) + 1
+        if self._write(record):
+            self.bad += 1
+            log.info("%s %s: stopped", record.trial_id, spec.label)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running -= 1
         self.done += 1
+        self.latest.pop(trial.trial_id, None)
         spec = TrialSpec.from_json(trial.config["spec"])
         if spec.trial_id not in self.written and not self.stopping():
             error = _trial_error(trial)
@@ -329,10 +381,12 @@ class _StopAll(tune.Stopper):
 
 
 @contextlib.contextmanager
-def _tune_environment() -> Iterator[None]:
-    """``TUNE_ENV`` while Tune is built and runs (Tune reads it then), as it was after."""
-    before = {k: os.environ.get(k) for k in TUNE_ENV}
-    os.environ.update(TUNE_ENV)
+def _tune_environment(extra: dict[str, str] | None = None) -> Iterator[None]:
+    """``TUNE_ENV`` (and ``extra``: the trackers' settings) while Tune is built and runs
+    (Tune and the trackers read it then), as it was after."""
+    env = {**TUNE_ENV, **(extra or {})}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
@@ -486,6 +540,8 @@ def run_sweep(
     dashboard: bool = False,
     show_progress: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
+    scheduler: Scheduler | None = None,
+    tracking: dict[str, Any] | None = None,
 ) -> SweepOutcome:
     """Run ``specs`` through Ray Tune, writing one record per trial into ``store``.
 
@@ -494,7 +550,9 @@ def run_sweep(
     are not installed, and imported there before each trial. Once ``should_stop()`` is
     true (a SIGINT), running trials are cancelled without a record, no other starts, and
     the outcome says ``interrupted``. A record that cannot be written stops the sweep
-    the same way and is raised (``WriteError``) once it has stopped."""
+    the same way and is raised (``WriteError``) once it has stopped. ``scheduler`` and
+    ``tracking`` are the grid's sections of those names (``orchestrator.scheduler``,
+    ``orchestrator.tracking``)."""
     if not specs:
         return SweepOutcome(0, 0, 0, 0.0)
     from workers.plugins import shipped_paths
@@ -508,10 +566,12 @@ def run_sweep(
         {s.budget_mb for s in specs}, resources, energy, connection.resources.get("GPU", 0)
     )
     shared = {} if should_stop() else share_datasets(specs)
-    recorder = _Recorder(store, len(specs), show_progress, should_stop)
+    recorder = _Recorder(store, len(specs), show_progress, should_stop, scheduler)
+    trackers, tracker_env = tracker_callbacks(tracking or {}, store, name)
     if not should_stop():
-        with _tune_environment():
-            _fit(specs, store, resources, name, recorder, shared, energy, plugins, gpus)
+        with _tune_environment(tracker_env):
+            extras = _TuneExtras(_tune_scheduler(scheduler, specs), trackers)
+            _fit(specs, store, resources, name, recorder, shared, energy, plugins, gpus, extras)
     if recorder.write_error is not None:
         raise recorder.write_error
     return SweepOutcome(
@@ -533,8 +593,10 @@ def _fit(
     energy: dict[str, Any],
     plugins: Sequence[str],
     gpus: dict[str, float],
+    extras: _TuneExtras | None = None,
 ) -> None:
     """One Tune run of ``specs``: a trial per spec, ``recorder`` writing the records."""
+    extras = extras or _TuneExtras()
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, shared=shared),
         lambda config: {
@@ -551,19 +613,21 @@ def _fit(
             "plugins": list(plugins),
             "gpus": gpus,
             "artifacts": store.folder(ARTIFACTS),
+            "epoch_validation": True,  # val_accuracy per epoch where there is a val split
         },
         tune_config=tune.TuneConfig(
             max_concurrent_trials=resources.max_concurrent,
             # A finished trial's worker process takes the next trial: torch, timm and
             # peft are imported once per worker, not once per trial.
             reuse_actors=True,
-            trial_name_creator=_trial_name,
+            scheduler=extras.scheduler,
+            trial_name_creator=_trial_label,
             trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=store.folder("_tune"),
-            callbacks=[recorder],
+            callbacks=[recorder, *extras.callbacks],
             stop=_StopAll(recorder.stopping),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=resources.max_retries),
@@ -573,6 +637,80 @@ def _fit(
         tuner.fit()
     finally:
         recorder.close()
+
+
+@dataclass(frozen=True)
+class _TuneExtras:
+    """What the grid's optional sections add to a Tune run."""
+
+    scheduler: Any = None  # a ray.tune.schedulers scheduler; None: Tune's FIFO
+    callbacks: tuple[Any, ...] = ()  # the trackers' logger callbacks
+
+
+def _tune_scheduler(scheduler: Scheduler | None, specs: Sequence[TrialSpec]) -> Any:
+    """Tune's scheduler for the grid's ``scheduler:`` section (None without one)."""
+    if scheduler is None:
+        return None
+    from ray.tune import schedulers
+
+    epochs = max((s.train.epochs for s in specs if s.kind == "finetune"), default=1)
+    cls = getattr(schedulers, SCHEDULERS[scheduler.name].tune_class)
+    return cls(**scheduler.options(epochs))
+
+
+def tracker_callbacks(
+    tracking: dict[str, Any], store: RecordStore, name: str
+) -> tuple[tuple[Any, ...], dict[str, str]]:
+    """Ray Tune's logger callbacks for the grid's ``tracking:`` section (tracker name ->
+    its config, ``orchestrator.tracking``), and the environment they need while Tune runs."""
+    callbacks, env = [], {}
+    for tracker, config in tracking.items():
+        callback, needs = _TRACKER_CALLBACKS[tracker](config, store, name)
+        callbacks.append(callback)
+        env.update(needs)
+    return tuple(callbacks), env
+
+
+def _tensorboard(config: Any, store: RecordStore, name: str) -> tuple[Any, dict[str, str]]:
+    from ray.tune.logger import TBXLoggerCallback
+
+    log.info("TensorBoard: tensorboard --logdir %s", store.folder("_tune"))
+    return TBXLoggerCallback(), {}
+
+
+def _mlflow(config: Any, store: RecordStore, name: str) -> tuple[Any, dict[str, str]]:
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    uri = mlflow_uri(config, store.output)
+    log.info("MLflow: tracking URI %s, experiment %s", uri, config.experiment or name)
+    callback = MLflowLoggerCallback(
+        tracking_uri=uri, experiment_name=config.experiment or name, tags={"grid": name}
+    )
+    return callback, mlflow_environment(uri)
+
+
+def _wandb(config: Any, store: RecordStore, name: str) -> tuple[Any, dict[str, str]]:
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    mode = wandb_mode(config)
+    # absolute: the logging actor works in the trial's folder (grid validation makes
+    # sure that a URI output comes with a local dir)
+    folder = Path(config.dir or store.output).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("Weights & Biases: project %s, %s, folder %s", config.project or name, mode, folder)
+    # the record's JSON is no metric; WANDB_MODE here: Ray asks for no API key offline
+    callback = WandbLoggerCallback(
+        project=config.project or name, excludes=["record"], mode=mode, dir=str(folder)
+    )
+    return callback, {"WANDB_MODE": mode}
+
+
+# tracking: section name -> (its config, the store, the grid's name) -> (callback, env)
+_TRACKER_CALLBACKS: dict[str, Callable[[Any, RecordStore, str], tuple[Any, dict[str, str]]]] = {
+    "tensorboard": _tensorboard,
+    "mlflow": _mlflow,
+    "wandb": _wandb,
+}
 
 
 # ---------------------------------------------------------------- tasks for the search

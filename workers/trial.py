@@ -239,13 +239,15 @@ def _finetune(
     t_start = time.perf_counter()
     t_first = t_reported = t_start
 
+    def peak_so_far() -> float:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / MB
+        return record.accounted_peak_mb or 0.0
+
     def report() -> None:
         assert progress is not None
-        peak = record.accounted_peak_mb
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) / MB
         progress(
-            {"step": step, "loss": losses[-1].item(), "peak_mem_mb": peak or 0.0,
+            {"step": step, "loss": losses[-1].item(), "peak_mem_mb": peak_so_far(),
              "energy_j": _energy_so_far(energy_meter)}
         )  # fmt: skip
 
@@ -254,7 +256,7 @@ def _finetune(
     try:
         epoch = 0
         while step < total_steps:
-            losses = []
+            losses, t_epoch = [], time.perf_counter()
             for xb, yb in train_feed(
                 data.train_x, data.train_y, train.batch_size, generator=gen, augment=augment
             ):
@@ -295,16 +297,24 @@ def _finetune(
                 if step >= total_steps:
                     break
             epoch += 1
-            if options.epoch_validation and progress and data.val_x is not None:
-                # a pruner's signal, taken out of the training time and energy (the
-                # record of a searched trial stands beside a grid trial's of the same id)
+            if progress:
+                # the epoch's figures (a pruner's or Tune scheduler's signal, trackers'
+                # curves); validating and reporting them is taken out of the training
+                # time and energy (a searched trial's record stands beside a grid trial's)
+                train_loss = torch.stack(losses).float().mean().item()  # syncs the device
                 t_val, j_val = time.perf_counter(), _energy_so_far(energy_meter)
-                _begin(guard, "evaluation")
-                val = evaluate(data.val_x, data.val_y, data.num_classes)
-                progress({"epoch": epoch, "val_accuracy": val[0]})
-                _begin(guard, "training")
-                model.train()
-                memory.sync(device)
+                figures = {
+                    "epoch": epoch, "step": step, "train_loss": train_loss,
+                    "peak_mem_mb": peak_so_far(), "energy_j": j_val - excluded_j,
+                    "step_time_s": (t_val - t_epoch) / len(losses),
+                }  # fmt: skip
+                if options.epoch_validation and data.val_x is not None:
+                    _begin(guard, "evaluation")
+                    figures["val_accuracy"] = evaluate(data.val_x, data.val_y, data.num_classes)[0]
+                    _begin(guard, "training")
+                    model.train()
+                    memory.sync(device)
+                progress(figures)
                 excluded_s += time.perf_counter() - t_val
                 excluded_j += _energy_so_far(energy_meter) - j_val
         if progress and step:
