@@ -10,9 +10,9 @@ The chain of blocks. The registered backbones name their blocks ``...blocks.<i>`
 finds blocks and none holds another, it is the chain (so those backbones keep the
 chain they always had). Otherwise a generic rule walks the module tree: a
 *container* is an ``nn.Sequential`` / ``nn.ModuleList``, or a module whose composite
-children repeat one class (timm RegNet's ``s1.b1, s1.b2, ...``, DenseNet's dense
-layers); a container whose members hold at least half of its parameters is
-flattened into its members, recursively (ResNet ``layer1.0``, Swin
+children repeat one class (timm RegNet's ``s1.b1, s1.b2, ...``), never a
+``nn.ModuleDict`` (DenseNet's dense blocks stay whole: their layers take lists); a
+container whose members hold at least half of its parameters is flattened into its members, recursively (ResNet ``layer1.0``, Swin
 ``layers.0.blocks.1``); from the top, the walk also descends into the one child that
 holds most of the parameters, the classification head left aside. What lies between
 blocks (stems, downsampling) stays outside the chain: checkpointing plans count it as
@@ -85,7 +85,12 @@ def _block_like(module: nn.Module) -> bool:
 
 
 def _members(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The children a container runs one after the other (empty: not a container)."""
+    """The children a container runs one after the other (empty: not a container).
+
+    A ``nn.ModuleDict`` is never one: its forward, if it has one, may call its members
+    on anything (DenseNet's dense layers each take the list of all earlier outputs)."""
+    if isinstance(module, nn.ModuleDict):
+        return []
     kids = [(n, c) for n, c in module.named_children() if _composite(c)]
     if isinstance(module, _SEQUENCES):
         return kids

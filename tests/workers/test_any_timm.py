@@ -43,10 +43,19 @@ SMALL = {
     ),
     # a hybrid: MobileViT's inverted-residual stages and conv + transformer blocks
     "mobilevit": ("mobilevit_xxs", {"img_size": 64}),
+    # dense blocks (a ModuleDict whose layers each take the list of earlier outputs)
+    "densenet": (
+        "densenet121",
+        {"img_size": 32, "model_args": {"growth_rate": 4, "block_config": [2, 2]}},
+    ),
 }
 EXPECTED_BLOCKS = {
     "resnet": ["layer1.0", "layer2.0", "layer3.0", "layer4.0"],
     "swin": [f"layers.{s}.blocks.{b}" for s in range(4) for b in range(2)],
+    "densenet": [
+        f"features.{n}"
+        for n in ("norm0", "denseblock1", "transition1", "denseblock2", "norm5")
+    ],
 }
 
 
