@@ -17,12 +17,25 @@ Then, per strategy, with a cold and a warm block-profile cache (``workers.profil
 the first step (profiling or reading the cache, then forward + backward + AdamW step),
 the steady-state step time (median after warm-up) and the accounted activation peak.
 
-    .venv/bin/python benchmarks/checkpointing.py [--steps 10]
+Then every strategy side by side at half the activation memory, ours and PyTorch's:
+``none``, ``static``, ``adaptive`` (planned for 0.5 of the unconstrained activation
+bytes), ``torch.utils.checkpoint`` on every block (timm's ``set_grad_checkpointing``),
+PyTorch's selective activation checkpointing on every block (matmul and attention
+outputs saved, the rest recomputed) and ``compiled`` (``torch.compile`` with
+``activation_memory_budget`` 0.5): CPU time per step (process time, so that other
+processes on a loaded machine do not count; rounds interleave the strategies and the
+ratio to ``none`` is taken within each round), the bytes saved for backward, the
+measured peak (resident memory above the step's start, large allocations returned to
+the system at once) and the compile time.
+
+    .venv/bin/python benchmarks/checkpointing.py [--steps 10] [--only strategies]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import statistics
 import tempfile
 import time
@@ -32,16 +45,19 @@ import torch
 import torch.nn.functional as F
 
 from workers.backbones import create_backbone
+from workers.block_compiler import BlockCompiler
 from workers.checkpoint_plan import Infeasible, revolve_forward_steps
 from workers.checkpointing import (
     Checkpointer,
     apply_checkpointing,
     block_modes,
+    compile_blocks,
+    compile_seconds,
     find_blocks,
     profile_blocks,
     set_mode,
 )
-from workers.memory import ActivationMeter
+from workers.memory import ActivationMeter, reset_rss_high_water_mark, rss_high_water_mark_bytes
 from workers.profile_cache import ProfileCache, library_versions
 
 MIB = 1 << 20
@@ -195,17 +211,123 @@ def _startup_row(  # noqa: PLR0913
     return f"{first * 1e3:.0f} | {steady * 1e3:.0f} | {peak / MIB:.2f} | {source}"
 
 
+def side_by_side(label: str, backbone: str, args: dict, batch: int, rounds: int) -> None:
+    """Every strategy at half the activation memory: CPU step time, saved bytes, peak."""
+    torch.manual_seed(0)
+    model = create_backbone(backbone, num_classes=10, **args).train()
+    size = model.pretrained_cfg["input_size"][-1]
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    profile = profile_blocks(model, lambda: F.cross_entropy(model(x), y))
+    adaptive = Checkpointer("adaptive", {}, model)
+    adaptive.use(profile, int(0.5 * profile.unconstrained_bytes) - profile.prefix_bytes)
+    plan = block_modes(model)
+    compile_blocks(model, BlockCompiler(0.5))
+    blocks = find_blocks(model)
+    arms = {
+        "none": {n: "save" for n, _ in blocks},
+        "static": {n: "recompute" for n, _ in blocks},
+        "adaptive": plan,
+        "torch.utils.checkpoint": {n: "save" for n, _ in blocks},
+        "PyTorch SAC": {n: "selective" for n, _ in blocks},
+        "compiled": {n: "compiled" for n, _ in blocks},
+    }
+
+    def use(arm: str) -> None:
+        for name, block in blocks:
+            set_mode(block, arms[arm][name])
+        model.set_grad_checkpointing(arm == "torch.utils.checkpoint")
+
+    figures = {}
+    for arm in arms:  # first steps: compilation, the optimizer's state, the figures
+        use(arm)
+        _cpu_step_time(model, x, y, optimizer, 1)
+        figures[arm] = _memory(model, x, y)
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    for _ in range(rounds):
+        for arm in arms:
+            use(arm)
+            times[arm].append(_cpu_step_time(model, x, y, optimizer, 3))
+    ratios = {arm: [t / n for t, n in zip(times[arm], times["none"], strict=True)] for arm in arms}
+    print(
+        f"\n{label}: batch {batch}, every strategy at 0.5 of the unconstrained activations "
+        f"({profile.unconstrained_bytes / MIB:.1f} MiB); adaptive plan save/selective/recompute "
+        + "/".join(str(list(plan.values()).count(m)) for m in ("save", "selective", "recompute"))
+    )
+    print(
+        "| strategy | CPU ms/step | vs none (median, range of rounds) | saved MiB "
+        "| measured peak MiB | compile s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for arm in arms:
+        r = sorted(ratios[arm])
+        saved, peak = figures[arm]
+        compile_s = f"{compile_seconds(model):.1f}" if arm == "compiled" else "0"
+        print(
+            f"| {arm} | {statistics.median(times[arm]) * 1e3:.0f} "
+            f"| {statistics.median(r):.3f}x ({r[0]:.3f}-{r[-1]:.3f}) "
+            f"| {saved / MIB:.1f} | {peak / MIB:.1f} | {compile_s} |"
+        )
+
+
+def _cpu_step_time(model, x, y, optimizer, steps: int) -> float:  # noqa: ANN001
+    """Median CPU (process) time of ``steps`` steps after one warm-up step."""
+    times = []
+    for i in range(steps + 1):
+        t0 = time.process_time()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+        if i:
+            times.append(time.process_time() - t0)
+    return statistics.median(times)
+
+
+def _memory(model, x, y) -> tuple[int, int]:  # noqa: ANN001
+    """Bytes saved by the forward (saved-tensor hooks) and the resident peak of forward
+    + backward above the step's start (gradients exist already: not counted)."""
+    meter = ActivationMeter(model)
+    with meter:
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=False)
+    gc.collect()
+    reset_rss_high_water_mark()
+    start = rss_high_water_mark_bytes() or 0
+    F.cross_entropy(model(x), y).backward()
+    peak = (rss_high_water_mark_bytes() or 0) - start
+    model.zero_grad(set_to_none=False)
+    return meter.last_bytes, peak
+
+
+def _return_large_allocations_at_once() -> None:
+    """glibc: allocations of 64 KiB and more are mapped and unmapped on free, so that the
+    resident set follows the live tensors (else freed memory stays resident)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        print("(not glibc: measured peaks include freed memory kept by the allocator)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--tiny-only", action="store_true", help="skip the small ViT")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds side by side")
+    parser.add_argument(
+        "--only", choices=("budgets", "startup", "strategies"), help="run one section"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    _return_large_allocations_at_once()
     print("1 thread; step = forward + backward + AdamW step; ratios measured in this run")
-    for label, backbone, bargs, batch in MODELS[:1] if args.tiny_only else MODELS:
+    models = MODELS[:1] if args.tiny_only else MODELS
+    for label, backbone, bargs, batch in models if args.only in (None, "budgets") else ():
         bench(label, backbone, bargs, batch, args.steps)
-    for label, backbone, bargs, batch in MODELS[:1] if args.tiny_only else MODELS:
+    for label, backbone, bargs, batch in models if args.only in (None, "startup") else ():
         startup(label, backbone, bargs, batch, args.steps)
+    for label, backbone, bargs, batch in models if args.only in (None, "strategies") else ():
+        side_by_side(label, backbone, bargs, batch, args.rounds)
 
 
 if __name__ == "__main__":
