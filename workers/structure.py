@@ -12,11 +12,11 @@ chain they always had). Otherwise a generic rule walks the module tree: a
 *container* is an ``nn.Sequential`` / ``nn.ModuleList``, or a module whose composite
 children repeat one class (timm RegNet's ``s1.b1, s1.b2, ...``), never a
 ``nn.ModuleDict`` (DenseNet's dense blocks stay whole: their layers take lists); a
-container whose members hold at least half of its parameters is flattened into its members, recursively (ResNet ``layer1.0``, Swin
-``layers.0.blocks.1``); from the top, the walk also descends into the one child that
-holds most of the parameters, the classification head left aside. What lies between
-blocks (stems, downsampling) stays outside the chain: checkpointing plans count it as
-bytes that are always kept.
+container whose members hold at least half of its parameters is flattened into its
+members, recursively (ResNet ``layer1.0``, Swin ``layers.0.blocks.1``); from the top,
+the walk also descends into the one child that holds most of the parameters, the
+classification head left aside. What lies between blocks (stems, downsampling) stays
+outside the chain: checkpointing plans count it as bytes that are always kept.
 
 Example:
     >>> from workers.backbones import create_backbone

@@ -53,8 +53,7 @@ EXPECTED_BLOCKS = {
     "resnet": ["layer1.0", "layer2.0", "layer3.0", "layer4.0"],
     "swin": [f"layers.{s}.blocks.{b}" for s in range(4) for b in range(2)],
     "densenet": [
-        f"features.{n}"
-        for n in ("norm0", "denseblock1", "transition1", "denseblock2", "norm5")
+        f"features.{n}" for n in ("norm0", "denseblock1", "transition1", "denseblock2", "norm5")
     ],
 }
 
