@@ -167,6 +167,42 @@ def gpu_share(budget_mb: float, gpu_mb: float, context_mb: float) -> float:
     return 1.0 / k
 
 
+MIB = 1024 * 1024
+
+
+def memory_request(budget_mb: float, gpus: float, device: str = "auto") -> int:
+    """Bytes of host memory a trial reserves on its node (Ray's ``memory`` resource), so
+    that trials run at once on one node only while their limits together fit it.
+
+    A trial on the CPU (no GPU share, or ``train.device: cpu``) reserves its resident-memory
+    limit: its budget plus the stated margin at which ``RssGuard`` stops it
+    (``workers.rss_limit``; the worker's idle baseline, ~1.6 GiB with torch, is outside).
+    A GPU trial's budget is device memory, held by its GPU share: it reserves none.
+    """
+    if gpus > 0 and device != "cpu":
+        return 0
+    from workers.rss_limit import rss_limit_mb
+
+    return int(rss_limit_mb(budget_mb) * MIB)
+
+
+def node_memory() -> list[float]:
+    """Ray's ``memory`` resource of every live node, bytes."""
+    return [float(n["Resources"].get("memory", 0.0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_memory(requests: dict[float, int], nodes: Sequence[float]) -> None:
+    """Fail early when a trial's memory request (by budget, MiB) exceeds every node's."""
+    largest = max(nodes, default=0.0)
+    for budget, request in sorted(requests.items()):
+        if request > largest:
+            raise ValueError(
+                f"budget_mb={budget:g}: a CPU trial reserves {request / MIB:.0f} MiB of host "
+                f"memory (its budget + the RSS margin) but the largest Ray node has "
+                f"{largest / MIB:.0f} MiB (its `memory` resource)"
+            )
+
+
 @ray.remote(num_gpus=1, num_cpus=0)
 def _probe_gpu() -> tuple[float, float]:
     """On a GPU node: (GPU memory, CUDA context of a process), MiB."""
@@ -565,6 +601,8 @@ def run_sweep(
     gpus = gpus_per_budget(
         {s.budget_mb for s in specs}, resources, energy, connection.resources.get("GPU", 0)
     )
+    requests = {s.budget_mb: _memory(s, gpus) for s in specs}
+    check_memory(requests, node_memory())
     shared = {} if should_stop() else share_datasets(specs)
     recorder = _Recorder(store, len(specs), show_progress, should_stop, scheduler)
     trackers, tracker_env = tracker_callbacks(tracking or {}, store, name)
@@ -581,6 +619,11 @@ def run_sweep(
         wall_time_s=time.perf_counter() - start,
         interrupted=should_stop(),
     )
+
+
+def _memory(spec: TrialSpec, gpus: dict[str, float]) -> int:
+    """``memory_request`` of ``spec`` under the sweep's GPU shares (by budget)."""
+    return memory_request(spec.budget_mb, gpus[str(spec.budget_mb)], spec.train.device)
 
 
 def _fit(
@@ -602,6 +645,7 @@ def _fit(
         lambda config: {
             "cpu": resources.cpus_per_trial,
             "gpu": config["gpus"][str(TrialSpec.from_json(config["spec"]).budget_mb)],
+            "memory": _memory(TrialSpec.from_json(config["spec"]), config["gpus"]),
         },
     )
     tuner = tune.Tuner(
@@ -785,6 +829,7 @@ class SpecRunner:
         self.gpus = gpus_per_budget(
             budgets_mb, resources, self.energy, connection.resources.get("GPU", 0)
         )
+        check_memory({b: memory_request(b, self.gpus[str(b)]) for b in budgets_mb}, node_memory())
         self.box = _ProgressBox.remote() if forward_progress else None
         self.artifacts = artifacts
         self.shared: dict[str, Any] = {}
@@ -811,6 +856,7 @@ class SpecRunner:
         task = _search_task.options(
             num_cpus=self.resources.cpus_per_trial,
             num_gpus=self.gpus[str(spec.budget_mb)],
+            memory=_memory(spec, self.gpus),
             max_retries=self.resources.max_retries,
             name=f"trial {spec.trial_id} {spec.label}",
         )

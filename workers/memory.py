@@ -21,6 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.rss_limit import RSS_MARGIN_MB as RSS_MARGIN_MB  # re-exported: the guard's margin
+from workers.rss_limit import RSS_MARGIN_SHARE as RSS_MARGIN_SHARE
+from workers.rss_limit import rss_limit_mb
+
 log = logging.getLogger(__name__)
 
 MB = 1024.0 * 1024.0
@@ -47,12 +51,6 @@ class OverBudget(RuntimeError):
         self.peak_mb = peak_mb
         self.budget_mb = budget_mb
         self.phase = phase  # training | evaluation | inference | deployment
-
-
-# Slack of the process-memory guard over the budget: what the runtime holds besides the
-# accounted tensors (allocator caches, kernel workspaces, autograd's temporaries).
-RSS_MARGIN_MB = 512.0
-RSS_MARGIN_SHARE = 0.5  # and this share of the budget on top
 
 
 def rss_bytes() -> int:
@@ -95,14 +93,14 @@ class RssGuard:
     accounting does not predict (a giant input, a runaway op) would only be seen after
     the node's out-of-memory killer struck. ``check()`` (run before every block's
     forward and after every step) compares the growth of the resident set since the
-    guard was made with ``budget + RSS_MARGIN_MB + RSS_MARGIN_SHARE * budget``.
+    guard was made with ``budget + RSS_MARGIN_MB + RSS_MARGIN_SHARE * budget``
+    (``workers.rss_limit``: the scheduler reserves the same on the trial's node).
     ``begin(phase)`` names the phase that a stop and ``peaks_mb`` report.
     """
 
     def __init__(self, budget_mb: float, margin_mb: float | None = None) -> None:
-        margin = RSS_MARGIN_MB + RSS_MARGIN_SHARE * budget_mb if margin_mb is None else margin_mb
         self.budget_mb = budget_mb
-        self.limit_mb = budget_mb + margin
+        self.limit_mb = rss_limit_mb(budget_mb) if margin_mb is None else budget_mb + margin_mb
         self.baseline = rss_bytes()
         self.phase = "training"
         # growth of the resident set above the baseline, MiB, per phase: the largest of

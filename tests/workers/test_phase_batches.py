@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from orchestrator.spec import TrainConfig, TrialSpec
+from workers import deploy as deploy_module
 from workers import memory
 from workers.backbones import create_backbone
 from workers.baselines import tiny
@@ -61,7 +62,11 @@ def _finetune(budget_mb: float) -> TrialSpec:
     )  # fmt: skip
 
 
-def test_inference_and_deployment_batches_shrink_to_the_budget_in_a_real_trial() -> None:
+def test_inference_and_deployment_batches_shrink_to_the_budget_in_a_real_trial(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(deploy_module, "REPEATS", 1)  # the batch, not the timing, is tested
+    monkeypatch.setattr(deploy_module, "WARMUP", 0)
     budget = 20.0
     # at the trial's batch size one inference forward alone is over the budget
     model = create_backbone("mobilenetv2_test", num_classes=4)
