@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 HEIGHT_2D = 560
 HEIGHT_3D = 640
 NETSCORE_ROWS = 30  # configurations per NetScore plot, best first
+# Points of a 2-D view from which it is drawn with WebGL (scattergl): SVG slows past ~10^3.
+WEBGL_FROM = 2000
 LEGEND = {"groupclick": "toggleitem", "tracegroupgap": 14, "font": {"size": 12}}
 MARGIN = {"l": 70, "r": 20, "t": 30, "b": 60}
 
@@ -103,10 +105,15 @@ def pareto_2d(front: pareto.Front, view: str, style: enc.Encoding) -> dict[str, 
     names = set(labelled(front, xcol).index)
     where = _text_positions(table[xcol])
     traces = []
+    kind = "scattergl" if len(table) > WEBGL_FROM else "scatter"
     for method, rows in _by_method(table):
+        records = rows.to_dict("records")  # once: a wide table's rows are costly to build
+        labels = [
+            short_label(r) if i in names else "" for i, r in zip(rows.index, records, strict=True)
+        ]
         traces.append(
             {
-                "type": "scatter",
+                "type": kind,
                 "mode": "markers+text",
                 "name": method,
                 "showlegend": False,
@@ -114,13 +121,13 @@ def pareto_2d(front: pareto.Front, view: str, style: enc.Encoding) -> dict[str, 
                 "y": _values(rows[ycol]),
                 "error_x": _error(rows, xcol),
                 "error_y": _error(rows, ycol),
-                "text": [short_label(r) if i in names else "" for i, r in _items(rows)],
+                "text": labels,
                 "textposition": [where[i] for i in rows.index],
                 "textfont": {"size": 11, "color": "#333"},
-                "hovertext": [hover(r, front, view) for _, r in _items(rows)],
+                "hovertext": [hover(r, front, view) for r in records],
                 "hoverinfo": "text",
-                "customdata": _filters(rows),
-                "marker": _marker(rows, style, size=11),
+                "customdata": _filters(records),
+                "marker": _marker(records, style, size=11),
                 "cliponaxis": False,
             }
         )
@@ -179,7 +186,7 @@ def pareto_3d(front: pareto.Front, style: enc.Encoding) -> dict[str, Any]:
                 "z": _values(rows["accuracy"]),
                 "hovertext": [hover(r, front, "accuracy_memory_energy") for r in records],
                 "hoverinfo": "text",
-                "customdata": _filters(rows),
+                "customdata": _filters(records),
                 "marker": {
                     "color": style.colours[method],
                     "symbol": [
@@ -206,7 +213,7 @@ def key_traces(
     """The legend: an entry per method (colour), checkpointing strategy (shape) and
     backbone (fill) in ``table``; the page's script filters the plots by them
     (``meta.filter``), every plot of the page at once."""
-    rows = table.to_dict("records")
+    rows = _factors(table)
     methods = sorted({method_name(r) for r in rows})
     strategies = sorted({enc.strategy(r) for r in rows}, key=lambda c: style.shapes[c])
     backbones = sorted({str(r["backbone"]) for r in rows})
@@ -253,17 +260,19 @@ def hover(row: Mapping[str, Any], front: pareto.Front, view: str) -> str:
 
 
 def _by_method(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    methods = [method_name(r) for r in table.to_dict("records")]
+    methods = [method_name(r) for r in _factors(table)]
     return list(table.assign(_method=methods).groupby("_method", sort=True))
 
 
-def _items(rows: pd.DataFrame) -> list[tuple[Any, dict]]:
-    return list(zip(rows.index, rows.to_dict("records"), strict=True))
+def _factors(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Each row's backbone, method, baseline and checkpointing (not every column: fast)."""
+    columns = [c for c in ("backbone", "method", "baseline", "checkpointing") if c in table]
+    return table[columns].to_dict("records")
 
 
-def _filters(rows: pd.DataFrame) -> list[list[str]]:
+def _filters(records: list[dict[str, Any]]) -> list[list[str]]:
     """[backbone, checkpointing, method] per point: what the page's filters match."""
-    return [[str(r["backbone"]), enc.strategy(r), method_name(r)] for r in rows.to_dict("records")]
+    return [[str(r["backbone"]), enc.strategy(r), method_name(r)] for r in records]
 
 
 def _text_positions(x: pd.Series) -> dict[Any, str]:
@@ -274,8 +283,7 @@ def _text_positions(x: pd.Series) -> dict[Any, str]:
     return {i: "top left" if (v - lo) / span > 0.66 else "top right" for i, v in values.items()}
 
 
-def _marker(rows: pd.DataFrame, style: enc.Encoding, size: int) -> dict[str, Any]:
-    records = rows.to_dict("records")
+def _marker(records: list[dict[str, Any]], style: enc.Encoding, size: int) -> dict[str, Any]:
     colour = style.colours[method_name(records[0])]
     return {
         "color": colour,
@@ -325,7 +333,7 @@ def parallel(configs: pd.DataFrame) -> dict[str, Any]:
     dims = []
     for factor in ("backbone", "method", "checkpointing", "budget_mb"):
         if factor == "method":
-            values = [method_name(r) for r in configs.to_dict("records")]
+            values = [method_name(r) for r in _factors(configs)]
         else:
             values = [str(v) if factor != "budget_mb" else f"{v:g}" for v in configs[factor]]
         levels = sorted(set(values))
@@ -364,7 +372,7 @@ def netscores(configs: pd.DataFrame, variants: list[str], style: enc.Encoding) -
     best = configs.sort_values(variants[0], ascending=True, na_position="first")
     best = best.tail(NETSCORE_ROWS)
     labels = [str(c) for c in best["config"]]
-    colours = [style.colours[method_name(r)] for r in best.to_dict("records")]
+    colours = [style.colours[method_name(r)] for r in _factors(best)]
     width, gap = 1.0 / len(variants), 0.02
     traces, layout = [], {}
     for i, name in enumerate(variants):

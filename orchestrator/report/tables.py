@@ -120,15 +120,19 @@ def netscore_display(analysis: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _has(table: pd.DataFrame, column: str) -> bool:
+    return column in table and bool(table[column].notna().any())
+
+
 def netscore_components(analysis: Analysis) -> pd.DataFrame:
     """The raw components every NetScore is computed from, in the units the scores use."""
     configs = _by_first_score(analysis)
+    shown = [(label, col, scale) for label, col, scale in NETSCORE_COMPONENTS if _has(configs, col)]
     rows = []
     for row in configs.to_dict("records"):
         out = {"dataset": row["dataset"], "configuration": row["config"]}
-        for label, col, scale in NETSCORE_COMPONENTS:
-            if col in configs and configs[col].notna().any():
-                out[label] = energy_cell(row, scale) if col == "energy_j" else pm(row, col, scale)
+        for label, col, scale in shown:
+            out[label] = energy_cell(row, scale) if col == "energy_j" else pm(row, col, scale)
         rows.append(out)
     return pd.DataFrame(rows)
 
