@@ -108,10 +108,12 @@ def run_trial(
     is the scheduler's word on whether the trial holds its device alone; ``progress``
     receives live figures while a fine-tuning trial trains. ``artifacts_dir`` (a folder
     or URI of this trial's own) receives the files the deployment phase exports (the
-    spec's ``deploy``; None: none are kept). ``epoch_validation`` also sends
-    ``{"epoch": e, "val_accuracy": a}`` to ``progress`` after every epoch when the
-    dataset has a validation split (a search's pruner reads it). None of them changes
-    what the trial computes, so none is part of the spec.
+    spec's ``deploy``; None: none are kept). ``epoch_validation`` also sends the
+    epoch's figures to ``progress`` after every epoch (``epoch``, ``step``,
+    ``train_loss``, ``peak_mem_mb``, ``energy_j`` so far, ``step_time_s``, and
+    ``val_accuracy`` when the dataset has a validation split: what a search's pruner,
+    Ray Tune's schedulers and trackers read). None of them changes what the trial
+    computes, so none is part of the spec.
 
     Example:
         >>> record = run_trial(TrialSpec(backbone="vit_test", dataset="digits"))
@@ -297,7 +299,7 @@ def _finetune(
                 if step >= total_steps:
                     break
             epoch += 1
-            if progress:
+            if progress and options.epoch_validation:
                 # the epoch's figures (a pruner's or Tune scheduler's signal, trackers'
                 # curves); validating and reporting them is taken out of the training
                 # time and energy (a searched trial's record stands beside a grid trial's)
@@ -308,7 +310,7 @@ def _finetune(
                     "peak_mem_mb": peak_so_far(), "energy_j": j_val - excluded_j,
                     "step_time_s": (t_val - t_epoch) / len(losses),
                 }  # fmt: skip
-                if options.epoch_validation and data.val_x is not None:
+                if data.val_x is not None:
                     _begin(guard, "evaluation")
                     figures["val_accuracy"] = evaluate(data.val_x, data.val_y, data.num_classes)[0]
                     _begin(guard, "training")
