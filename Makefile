@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint clean chromium gpu-check docs
+.PHONY: demo test test-all lint clean chromium postgresql gpu-check docs
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,20 @@ chromium:
 	  $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
 	echo "warning: could not install chromium: tests/orchestrator/test_report.py will fail"
 
-test: $(VENV)/.installed chromium
+# tests/orchestrator/test_search_postgres.py starts a throwaway PostgreSQL server
+# (tests/postgres_server.py: initdb and postgres, on PATH or under /usr/lib/postgresql/*/bin):
+# Debian's `postgresql`, installed here when missing, the same way as chromium.
+postgresql:
+	@command -v postgres >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || \
+	{ echo "installing Debian's postgresql (database server for the shared-search test)" && \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } || \
+	echo "warning: could not install postgresql: tests/orchestrator/test_search_postgres.py will fail"
+
+test: $(VENV)/.installed chromium postgresql
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(VENV)/.installed chromium
+test-all: $(VENV)/.installed chromium postgresql
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The GPU acceptance check (docs/gpu_check.md): on a GPU machine it needs no virtual
