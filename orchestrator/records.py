@@ -124,11 +124,19 @@ class TrialRecord:
     peak_mem_mb: float | None = _col(
         "float",
         "training peak by the meter in mem_source, MiB (the Pareto axis): the training step "
-        "only; evaluation in eval_peak_mem_mb, the process's resident memory in *_rss_peak_mb",
+        "only (evaluation: eval_peak_mem_mb; inference: infer_peak_mem_mb_*). CPU: "
+        "accounted_peak_mb, without allocator caches, autograd's temporaries (gradients of "
+        "activations in backward) and the runtime (train_rss_peak_mb has them); CUDA: "
+        "cuda_max_allocated_mb (every live tensor, a resident dataset too), without the "
+        "allocator's cache (cuda_max_reserved_mb) and the CUDA context (nvml_process_mb)",
     )
     mem_source: str = _col("str", "cuda_allocator | accounted", "")
     cap_kind: str = _col("str", "cuda_allocator (hard cap) | accounted (checked on CPU)", "")
-    accounted_peak_mb: float | None = _col("float", "params+grads+optimizer+activations+batch")
+    accounted_peak_mb: float | None = _col(
+        "float",
+        "params+grads+optimizer+activations (bytes saved for backward)+batch of a training "
+        "step, any device, MiB; baselines: model + largest batch + the features held",
+    )
     params_mb: float | None = _col("float", "parameters and buffers, MiB")
     grads_mb: float | None = _col("float", "gradients of trainable parameters, MiB")
     optimizer_mb: float | None = _col("float", "optimizer state, MiB")
@@ -170,7 +178,9 @@ class TrialRecord:
         "CPU: peak growth of the process's resident memory above its baseline after data "
         "loading, in training (sampled before every block and after every step, and the "
         "kernel's high-water mark reset per phase); counts what the accounted figures leave "
-        "out (allocator caches, autograd temporaries, runtime); empty on CUDA, MiB",
+        "out (allocator caches, autograd temporaries, runtime) and memory an earlier phase "
+        "freed but the process kept; not the dataset (loaded before the baseline) nor the "
+        "worker's idle memory (torch, ~1.6 GiB); empty on CUDA, MiB",
     )
     eval_rss_peak_mb: float | None = _col(
         "float", "CPU: as train_rss_peak_mb, in evaluation (test and validation splits), MiB"
@@ -215,7 +225,9 @@ class TrialRecord:
         "float", "inference peak memory (weights + input + forward peak), batch 1, MiB"
     )
     infer_peak_mem_mb_batch: float | None = _col(
-        "float", "inference peak memory at the trial's batch size, MiB"
+        "float",
+        "inference peak memory at inference_batch_size_used, MiB (CPU: live tensor storages, "
+        "kernels' scratch excluded; CUDA: allocator; the trained model beside it excluded)",
     )
     infer_mem_source: str = _col("str", "cuda_allocator | live_tensors (CPU)", "")
     infer_merged: bool | None = _col(
@@ -240,7 +252,7 @@ class TrialRecord:
         "when quantized; + input + forward peak), batch 1, MiB",
     )
     deploy_peak_mem_mb_batch: float | None = _col(
-        "float", "the same at the trial's batch size, MiB"
+        "float", "the same at deploy_batch_size_used, MiB"
     )
     deploy_size_mb: float | None = _col(
         "float", "size on disk of the deployed variant's safetensors file, MiB"
