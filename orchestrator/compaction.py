@@ -27,6 +27,7 @@ readers keep the newest row of every trial (``recorded_at``), and tools that rea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -207,6 +208,7 @@ def _finish(store: RecordStore, intent_path: str, intent: dict[str, Any]) -> Non
 
 def recover(store: RecordStore) -> None:
     """Finish or roll back every merge a kill interrupted (see the module's doc)."""
+    _remove_temporaries(store, f"{store.inner(INTENTS)}/")  # intents whose write was cut
     for intent_path in store.list_folder(store.inner(INTENTS), ".json"):
         try:
             intent = json.loads(store.read_bytes(intent_path))
@@ -227,11 +229,13 @@ def recover(store: RecordStore) -> None:
         store.delete(intent_path)  # the inputs, untouched, are the records
 
 
-def _remove_temporaries(store: RecordStore, part: str) -> None:
-    """A killed atomic write leaves ``.<name>.<pid>.<id>.tmp`` beside its target."""
-    if store.is_uri:
+def _remove_temporaries(store: RecordStore, path: str) -> None:
+    """A killed atomic write leaves ``.<name>.<pid>.<id>.tmp`` beside its target (``path``;
+    every one in the folder for ``folder/``)."""
+    folder, name = os.path.split(path)
+    if store.is_uri or not os.path.isdir(folder):
         return
-    folder, name = os.path.split(part)
     for entry in os.scandir(folder):
-        if entry.name.startswith(f".{name}.") and entry.name.endswith(".tmp"):
-            os.unlink(entry.path)
+        if entry.name.startswith(f".{name}") and entry.name.endswith(".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
