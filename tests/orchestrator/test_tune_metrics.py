@@ -283,3 +283,26 @@ def test_grid_docs_name_every_scheduler_and_tracker() -> None:
     for name in [*SCHEDULERS, *tracking.TRACKERS, *EPOCH_METRICS]:
         assert f"`{name}`" in text, name
     assert "`stopped`" in text
+
+
+def test_orchestrate_run_hands_both_sections_to_the_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    from orchestrator import tune_driver
+    from orchestrator.cli import main
+
+    seen: dict[str, Any] = {}
+
+    def fake_sweep(specs: list[TrialSpec], *args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return tune_driver.SweepOutcome(len(specs), 0, 0, 0.0, interrupted=True)
+
+    monkeypatch.setattr(tune_driver, "run_sweep", fake_sweep)
+    raw = _grid(tmp_path, scheduler={"metric": "train_loss"}, tracking={"tensorboard": {}})
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    main(["run", str(path), "--no-progress"])
+    assert seen["scheduler"] == Scheduler(metric="train_loss")
+    assert seen["tracking"] == {"tensorboard": tracking.TensorBoard()}
