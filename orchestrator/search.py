@@ -22,21 +22,28 @@ An ``over_budget`` or ``oom`` trial violates the memory limit by at least
 ``LEAST_VIOLATION`` whatever its measured peak; a limit whose figure was not measured
 is violated by ``UNKNOWN_VIOLATION`` (a trial we cannot verify is never "best").
 
-An infeasible trial is told COMPLETE with its constraints, so that the sampler learns
-where the infeasible region is, and with the worst value of every objective (-inf for
-a maximised one, +inf for a minimised one): TPE and NSGA-II rank infeasible trials by
-their violations and never read those values, GP clips infinities to its worst finite
-value, and optuna-dashboard, whose best-trial panel and Pareto plot do not look at
-constraints, can never show an infeasible trial as best. Its measured figures are in
-its ``figures`` attribute (and its record); ``feasible`` says which it is. A feasible
-trial that lacks an objective's measurement (no energy meter) is told FAIL.
+Every trial told COMPLETE carries its measured objective values (finite numbers), and
+its feasibility is its constraints only: Optuna's ``study.best_trials`` (and so
+``optuna best-trials``) is the feasible Pareto set, and the samplers learn where the
+infeasible region is from the constraints. The constraints are also written in the
+positional form that optuna-dashboard 0.21 reads (``DASHBOARD_CONSTRAINTS``), so that
+its plots tell feasible trials from infeasible ones. Never an infinity: an
+``over_budget`` or ``oom`` trial stopped before measuring an objective is told the
+finite ``PENALTY`` for it (accuracy 0, no training energy or time; its ``penalised``
+attribute names them), infeasible by its constraints, so that the samplers still learn
+where the budget is broken; any other trial lacking an objective's measurement (no
+energy meter, a NetScore without accuracy) is told FAIL. ``feasible`` and ``figures``
+(what was measured) are trial attributes.
 
 The study lives in an RDB storage given as a URL (SQLite file ``search.db`` in the
 output folder by default; PostgreSQL for several drivers), is resumed with
 ``load_if_exists``, and refuses to resume under another definition (objectives,
-limits, space). ``trials`` counts the study's trials in all: a resumed search runs
-the rest. Heartbeats mark the trials in flight; a driver that died leaves stale
-trials that the next one fails and enqueues again; an interrupted driver does that
+limits, space): the study keeps a short hash of it (``DEFINITION_ATTR``) and the
+definition itself is ``search_definition.json`` in the output folder. ``trials``
+counts the study's trials in all, whichever driver told them: a resumed search runs
+the rest, and drivers sharing a study stop together. Heartbeats mark the trials in
+flight; a trial whose driver died (no mark for ``GRACE_FACTOR`` beats) is failed by
+another driver, or the next one, and asked again; an interrupted driver does that
 itself. The result is the study's feasible Pareto set (``study.best_trials``).
 
 Example (no Ray: a trial function run here; ``tune_driver.SpecRunner`` runs real trials):
@@ -51,9 +58,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
-import math
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -84,14 +93,27 @@ UNKNOWN_VIOLATION = 1.0
 # be under the budget: the allocation that failed is not in it).
 LEAST_VIOLATION = 0.01
 INFEASIBLE_STATUSES = ("over_budget", "oom")
+# What an over_budget / oom trial stopped before training is told for an objective it did
+# not measure: it learnt nothing and spent nothing on training. Finite, so that Optuna's
+# tools can show it; infeasible by its constraints, so that it is never among the best.
+PENALTY = {"accuracy": 0.0, "energy_j": 0.0, "train_time_s": 0.0}
 MEASURES = ("accuracy", "peak_mem_mb", "energy_j", "train_time_s")
 # The live figures a trial reports once per epoch for the pruner (see ``on_progress``).
 EPOCH_KEY, VALUE_KEY = "epoch", "val_accuracy"
 SPEC_AXES = ("backbone", "method", "checkpointing", "dataset")  # named by a spec's label
 POLL_S = 1.0  # how often the driver looks at running trials
 HEARTBEAT_S = 30  # a trial in flight is marked alive this often...
-GRACE_S = 120  # ...and taken for dead (its driver gone) after this long without a mark
-DEFINITION_ATTR = "vramsweep_search"  # study attribute: what its trials mean
+GRACE_FACTOR = 4  # ...and taken for dead (its driver gone) after this many missed marks
+# Seconds between heartbeats, when set (an integer >= 1): a shorter wait for a dead
+# driver's trials, for tests and small clusters. Read when a study is opened.
+HEARTBEAT_ENV = "VRAMSWEEP_SEARCH_HEARTBEAT_S"
+# Study attribute: a short hash of what its trials mean (the definition is a file).
+DEFINITION_ATTR = "vramsweep_search_sha"
+DEFINITION_FILE = "search_definition.json"
+OLD_DEFINITION_ATTR = "vramsweep_search"  # the whole definition, in studies made before
+# optuna-dashboard 0.21 reads a trial's constraints only from this system attribute, a
+# list (Optuna 4's form); Optuna 5 also reads it, under the keys "0", "1", ...
+DASHBOARD_CONSTRAINTS = "constraints"
 
 
 class SearchMismatch(ValueError):
@@ -266,15 +288,32 @@ def make_pruner(search: Search) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(grid: Grid) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
-    """Create the study, or load it when it exists and has the same definition."""
+def definition_sha(mine: dict[str, Any]) -> str:
+    """The short hash of a definition that the study keeps (16 hex digits)."""
+    return hashlib.sha256(canonical_json(mine).encode("utf-8")).hexdigest()[:16]
+
+
+def heartbeat_s() -> int:
+    """Seconds between heartbeats: ``HEARTBEAT_S``, or ``$VRAMSWEEP_SEARCH_HEARTBEAT_S``."""
+    value = os.environ.get(HEARTBEAT_ENV, "")
+    if not value:
+        return HEARTBEAT_S
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{HEARTBEAT_ENV} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def open_study(grid: Grid, store: RecordStore) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    """Create the study, or load it when it exists and has the same definition; the
+    definition goes to ``search_definition.json`` in the output folder."""
     search = grid.search
     assert search is not None
+    beat = heartbeat_s()
     with _quiet():
         storage = optuna.storages.RDBStorage(
             storage_url(search, grid.output),
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
+            heartbeat_interval=beat,
+            grace_period=GRACE_FACTOR * beat,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=2
             ),
@@ -288,19 +327,56 @@ def open_study(grid: Grid) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
         load_if_exists=True,
     )
     mine = definition(grid)
-    stored = study.user_attrs.get(DEFINITION_ATTR)
-    if stored is None:
-        study.set_user_attr(DEFINITION_ATTR, mine)
+    sha = definition_sha(mine)
+    attrs = study.user_attrs
+    if DEFINITION_ATTR in attrs or OLD_DEFINITION_ATTR in attrs:
+        _check_definition(grid, store, attrs, mine, sha)
+    if attrs.get(DEFINITION_ATTR) != sha:
+        study.set_user_attr(DEFINITION_ATTR, sha)
         with _quiet():
             study.set_metric_names(list(search.objectives))  # the dashboard's axis names
-    elif stored != mine:
-        differ = sorted(k for k in mine.keys() | stored.keys() if mine.get(k) != stored.get(k))
-        where = _without_password(storage_url(search, grid.output))
-        raise SearchMismatch(
-            f"study {search.study!r} in {where} was made by another search (it differs in: "
-            f"{', '.join(differ)}); give search.study a new name"
-        )
+    text = json.dumps({"study": search.study, "sha": sha, "definition": mine}, indent=1)
+    store.write_bytes(DEFINITION_FILE, text.encode("utf-8"))
     return study, storage
+
+
+def _check_definition(
+    grid: Grid, store: RecordStore, attrs: dict[str, Any], mine: dict[str, Any], sha: str
+) -> None:
+    """Raise SearchMismatch unless the stored study was made by this definition: its hash,
+    or (a study made before the hash) the whole definition as an attribute."""
+    search = grid.search
+    assert search is not None
+    stored = attrs.get(OLD_DEFINITION_ATTR) if DEFINITION_ATTR not in attrs else None
+    if stored is None and attrs[DEFINITION_ATTR] == sha:
+        return
+    if stored is None:
+        stored = _stored_definition(store, attrs[DEFINITION_ATTR])
+    if stored == mine:
+        return
+    where = _without_password(storage_url(search, grid.output))
+    if stored is None:
+        differ = f"its definition hash is {attrs[DEFINITION_ATTR]}, this one's {sha}"
+    else:
+        keys = sorted(k for k in mine.keys() | stored.keys() if mine.get(k) != stored.get(k))
+        differ = f"it differs in: {', '.join(keys)}"
+    raise SearchMismatch(
+        f"study {search.study!r} in {where} was made by another search ({differ}); "
+        "give search.study a new name"
+    )
+
+
+def _stored_definition(store: RecordStore, sha: str) -> dict[str, Any] | None:
+    """The definition that ``search_definition.json`` holds when its hash is ``sha`` (to
+    name what differs); None where the file is missing, another's, or not local."""
+    path = Path(store.folder(DEFINITION_FILE))
+    if store.is_uri or not path.is_file():
+        return None
+    with contextlib.suppress(ValueError, KeyError, OSError):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved["sha"] == sha:
+            return saved["definition"]
+    return None
 
 
 @contextlib.contextmanager
@@ -500,19 +576,44 @@ class _Loop:
         self.recorded = store.existing_ids()
         self.runs: dict[int, _Run] = {}  # runner key (first trial's number) -> run
         self.by_id: dict[str, int] = {}  # trial id in flight -> runner key
-        self.finished = [t for t in study.get_trials(deepcopy=False) if _counted(t)]
+        self.driver = f"{socket.gethostname()}:{os.getpid()}"  # who runs a trial
+        self.done = 0  # counted trials of the study, whichever driver told them
+        self.elsewhere = 0  # trials running in other drivers
         self.ran_now = 0
-        self.beat = 0.0
+        self.beat = self.looked = 0.0
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> None:
+        """Look at the study as the other drivers left it (at most every ``POLL_S``): fail
+        a dead driver's trials (they are asked again), count the trials told and the
+        trials running elsewhere."""
+        if not force and time.monotonic() - self.looked < POLL_S:
+            return
+        self.looked = time.monotonic()
+        with _quiet():
+            optuna.storages.fail_stale_trials(self.study)
+        mine = {t.number for run in self.runs.values() for t in run.trials}
+        trials = self.study.get_trials(deepcopy=False)
+        self.done = sum(1 for t in trials if _counted(t))
+        self.elsewhere = sum(
+            1 for t in trials if t.state == TrialState.RUNNING and t.number not in mine
+        )
 
     # -- asking
 
     def waiting(self) -> int:
         return sum(len(run.trials) for run in self.runs.values())
 
+    def wants(self, trials: int) -> bool:
+        """Whether the study needs another trial asked (counting all drivers' trials)."""
+        return self.done + self.waiting() + self.elsewhere < trials
+
     def ask(self) -> None:
         """Ask one trial; tell it at once when it cannot run or has a record."""
         with _quiet():
             trial = self.study.ask()
+        # marked at once: a trial without a mark is never taken for dead
+        self.storage.record_heartbeat(trial._trial_id)  # noqa: SLF001 - Optuna's id
         try:
             spec = suggest_spec(trial, self.grid)
         except ValueError as exc:
@@ -526,6 +627,7 @@ class _Loop:
             return
         trial.set_user_attr("trial_id", spec.trial_id)
         trial.set_user_attr("label", spec.label)
+        trial.set_user_attr("driver", self.driver)
         if spec.trial_id in self.recorded:
             self.tell(trial, self.store.read_record(spec.trial_id), "reused")
         elif spec.trial_id in self.by_id:
@@ -537,8 +639,9 @@ class _Loop:
         self.heartbeat(force=True)
 
     def heartbeat(self, force: bool = False) -> None:
-        """Mark the trials in flight as alive (see ``GRACE_S``)."""
-        if not force and time.monotonic() - self.beat < HEARTBEAT_S:
+        """Mark the trials in flight as alive (see ``GRACE_FACTOR``)."""
+        interval = self.storage.get_heartbeat_interval() or 0
+        if not force and time.monotonic() - self.beat < interval:
             return
         self.beat = time.monotonic()
         for run in self.runs.values():
@@ -577,7 +680,7 @@ class _Loop:
             self.tell(trial, record, "ran" if i == 0 else "reused")
 
     def tell(self, trial: Trial, record: TrialRecord, outcome: str) -> None:
-        """Tell the study the trial's record: its objectives and constraints."""
+        """Tell the study the trial's record: its measured objectives and constraints."""
         figures = {"status": record.status, **{m: getattr(record, m) for m in MEASURES}}
         trial.set_user_attr("figures", figures)
         label = record.spec.label
@@ -587,18 +690,27 @@ class _Loop:
             return
         cons = violations(record, self.search)
         feasible = all(v <= 0 for v in cons.values())
-        values = measured(record, self.search.objectives)
-        missing = [o for o, v in zip(self.search.objectives, values, strict=True) if v is None]
-        if feasible and missing:
-            self.tell_fail(trial, "failed", label, f"{', '.join(missing)} not measured")
+        trial.set_user_attr("feasible", feasible)
+        objectives = self.search.objectives
+        values = measured(record, objectives)
+        missing = [o for o, v in zip(objectives, values, strict=True) if v is None]
+        stopped = record.status in INFEASIBLE_STATUSES
+        if missing and not (stopped and all(o in PENALTY for o in missing)):
+            why = f"{', '.join(missing)} not measured"
+            self.tell_fail(trial, "failed", label, f"{record.status}: {why}" if stopped else why)
             return
+        if missing:
+            trial.set_user_attr("penalised", missing)
+        told = [PENALTY[o] if v is None else v for o, v in zip(objectives, values, strict=True)]
         for name, value in cons.items():
             trial.set_constraint(name, value)
-        if not feasible:
-            values = [-math.inf if d == "maximize" else math.inf for d in self.search.directions]
-        trial.set_user_attr("feasible", feasible)
+        self.storage.set_trial_system_attr(
+            trial._trial_id,  # noqa: SLF001 - Optuna's id
+            DASHBOARD_CONSTRAINTS,
+            list(cons.values()),
+        )
         trial.set_user_attr("outcome", outcome)
-        self.told(self.study.tell(trial, values), label)
+        self.told(self.study.tell(trial, told), label)
 
     def tell_fail(self, trial: Trial, outcome: str, label: str, why: str) -> None:
         trial.set_user_attr("outcome", outcome)
@@ -607,20 +719,19 @@ class _Loop:
 
     def told(self, frozen: FrozenTrial, label: str, note: str = "") -> None:
         """Count a trial told and say so."""
-        self.finished.append(frozen)
+        self.done += 1
         outcome = frozen.user_attrs["outcome"]
         params = " ".join(f"{k}={_fmt(v)}" for k, v in frozen.params.items() if k not in SPEC_AXES)
-        text = f"[{len(self.finished)}/{self.search.trials}] #{frozen.number} {outcome:8s} {label}"
+        text = f"[{self.done}/{self.search.trials}] #{frozen.number} {outcome:8s} {label}"
         text += f" {params}" if params else ""
         if frozen.state == TrialState.COMPLETE:
-            over = [k for k, v in frozen.constraints.items() if v > 0]
-            if over:  # its values are the worst possible: say what was measured
-                figures = frozen.user_attrs["figures"]
-                shown = [f"{m} {_fmt(figures[m])}" for m in MEASURES if figures[m] is not None]
-                note = ", ".join(shown) + f"; infeasible ({', '.join(over)})"
-            else:
-                objectives = zip(self.search.objectives, frozen.values, strict=True)
-                note = ", ".join(f"{o} {_fmt(v)}" for o, v in objectives) + "; feasible"
+            objectives = zip(self.search.objectives, frozen.values, strict=True)
+            penalised = frozen.user_attrs.get("penalised", ())
+            note = ", ".join(
+                f"{o} {'not measured' if o in penalised else _fmt(v)}" for o, v in objectives
+            )
+            over = [k for k, v in named_constraints(frozen).items() if v > 0]
+            note += f"; infeasible ({', '.join(over)})" if over else "; feasible"
         self.echo(f"{text}: {note}" if note else text)
 
     # -- an interruption
@@ -635,6 +746,11 @@ class _Loop:
                 self.study.tell(trial, state=TrialState.FAIL)
                 self.study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
         self.runs.clear()
+
+
+def named_constraints(trial: FrozenTrial) -> dict[str, float]:
+    """The trial's constraints by name (without their copy for the dashboard)."""
+    return {k: v for k, v in trial.constraints.items() if not k.isdigit()}
 
 
 def _counted(trial: FrozenTrial) -> bool:
@@ -669,27 +785,26 @@ def run_search(
     grid = dataclasses.replace(grid, search=search)
     start = time.monotonic()
     deadline = start + search.timeout_s if search.timeout_s else float("inf")
-    study, storage = open_study(grid)
+    study, storage = open_study(grid, store)
     runner = start_runner(search)
-    with _quiet():
-        optuna.storages.fail_stale_trials(study)  # a dead driver's: failed, asked again first
-    loop = _Loop(grid, store, runner, study, storage, echo)
-    if loop.finished:
-        echo(f"resuming study {search.study}: {len(loop.finished)} of {search.trials} trials done")
+    loop = _Loop(grid, store, runner, study, storage, echo)  # a dead driver's trials: failed
+    if loop.done:
+        echo(f"resuming study {search.study}: {loop.done} of {search.trials} trials done")
     try:
         while not should_stop():
             asking = time.monotonic() < deadline
-            while (
-                asking
-                and len(loop.runs) < runner.capacity
-                and len(loop.finished) + loop.waiting() < search.trials
-            ):
+            if asking and len(loop.runs) < runner.capacity:
+                loop.refresh(force=True)
+            while asking and len(loop.runs) < runner.capacity and loop.wants(search.trials):
                 loop.ask()
-            if not loop.runs:
+            if not loop.runs and not (asking and loop.elsewhere):
                 break
+            if not loop.runs:  # only other drivers' trials run: wait for them (or their death)
+                time.sleep(POLL_S)
             for key, record in runner.wait(POLL_S, loop.on_progress):
                 loop.finish(key, record)
             loop.heartbeat()
+            loop.refresh()
         else:  # the loop's condition, not a break, ended it: a stop was requested
             loop.abandon()
     except BaseException:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import statistics
+import subprocess
+import sys
 import wsgiref.util
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +27,12 @@ from orchestrator.search import (
     InProcessRunner,
     SearchMismatch,
     SearchResult,
+    definition,
     measured,
+    named_constraints,
     run_search,
     violations,
+    write_result,
 )
 from orchestrator.spec import TrialSpec
 from tests.conftest import TINY_GRID
@@ -175,20 +181,27 @@ def test_constraints_are_respected_and_told_to_optuna(tmp_path: Path) -> None:
             r.accuracy > record.accuracy and r.energy_j < record.energy_j for r in feasible
         )
 
-    # what Optuna was told: constraints from each record, never an infeasible best
+    # what Optuna was told: measured values, constraints from each record; a trial stopped
+    # over its budget before measuring anything is told the finite penalty, never -inf/inf
     study = study_of(raw, tmp_path)
+    penalised = 0
     for t in study.trials:
         record = store.read_record(t.user_attrs["trial_id"])
         if record.status == "failed":
-            assert t.state == optuna.trial.TrialState.FAIL
+            assert t.state == optuna.trial.TrialState.FAIL and t.values is None
             continue
-        assert t.constraints == violations(record, parse_grid(raw).search)  # type: ignore[arg-type]
+        cons = violations(record, parse_grid(raw).search)  # type: ignore[arg-type]
+        assert named_constraints(t) == cons
+        assert t.system_attrs["constraints"] == list(cons.values())  # the dashboard's copy
         assert t.user_attrs["feasible"] == landscape.feasible(record)
-        if not landscape.feasible(record):
-            assert t.values == [-float("inf"), float("inf")]  # never a best, even unconstrained
+        if record.status == "over_budget":
+            assert t.values == [0.0, 0.0] and cons["peak_mem_mb"] > 0
+            assert t.user_attrs["penalised"] == ["accuracy", "energy_j"]
+            penalised += 1
         else:
             assert t.values == [record.accuracy, record.energy_j]
-    assert {t.number for t in study.best_trials} <= {t.number for t in study.trials}
+    assert penalised >= sum(r.status == "over_budget" for r in records) > 0
+    assert {t.number for t in study.best_trials} == {b.number for b in result.best}
     assert all(t.user_attrs["feasible"] for t in study.best_trials)
 
 
@@ -236,26 +249,51 @@ def test_resume_continues_the_same_study_without_repeating_trials(tmp_path: Path
     assert third.runs == [] and again.ran_now == 0 and again.best == result.best
 
 
-def test_sqlite_storage_round_trips_and_opens_in_the_dashboard(tmp_path: Path) -> None:
-    raw = landscape_grid(tmp_path, objectives=["accuracy", "energy_j"], trials=10)
+def test_sqlite_storage_round_trips_and_opens_in_optunas_tools(tmp_path: Path) -> None:
+    """The study as Optuna's own tools read it: a fresh connection, the ``optuna
+    best-trials`` command and optuna-dashboard's API all find the feasible Pareto set of
+    ``search.json``, with the measured (finite) values of every complete trial."""
+    raw = landscape_grid(tmp_path, objectives=["accuracy", "energy_j"], trials=14)
+    raw["search"].update(sampler="random", seed=3)  # some measured trials over the energy limit
     result = search(raw, Counting())
     url = f"sqlite:///{tmp_path}/search.db"
     assert result.storage == url
+    write_result(result, RecordStore(tmp_path))
+    saved = {b["number"] for b in json.loads((tmp_path / "search.json").read_text())["best"]}
+    assert saved
 
     study = optuna.load_study(study_name="landscape", storage=url)  # a fresh connection
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert study.metric_names == ["accuracy", "energy_j"]
-    assert study.user_attrs["vramsweep_search"]["limits"] == {"energy_j": 800.0}
+    definition = json.loads((tmp_path / "search_definition.json").read_text())
+    assert study.user_attrs == {"vramsweep_search_sha": definition["sha"]}  # short attributes
+    assert definition["definition"]["limits"] == {"energy_j": 800.0}
     store = RecordStore(tmp_path)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert complete
+    infeasible = [t for t in complete if not t.user_attrs["feasible"]]
+    measured_infeasible = [t for t in infeasible if "penalised" not in t.user_attrs]
+    assert measured_infeasible and len(infeasible) < len(complete)
     for t in complete:  # params, values and constraints as told, read back from the file
         record = store.read_record(t.user_attrs["trial_id"])
         assert t.params["backbone"] == record.spec.backbone
         assert t.params["lr"] == record.spec.train.lr
-        assert set(t.constraints) == {"peak_mem_mb", "energy_j"}
-    best = sorted(t.number for t in study.best_trials)
-    assert best == sorted(b.number for b in result.best)
+        if "penalised" in t.user_attrs:  # over its budget before training
+            assert record.status == "over_budget" and t.values == [0.0, 0.0]
+        else:
+            assert t.values == [record.accuracy, record.energy_j]
+        assert set(named_constraints(t)) == {"peak_mem_mb", "energy_j"}
+    assert {t.number for t in study.best_trials} == saved
+
+    cli = subprocess.run(
+        [str(Path(sys.executable).with_name("optuna")), "best-trials", "--storage", url]
+        + ["--study-name", "landscape", "-f", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    listed = json.loads(cli.stdout)
+    assert {t["number"] for t in listed} == saved
+    assert all(t["user_attrs"]["feasible"] for t in listed)
 
     from optuna_dashboard import wsgi
 
@@ -274,10 +312,23 @@ def test_sqlite_storage_round_trips_and_opens_in_the_dashboard(tmp_path: Path) -
     (summary,) = studies["study_summaries"]
     assert summary["study_name"] == "landscape"
     status, detail = get(f"/api/studies/{summary['study_id']}")
-    assert status == "200 OK" and len(detail["trials"]) == 10
+    assert status == "200 OK" and len(detail["trials"]) == 14
     assert detail["objective_names"] == ["accuracy", "energy_j"]
-    # the dashboard's Pareto front (which ignores constraints) is only feasible trials
-    assert {t["number"] for t in detail["best_trials"]} <= set(best)
+    shown = [t for t in detail["trials"] if t["state"] == "Complete"]
+    assert len(shown) == len(complete)
+    assert all(isinstance(v, float) and math.isfinite(v) for t in shown for v in t["values"])
+    # the dashboard's Pareto plot: feasible by the constraints it reads, then non-dominated
+    feasible = [t for t in shown if t["constraints"] and max(t["constraints"]) <= 0]
+    assert len(feasible) == len(complete) - len(infeasible)
+    assert {t["number"] for t in feasible if not _dominated(t["values"], feasible)} == saved
+
+
+def _dominated(values: list[float], trials: list[dict[str, Any]]) -> bool:
+    """Whether another trial has at least the accuracy (max) and at most the energy (min)."""
+    acc, energy = values
+    return any(
+        t["values"] != values and t["values"][0] >= acc and t["values"][1] <= energy for t in trials
+    )
 
 
 def test_another_search_definition_refuses_to_resume(tmp_path: Path) -> None:
@@ -288,6 +339,23 @@ def test_another_search_definition_refuses_to_resume(tmp_path: Path) -> None:
         search(changed, Counting())
     renamed = landscape_grid(tmp_path, trials=3, constraints={"energy_j": 500.0}, study="tight")
     assert sum(search(renamed, Counting()).outcomes.values()) == 3
+
+
+def test_a_study_with_the_whole_definition_as_attribute_resumes(tmp_path: Path) -> None:
+    """Studies made before the short hash kept the whole definition as an attribute: the
+    same search resumes them, another is refused naming what differs."""
+    raw = landscape_grid(tmp_path, trials=3)
+    grid = parse_grid(raw)
+    old = optuna.create_study(
+        study_name="landscape", storage=f"sqlite:///{tmp_path}/search.db", directions=["maximize"]
+    )
+    old.set_user_attr("vramsweep_search", definition(grid))
+    assert sum(search(raw, Counting(), trials=5).outcomes.values()) == 5
+    assert sum(search(raw, Counting(), trials=6).outcomes.values()) == 6  # now by its hash
+    (tmp_path / "search_definition.json").unlink()  # another folder's driver: no file
+    changed = landscape_grid(tmp_path, trials=7, constraints={"energy_j": 500.0})
+    with pytest.raises(SearchMismatch, match=r"definition hash is [0-9a-f]{16}, this one's"):
+        search(changed, Counting())
 
 
 def test_a_searched_trial_equal_to_a_grid_trial_reuses_its_record(tmp_path: Path) -> None:
