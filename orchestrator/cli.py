@@ -452,21 +452,10 @@ def _dry_run(grid: Grid, specs: list[TrialSpec], retry_failed: bool) -> int:
 def _recorded_ids(folder: Path, retry_failed: bool) -> set[str]:
     """Trial ids with a readable record in ``folder`` (read only: a file that does not
     read counts as not recorded, and is left where it is); with ``retry_failed``,
-    ``failed`` records do not count."""
-    import pyarrow.parquet as pq
+    ``failed`` records do not count (records.recorded_ids: single files and parts)."""
+    from orchestrator.records import recorded_ids
 
-    ids = set()
-    for path in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
-        if path.name.startswith("."):
-            continue
-        try:
-            rows = pq.read_table(path, columns=["trial_id", "status"]).to_pylist()
-        except (OSError, ValueError, KeyError):  # pyarrow's errors derive from these
-            continue
-        if len(rows) == 1 and rows[0]["trial_id"] == path.stem:
-            if not (retry_failed and rows[0]["status"] == "failed"):
-                ids.add(path.stem)
-    return ids
+    return recorded_ids(folder, retry_failed)
 
 
 def _owned(store: RecordStore) -> contextlib.AbstractContextManager:

@@ -487,6 +487,30 @@ def check_record_file(name: str, schema: pa.Schema, table: pa.Table) -> None:
         raise RecordFileError(f"status ok without an accuracy in [0, 1] ({accuracy})")
 
 
+def recorded_ids(folder: str | os.PathLike[str], retry_failed: bool = False) -> set[str]:
+    """Trial ids with a readable record in the local records folder ``folder``, read only
+    (a dry run: a file that does not read counts as not recorded and stays where it is);
+    with ``retry_failed``, trials whose newest record is ``failed`` do not count."""
+    newest: dict[str, tuple[str, str]] = {}  # trial id -> (recorded_at, status)
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        try:
+            names = pq.read_schema(path).names
+            columns = [c for c in ("trial_id", "status", "recorded_at") if c in names]
+            rows = pq.read_table(path, columns=columns).to_pylist()
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            continue
+        if not compaction.is_part(path.name) and [r["trial_id"] for r in rows] != [path.stem]:
+            continue
+        for row in rows:
+            stamp = row.get("recorded_at") or ""
+            if stamp >= newest.get(row["trial_id"], ("", ""))[0]:
+                newest[row["trial_id"]] = (stamp, row["status"])
+    return {i for i, (_, status) in newest.items() if not (retry_failed and status == "failed")}
+
+
 # ---------------------------------------------------------------- store
 
 

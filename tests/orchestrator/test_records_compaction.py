@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -284,3 +285,32 @@ def test_compactions_killed_at_random_instants_lose_and_duplicate_nothing(
         assert frame["peak_mem_mb"].notna().all()
     assert inside >= 2  # kills inside a merge, after its intent, were recovered
     print(json.dumps({"acked": len(acked), "kills_after_an_intent": inside}))
+
+
+@pytest.mark.parametrize("retry_failed", [False, True])
+def test_run_counts_trials_recorded_in_parts(
+    tiny_grid: dict,
+    write_grid: Callable[[dict], Path],
+    capsys: pytest.CaptureFixture[str],
+    retry_failed: bool,
+) -> None:
+    """A dry run (read only) finds the records inside parts; with --retry-failed a trial
+    whose newest record is failed runs again, one whose newest is ok does not."""
+    from orchestrator.cli import main
+    from orchestrator.expansion import expand
+    from orchestrator.grid import load_grid
+
+    path = write_grid(tiny_grid)
+    specs = expand(load_grid(path))
+    store = RecordStore(tiny_grid["output"])
+    store.write_many([TrialRecord(spec=s, status="failed", error="x") for s in specs])
+    store.write(TrialRecord(spec=specs[0], status="ok", accuracy=0.5, peak_mem_mb=1.0))
+    store.compact(everything=True)
+    flag = ["--retry-failed"] if retry_failed else []
+    todo = len(specs) - 1 if retry_failed else 0
+    done = len(specs) - todo
+    assert main(["run", str(path), "--dry-run", *flag]) == 0
+    line = f"{len(specs)} trials, {done} already recorded, {todo} to run"
+    assert line in capsys.readouterr().out
+    assert not Path(tiny_grid["output"], "quarantine").exists()  # read only
+    assert RecordStore(tiny_grid["output"]).existing_ids() == {s.trial_id for s in specs}
