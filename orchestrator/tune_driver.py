@@ -692,14 +692,30 @@ class _TuneExtras:
 
 
 def _tune_scheduler(scheduler: Scheduler | None, specs: Sequence[TrialSpec]) -> Any:
-    """Tune's scheduler for the grid's ``scheduler:`` section (None without one)."""
+    """Tune's scheduler for the grid's ``scheduler:`` section (None without one), one
+    that lets every trial finish its last epoch (``_LastEpochRuns``)."""
     if scheduler is None:
         return None
     from ray.tune import schedulers
 
     epochs = max((s.train.epochs for s in specs if s.kind == "finetune"), default=1)
-    cls = getattr(schedulers, SCHEDULERS[scheduler.name].tune_class)
+    base = getattr(schedulers, SCHEDULERS[scheduler.name].tune_class)
+    # made here, by name from the registry; Tune saves it with cloudpickle (by value)
+    cls = type(f"{base.__name__}LastEpochRuns", (_LastEpochRuns, base), {})
     return cls(**scheduler.options(epochs))
+
+
+class _LastEpochRuns:
+    """Mixed into a Tune scheduler: a trial is never stopped on its last epoch's result
+    (``train.epochs``; its record is a test evaluation away, worth more than the time a
+    stop saves). As the search's pruner does."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        from ray.tune.schedulers import TrialScheduler
+
+        decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
+        last = TrialSpec.from_json(trial.config["spec"]).train.epochs
+        return TrialScheduler.CONTINUE if result.get("epoch", 0) >= last else decision
 
 
 def tracker_callbacks(

@@ -188,6 +188,26 @@ def test_a_scheduler_section_maps_onto_tune(tmp_path: Path) -> None:
     assert median._grace_period == 1  # epochs, not Tune's default 60 (seconds)
 
 
+def test_no_trial_is_stopped_on_its_last_epoch(tmp_path: Path) -> None:
+    raw = _grid(tmp_path, scheduler={"name": "asha", "metric": "train_loss"})
+    raw["train"]["epochs"] = 3
+    good, bad = expand(parse_grid(raw))  # 3 epochs each
+    last = dataclasses.replace(bad, train=dataclasses.replace(bad.train, epochs=1))
+    asha = _tune_scheduler(
+        Scheduler(name="asha", metric="train_loss", reduction_factor=2), [good, bad]
+    )
+    trials = [_Trial(spec, n) for n, spec in enumerate((good, bad, last))]
+    for trial in trials:
+        asha.on_trial_add(None, trial)
+    decide = [
+        asha.on_trial_result(None, trial, {"epoch": 1, "train_loss": loss})
+        for trial, loss in zip(trials, (0.5, 2.0, 2.0), strict=True)
+    ]
+    # the bad trial is far behind after epoch 1 of 3: stopped; the same figures on the
+    # last epoch of a 1-epoch trial: it goes on to its record
+    assert decide == ["CONTINUE", "STOP", "CONTINUE"]
+
+
 @pytest.mark.parametrize(
     ("section", "message"),
     [
