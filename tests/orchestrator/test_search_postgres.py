@@ -85,6 +85,7 @@ def _wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
     pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
+@pytest.mark.ray  # each driver starts its own local Ray
 def test_two_drivers_share_a_study_and_one_survives_the_others_death(
     tmp_path: Path, tiny_grid: dict[str, Any], postgres: PostgresServer
 ) -> None:
