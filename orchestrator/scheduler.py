@@ -29,6 +29,8 @@ class SchedulerKind:
     tune_class: str
     fields: tuple[str, ...]
     doc: str
+    # takes max_t, the epochs of the longest trial (and would stop a trial there)
+    bounded: bool = False
 
 
 # asha: Li et al., "A System for Massively Parallel Hyperparameter Tuning", MLSys 2020
@@ -40,6 +42,7 @@ SCHEDULERS: dict[str, SchedulerKind] = {
         ("grace_period", "reduction_factor"),
         "asynchronous successive halving: at epochs grace_period * reduction_factor^k a "
         "trial goes on only when it is in the best 1/reduction_factor at that epoch",
+        bounded=True,
     ),
     "median_stopping": SchedulerKind(
         "MedianStoppingRule",
@@ -62,10 +65,10 @@ class Scheduler:
     min_samples_required: int | None = None  # median_stopping: trials to compare with (3)
 
     def __post_init__(self) -> None:
-        kind = SCHEDULERS.get(self.name)
+        kind = SCHEDULERS.get(self.name) if isinstance(self.name, str) else None
         if kind is None:
             raise ValueError(f"name must be one of {sorted(SCHEDULERS)}, got {self.name!r}")
-        if self.metric not in EPOCH_METRICS:
+        if not isinstance(self.metric, str) or self.metric not in EPOCH_METRICS:
             raise ValueError(
                 f"metric must be a per-epoch metric, one of {list(EPOCH_METRICS)}, "
                 f"got {self.metric!r}"
@@ -102,8 +105,8 @@ class Scheduler:
             if getattr(self, field) is not None:
                 options[field] = getattr(self, field)
         options.setdefault("grace_period", 1)  # Tune's median rule counts 60 (seconds)
-        if self.name == "asha":
-            options["max_t"] = max(epochs, int(options.get("grace_period", 1)))
+        if SCHEDULERS[self.name].bounded:
+            options["max_t"] = max(epochs, int(options["grace_period"]))
             # a trial that reaches max_t must go on to report its record, not be stopped
             options["stop_last_trials"] = False
         return options

@@ -212,6 +212,8 @@ def test_no_trial_is_stopped_on_its_last_epoch(tmp_path: Path) -> None:
     ("section", "message"),
     [
         ({"name": "hyperband"}, "name must be one of ['asha', 'median_stopping']"),
+        ({"name": ["asha"]}, "name must be one of ['asha', 'median_stopping']"),
+        ({"metric": {"val_accuracy": 1}}, "metric must be a per-epoch metric"),
         ({"metric": "accuracy"}, "metric must be a per-epoch metric"),
         ({"mode": "up"}, "mode must be min or max"),
         ({"name": "median_stopping", "reduction_factor": 3}, "not an option of median_stopping"),
