@@ -22,7 +22,7 @@ import pandas as pd
 
 from orchestrator import netscore
 from orchestrator.records import RecordStore
-from orchestrator.report.analysis import Analysis, analyse, energy_note
+from orchestrator.report.analysis import Analysis, analyse, energy_note, reported_columns
 from orchestrator.report.figures import netscore_figure, pareto_figure
 from orchestrator.report.findings import Findings, findings
 from orchestrator.report.markdown import render_markdown
@@ -85,6 +85,7 @@ def write_report(
     """Analyse the records and write the report files next to them (in ``folder`` under
     the output, if given); returns their paths. ``sections`` come first (``orchestrate
     search`` puts its result there, in its own folder: a sweep's report stays)."""
+    df = reported_columns(df)
     analysis = analyse(df, alpha=alpha, beta=beta, gamma=gamma)
     found = findings(df)
     figures = {"pareto.png": pareto_figure(analysis), "netscore.png": netscore_figure(analysis)}

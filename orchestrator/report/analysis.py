@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+from pandas.api.types import is_string_dtype
 
 from orchestrator import netscore, pareto
 
@@ -24,6 +25,8 @@ OBJECTIVE_LABELS: dict[str, tuple[str, str]] = {
     "peak_mem_mb": ("peak training memory", "MiB"),
     "energy_j": ("training energy", "J"),
     "train_time_s": ("train time", "s"),
+    "step_time_s": ("time per step", "s"),
+    "step_energy_j": ("energy per step", "J"),
 }
 VIEW_TITLES: dict[str, str] = {
     "accuracy_memory": "accuracy vs peak memory",
@@ -32,6 +35,24 @@ VIEW_TITLES: dict[str, str] = {
     "accuracy_memory_energy": "accuracy, peak memory and energy (3-D)",
 }
 PLOT_VIEWS = ("accuracy_memory", "accuracy_energy", "memory_energy")
+# Steady-state cost of one training step, derived per trial (``steady_state``).
+STEADY_STATE = ("step_time_s", "step_energy_j")
+# The text columns the report shows or groups by; the others (JSON arguments, plans,
+# provenance) are left out of its table: every row filter would copy them (issue 22).
+TEXT_COLUMNS = (
+    "trial_id",
+    "kind",
+    "backbone",
+    "method",
+    "baseline",
+    "checkpointing",
+    "dataset",
+    "status",
+    "error",
+    "mem_source",
+    "energy_source",
+    "deploy_variant",
+)
 
 
 @dataclass(frozen=True)
@@ -63,9 +84,11 @@ def analyse(
     gamma: float = netscore.GAMMA,
 ) -> Analysis:
     """NetScores of the ok trials, seeds averaged per configuration, fronts per dataset."""
+    records = steady_state(records)
     ok = records[records["status"] == "ok"]
     scores = netscore.netscores(ok, alpha=alpha, beta=beta, gamma=gamma)
-    configs = pareto.aggregate_seeds(records.join(scores.table), extra=list(scores.table.columns))
+    extra = [*scores.table.columns, *STEADY_STATE]
+    configs = pareto.aggregate_seeds(records.join(scores.table), extra=extra)
     if not configs.empty:
         configs["energy_note"] = [energy_note(row) for row in configs.to_dict("records")]
     fronts: dict[str, dict[str, pareto.Front]] = {}
@@ -80,6 +103,38 @@ def analyse(
         fronts[view] = {f.dataset: f for f in pareto.dataset_fronts(configs, objectives)}
     datasets = sorted(str(d) for d in records["dataset"].dropna().unique())
     return Analysis(records, configs, scores, fronts, unavailable, datasets)
+
+
+def reported_columns(records: pd.DataFrame) -> pd.DataFrame:
+    """``records`` with every number and flag and the ``TEXT_COLUMNS`` (100,000 records'
+    JSON and provenance text would be copied by every filter for nothing)."""
+    keep = [
+        c
+        for c in records.columns
+        if c in TEXT_COLUMNS or not (is_string_dtype(records[c]) or c.endswith("_json"))
+    ]
+    return records[keep] if len(keep) < records.shape[1] else records
+
+
+def steady_state(records: pd.DataFrame) -> pd.DataFrame:
+    """``records`` with the steady-state cost of one training step: ``step_time_s`` =
+    batch size / ``throughput_img_s`` and ``step_energy_j`` = ``energy_j`` / (``steps`` - 1).
+    Both cover the steps after the first, as the record measures throughput and energy, so
+    one-off set-up (block profiling, compilation, warm-up) is out for every strategy, where
+    ``train_time_s`` and the first step still differ. Empty where a record lacks a figure."""
+    nan = pd.Series(float("nan"), index=records.index)
+    column = "train_batch_size" if "train_batch_size" in records else "train.batch_size"
+    batch = _numbers(records, column, nan)
+    throughput = _numbers(records, "throughput_img_s", nan)
+    steps = _numbers(records, "steps", nan)
+    return records.assign(
+        step_time_s=(batch / throughput.where(throughput > 0)),
+        step_energy_j=_numbers(records, "energy_j", nan) / (steps - 1).where(steps > 1),
+    )
+
+
+def _numbers(records: pd.DataFrame, column: str, missing: pd.Series) -> pd.Series:
+    return pd.to_numeric(records[column], errors="coerce") if column in records else missing
 
 
 def energy_note(row: Mapping[str, Any]) -> str:

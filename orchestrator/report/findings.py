@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator import pareto
-from orchestrator.report.analysis import energy_note
+from orchestrator.report.analysis import STEADY_STATE, energy_note, steady_state
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,12 @@ CHECKPOINT_COSTS = (
     ("peak_mem_mb", "peak memory"),
     ("energy_j", "energy"),
     ("train_time_s", "train time"),
+    # steady state (analysis.steady_state): set-up such as block profiling left out
+    ("step_time_s", "time per step"),
+    ("step_energy_j", "energy per step"),
 )
 NOT_FITTING = ("oom", "over_budget")
+NAMED = 12  # configurations a budget statement names; past it they are counted
 Row = Mapping[str, Any]
 
 
@@ -143,7 +147,8 @@ def configurations(records: pd.DataFrame) -> pd.DataFrame:
     table["ok_ids"] = [ids if isinstance(ids, tuple) else () for ids in table["ok_ids"]]
     table = table.reset_index()
     table.insert(len(keys), "config", [pareto.config_label(r) for r in table.to_dict("records")])
-    means = pareto.aggregate_seeds(ok).drop(columns=["config", "trials"], errors="ignore")
+    means = pareto.aggregate_seeds(steady_state(ok), extra=STEADY_STATE)
+    means = means.drop(columns=["config", "trials"], errors="ignore")
     table = table.merge(means, on=keys, how="left")
     table["energy_note"] = [energy_note(r) for r in table.to_dict("records")]
     return table
@@ -288,18 +293,23 @@ def _budget(rows: pd.DataFrame, dataset: str) -> list[Finding | str]:
         records = group.to_dict("records")
         fit = [r for r in records if set(r["statuses"]) == {"ok"}]
         over = [r for r in records if set(r["statuses"]) & set(NOT_FITTING)]
-        other = [r for r in records if r not in fit and r not in over]
+        other = [r for r in records if set(r["statuses"]) - {"ok"} - set(NOT_FITTING)]
+        other = [r for r in other if not set(r["statuses"]) & set(NOT_FITTING)]
         where = f"the {budget:g} MiB budget" if _finite(budget) else "their budget"
         text = f"{len(fit)} of {len(records)} configurations fit {where} (every trial ok)"
         if over:
-            text += "; over it: " + "; ".join(f"{r['config']} ({_counts(r)})" for r in over)
+            text += f"; over it: {_named(over)}"
         if other:
-            text += "; ended otherwise: " + "; ".join(
-                f"{r['config']} ({_counts(r)})" for r in other
-            )
+            text += f"; ended otherwise: {_named(other)}"
         trials = tuple(sorted(t for r in records for t in r["trial_ids"]))
         out.append(Finding("budget", dataset, text, trials))
     return out
+
+
+def _named(rows: list[Row], limit: int = NAMED) -> str:
+    """``config (status n, ...)`` of each row, the first ``limit`` of them; the rest counted."""
+    named = "; ".join(f"{r['config']} ({_counts(r)})" for r in rows[:limit])
+    return named + (f"; and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
 def _counts(row: Row) -> str:

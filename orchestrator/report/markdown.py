@@ -19,7 +19,9 @@ from orchestrator.report.tables import (
     markdown_table,
     netscore_components,
     netscore_display,
+    problem_kinds,
     problems_display,
+    problems_note,
 )
 
 log = logging.getLogger(__name__)
@@ -58,10 +60,11 @@ def render_markdown(
         cmp = comparison(analysis, factor)
         parts += [f"## By {factor}", markdown_table(cmp) if not cmp.empty else "(no trial)"]
     problems = problems_display(records)
-    parts += [
-        "## Trials that did not finish ok",
-        markdown_table(problems) if not problems.empty else "(none)",
-    ]
+    parts.append("## Trials that did not finish ok")
+    note = problems_note(records)
+    if note:
+        parts += [markdown_table(problem_kinds(records)), note]
+    parts.append(markdown_table(problems) if not problems.empty else "(none)")
     parts += [f"![{name}]({name})" for name in figures]
     return "\n\n".join(parts) + "\n"
 

@@ -30,6 +30,7 @@ from orchestrator.report.section import Section
 from orchestrator.report.tables import (
     COMPARED,
     PROBLEM_COLUMNS,
+    PROBLEMS_LISTED,
     comparison,
     definitions,
     error_line,
@@ -39,6 +40,9 @@ from orchestrator.report.tables import (
     netscore_components,
     netscore_display,
     num,
+    problem_kinds,
+    problems,
+    problems_note,
 )
 
 log = logging.getLogger(__name__)
@@ -227,10 +231,17 @@ def table_html(df: pd.DataFrame, empty: str = "(none)") -> str:
 
 
 def _problems(records: pd.DataFrame) -> str:
-    """Failed trials as a table; the whole error text folds out under its last line."""
-    bad = records[records["status"] != "ok"].sort_values(["status", "trial_id"])
+    """Failed trials as a table; the whole error text folds out under its last line. Past
+    ``PROBLEMS_LISTED`` of them, they are counted by error first and the rest not listed."""
+    bad = problems(records)
     if bad.empty:
         return "<p>(none)</p>"
+    note = problems_note(records)
+    counted = f"{table_html(problem_kinds(records))}<p>{html.escape(note)}</p>" if note else ""
+    return counted + _problem_rows(bad.head(PROBLEMS_LISTED))
+
+
+def _problem_rows(bad: pd.DataFrame) -> str:
     cols = [c for c in PROBLEM_COLUMNS if c in bad]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in [*cols, "error"])
     body = []

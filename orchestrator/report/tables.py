@@ -25,6 +25,11 @@ from orchestrator.report.analysis import (
 log = logging.getLogger(__name__)
 
 COMPARED = ("method", "backbone", "checkpointing")
+STEADY_STATE_LABELS = (
+    ("step_time_s", "mean time per step (s)"),
+    ("step_energy_j", "mean energy per step (J)"),
+)
+PROBLEMS_LISTED = 200  # failed trials listed one by one; past it they are counted by error
 PROBLEM_COLUMNS = (
     "trial_id",
     "status",
@@ -177,19 +182,46 @@ def comparison(analysis: Analysis, factor: str) -> pd.DataFrame:
                 label = f" (includes {' and '.join(notes)})" if notes else ""
                 row["mean energy (J)"] = num(cfg["energy_j"].mean()) + label
             row["mean train time (s)"] = num(cfg["train_time_s"].mean())
+            for column, label in STEADY_STATE_LABELS:  # set-up left out (analysis.steady_state)
+                if column in cfg and cfg[column].notna().any():
+                    row[label] = num(cfg[column].mean())
             if analysis.variants:
                 row[f"best {analysis.variants[0]}"] = num(cfg[analysis.variants[0]].max())
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def problems_display(records: pd.DataFrame) -> pd.DataFrame:
-    """Trials that did not finish ok, with the last line of their error."""
-    bad = records[records["status"] != "ok"]
+def problems_display(records: pd.DataFrame, limit: int = PROBLEMS_LISTED) -> pd.DataFrame:
+    """Trials that did not finish ok (the first ``limit``), with the last line of their error."""
+    bad = problems(records).head(limit)
     cols = [c for c in PROBLEM_COLUMNS if c in bad]
     out = bad[cols].copy()
     out["error"] = [error_line(e) for e in bad.get("error", pd.Series("", index=bad.index))]
-    return out.sort_values(["status", "trial_id"]).reset_index(drop=True)
+    return out.reset_index(drop=True)
+
+
+def problems(records: pd.DataFrame) -> pd.DataFrame:
+    """The records that did not finish ok, by status and trial id."""
+    return records[records["status"] != "ok"].sort_values(["status", "trial_id"])
+
+
+def problem_kinds(records: pd.DataFrame) -> pd.DataFrame:
+    """Trials that did not finish ok counted by status and last error line, most first."""
+    bad = problems(records)
+    errors = bad.get("error", pd.Series("", index=bad.index))
+    kinds = pd.DataFrame({"status": bad["status"], "error": [error_line(e) for e in errors]})
+    return kinds.value_counts(sort=True).rename("trials").reset_index()
+
+
+def problems_note(records: pd.DataFrame, limit: int = PROBLEMS_LISTED) -> str:
+    """What a listing cut at ``limit`` trials leaves out ('' when nothing)."""
+    count = int((records["status"] != "ok").sum())
+    if count <= limit:
+        return ""
+    return (
+        f"{count} trials did not finish ok; counted by error above, the first {limit} listed "
+        "below (`orchestrate collect DIR --out table.csv` has every one)."
+    )
 
 
 def error_line(error: object, limit: int = 200) -> str:
@@ -237,6 +269,12 @@ def definitions(analysis: Analysis) -> list[str]:
         lines.append(
             "Not computed: " + "; ".join(f"{name} ({why})" for name, why in s.skipped.items()) + "."
         )
+    lines.append(
+        "Steady state: time per step = batch size / throughput and energy per step = "
+        "energy / (steps − 1), both over the steps after the first (warm-up, block profiling "
+        "and compilation left out for every strategy); train time still includes the first "
+        "step. The checkpointing findings give totals and steady state."
+    )
     lines += [f"{name}: {why}." for name, why in s.notes.items()]
     lines += [f"{VIEW_TITLES[v]}: not shown, {why}." for v, why in analysis.unavailable.items()]
     ok = analysis.records[analysis.records["status"] == "ok"]
