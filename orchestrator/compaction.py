@@ -28,6 +28,7 @@ readers keep the newest row of every trial (``recorded_at``), and tools that rea
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -141,11 +143,18 @@ def compact(
     max_rows: int = MAX_PART_ROWS,
 ) -> int:
     """Merge ``store``'s small record files (see the module's doc); returns the number of
-    parts written. Only a process that owns the output (its lock) compacts."""
-    recover(store)
-    if everything:
-        files = store.listing()
-        return _merge(store, files, max_rows) if len(files) > 1 else 0
+    parts written (0 also while another process compacts the same output)."""
+    with _exclusive(store) as alone:
+        if not alone:
+            return 0
+        _recover(store)
+        if everything:
+            files = store.listing()
+            return _merge(store, files, max_rows) if len(files) > 1 else 0
+        return _tiered(store, fanout)
+
+
+def _tiered(store: RecordStore, fanout: int) -> int:
     written = 0
     while (group := _full_tier(store.listing(), fanout)) is not None:
         merged = _merge(store, group, max_rows=fanout**4)
@@ -206,8 +215,40 @@ def _finish(store: RecordStore, intent_path: str, intent: dict[str, Any]) -> Non
     store.delete(intent_path)
 
 
+@contextlib.contextmanager
+def _exclusive(store: RecordStore) -> Iterator[bool]:
+    """Whether this process alone compacts the output: a flock on ``_compaction/.lock``,
+    released by the kernel when its process dies, so two writers of one output never
+    merge at once nor roll back each other's merge in flight. An object store has no
+    lock (one driver per such output, as orchestrator.lock says)."""
+    if store.is_uri:
+        yield True
+        return
+    folder = store.inner(INTENTS)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(f"{folder}/.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as exc:  # a file system without flock: the output lock must do
+            log.debug("no flock on %s (%s)", folder, exc)
+        yield True
+    finally:
+        os.close(fd)
+
+
 def recover(store: RecordStore) -> None:
-    """Finish or roll back every merge a kill interrupted (see the module's doc)."""
+    """Finish or roll back every merge a kill interrupted (see the module's doc), unless
+    another process is compacting the output now."""
+    with _exclusive(store) as alone:
+        if alone:
+            _recover(store)
+
+
+def _recover(store: RecordStore) -> None:
     _remove_temporaries(store, f"{store.inner(INTENTS)}/")  # intents whose write was cut
     for intent_path in store.list_folder(store.inner(INTENTS), ".json"):
         try:
