@@ -426,7 +426,7 @@ def _search(args: argparse.Namespace, grid: Grid, store: RecordStore) -> int:
             sections=[result.section()],
             folder="search",
         )
-        print(f"report: {files.html}")
+        print(files.listing())
     print(f"result: {md_path}\n        {json_path}")
     print(f"dashboard: {dashboard_command(result.storage)}")
     return _exit_status(frame, store)

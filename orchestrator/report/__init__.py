@@ -63,9 +63,13 @@ class ReportFiles:
         """Every file written, the page first."""
         return (self.html, self.markdown, *self.figures)
 
+    def listing(self) -> str:
+        """Every file written, one a line, the page first."""
+        return "\n".join([f"report: {self.paths[0]}", *(f"        {p}" for p in self.paths[1:])])
+
     def summary(self) -> str:
         """What the command line prints: every file written, then the findings."""
-        lines = [f"report: {self.paths[0]}", *(f"        {p}" for p in self.paths[1:])]
+        lines = [self.listing()]
         if self.findings:
             lines += ["", "Findings:", *(f"- {line}" for line in self.findings)]
         return "\n".join(lines)
