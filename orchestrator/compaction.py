@@ -117,18 +117,19 @@ def newest_per_trial(table: pa.Table) -> pa.Table:
     """One row per ``trial_id``, sorted by it: the one with the latest ``recorded_at``
     (empty counts as oldest), ties going to the higher ``_source`` (a column the caller
     adds and this drops: later files of its listing)."""
-    table = table.sort_by(
-        [
-            ("trial_id", "ascending"),
-            ("recorded_at", "ascending", "at_start"),
-            ("_source", "ascending"),
-        ]
+    keys = pa.table(
+        {
+            "trial_id": table["trial_id"],
+            "recorded_at": pc.fill_null(table["recorded_at"], ""),
+            "source": table["_source"],
+        }
     )
-    ids = table["trial_id"].combine_chunks()
-    if len(ids) > 1:
+    order = pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in keys.column_names])
+    ids = keys["trial_id"].take(order).combine_chunks()
+    if len(ids) > 1:  # keep the last row of every trial id
         changes = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1))
-        last = pa.concat_arrays([pc.fill_null(changes, True), pa.array([True])])
-        table = table.filter(last)
+        order = order.filter(pa.concat_arrays([changes, pa.array([True])]))
+    table = table.take(order)  # the one copy of the rows
     return table.drop_columns(["_source"])
 
 
