@@ -6,8 +6,8 @@ probed entry by entry (each entry of a list or mapping validated alone: those th
 the errors; a section such as ``train`` is one config whose own check names all its
 problems), then replaced by its good entries, a neutral value (a required field) or
 nothing (an optional one), and the grid is validated again until it passes. A field that
-refers to others (``exclude``, ``search``, ``deploy``) is not judged once a field it may
-refer to was replaced: its error could be the replacement's, so it is named as unchecked.
+refers to others (``exclude``, ``search``, ``deploy``) is not judged once a field it
+refers to was replaced: its error could be the replacement's, so it is named as unchecked.
 
 Example:
     >>> grid = validate_grid("grid/smoke.yaml")  # raises GridErrors listing every error
@@ -48,7 +48,14 @@ ENTRY_WISE = (
     "exclude",
     "plugins",
 )
-REFERRING = ("exclude", "search", "deploy")  # fields whose checks read other fields
+# Fields whose checks read other fields, and those fields (an error there after one of
+# them was replaced could be the replacement's).
+AXIS_FIELDS = ("budget_mb", "seeds", "datasets", "backbones", "methods", "checkpointing")
+REFERS = {
+    "exclude": AXIS_FIELDS,
+    "deploy": (*AXIS_FIELDS, "train"),
+    "search": (*AXIS_FIELDS, "train", "deploy"),
+}
 WHOLE_FILE = ("file", "grid")  # errors after which nothing else can be checked
 MAX_ROUNDS = 100
 
@@ -110,7 +117,7 @@ def every_error(
                 break
             if replaced.get(name):  # its good entries fail together: the neutral value
                 raw = _without(raw, name)
-            elif name in REFERRING and replaced:
+            elif set(REFERS.get(name, ())) & set(replaced):
                 unchecked.append(name)
                 raw = _without(raw, name)
             else:

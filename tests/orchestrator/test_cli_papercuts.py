@@ -238,6 +238,13 @@ def test_fields_that_refer_to_a_replaced_field_are_named_unchecked(
     assert unchecked == ["exclude"]
 
 
+def test_an_error_elsewhere_leaves_the_exclusions_checked(tiny_grid: dict[str, Any]) -> None:
+    raw = {**tiny_grid, "colour": "blue", "exclude": [{"method": "lora"}]}  # lora: not run
+    errors, unchecked = every_error(raw, "g.yaml")
+    assert [e.where for e in errors] == ["colour", "exclude[0]"] and unchecked == []
+    assert "method 'lora' is not in the grid" in str(errors[1])
+
+
 def test_a_valid_grid_has_no_errors(tiny_grid: dict[str, Any]) -> None:
     assert every_error(tiny_grid, "g.yaml") == ([], [])
 
