@@ -226,8 +226,13 @@ def _exclusive(store: RecordStore) -> Iterator[bool]:
         yield True
         return
     folder = store.inner(INTENTS)
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(f"{folder}/.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(f"{folder}/.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a read-only output: nothing can be merged or recovered
+        log.debug("cannot lock %s (%s): no compaction", folder, exc)
+        yield False
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
