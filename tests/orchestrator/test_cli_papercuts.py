@@ -70,13 +70,15 @@ def test_verbose_before_or_after_the_command(argv: list[str], verbose: bool) -> 
 
 
 def test_verbose_before_a_bare_grid_means_run(
-    tiny_grid: dict[str, Any],
-    write_grid: Callable[[dict[str, Any]], Path],
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = write_grid(tiny_grid)
-    assert main(["-v", str(path), "--dry-run"]) == 0
-    assert "2 trials, 0 already recorded, 2 to run" in capsys.readouterr().out
+    """`orchestrate -v GRID` runs the grid (argparse would exit on an unknown command):
+    here a missing file, refused as a grid error before anything is imported or run."""
+    missing = tmp_path / "missing.yaml"
+    assert main(["-v", str(missing), "--dry-run"]) == 2
+    assert capsys.readouterr().err == f"orchestrate: error: {missing}: file: cannot read it " + (
+        "(No such file or directory)\n"
+    )
 
 
 # ---------------------------------------------------------------- a closed pipe
