@@ -5,7 +5,7 @@ For a tiny and a small ViT on CPU, profiles the blocks once, then for each budge
 
 - the accounted activation peak of ``adaptive`` (measured: bytes saved by the forward,
   and the re-materialisation of a recomputed block during its backward) and its plan
-  (blocks kept / selective / recomputed);
+  (blocks kept / pointwise / selective / recomputed);
 - the step time (forward + backward + AdamW step, median after warm-up) of
   ``adaptive`` and of ``static`` (every block recomputed) relative to ``none``,
   measured in the same run, interleaved so that machine noise hits all alike;
@@ -66,6 +66,7 @@ MODELS = [  # (label, backbone, backbone args, batch)
     ("ViT-S/16 (96 px, 36 tokens)", "vit_small_patch16_224", {"img_size": 96}, 16),
 ]
 FRACTIONS = (1.0, 0.75, 0.6, 0.5, 0.4, 0.3)
+PLAN_MODES = ("save", "pointwise", "selective", "recompute")
 
 
 def _step_time(model, x, y, optimizer, steps: int) -> float:  # noqa: ANN001
@@ -129,7 +130,7 @@ def bench(label: str, backbone: str, args: dict, batch: int, steps: int) -> None
         f"({static_peak / unconstrained:.2f}), {t_static / t_none:.2f}x"
     )
     print(
-        "| budget (fraction) | adaptive peak MiB | plan save/selective/recompute "
+        "| budget (fraction) | adaptive peak MiB | plan save/pointwise/selective/recompute "
         "| adaptive step vs none | static step vs none | revolve bound |"
     )
     print("|---|---:|---|---:|---:|---:|")
@@ -144,7 +145,7 @@ def bench(label: str, backbone: str, args: dict, batch: int, steps: int) -> None
             continue
         peak = _peak(model, x, y, ckpt)
         modes = list(block_modes(model).values())
-        counts = "/".join(str(modes.count(m)) for m in ("save", "selective", "recompute"))
+        counts = "/".join(str(modes.count(m)) for m in PLAN_MODES)
         # interleave: none, adaptive, none, static, so drift hits all alike
         saved = block_modes(model)
         apply_checkpointing("none", None, model)
@@ -251,8 +252,9 @@ def side_by_side(label: str, backbone: str, args: dict, batch: int, rounds: int)
     ratios = {arm: [t / n for t, n in zip(times[arm], times["none"], strict=True)] for arm in arms}
     print(
         f"\n{label}: batch {batch}, every strategy at 0.5 of the unconstrained activations "
-        f"({profile.unconstrained_bytes / MIB:.1f} MiB); adaptive plan save/selective/recompute "
-        + "/".join(str(list(plan.values()).count(m)) for m in ("save", "selective", "recompute"))
+        f"({profile.unconstrained_bytes / MIB:.1f} MiB); adaptive plan "
+        + "save/pointwise/selective/recompute "
+        + "/".join(str(list(plan.values()).count(m)) for m in PLAN_MODES)
     )
     print(
         "| strategy | CPU ms/step | vs none (median, range of rounds) | saved MiB "

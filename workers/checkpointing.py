@@ -3,9 +3,12 @@
 A backbone's *blocks* are its chain of blocks as ``workers.structure.find_blocks`` finds
 them (ViT: ``blocks.3``; TinyViT: ``stages.1.blocks.0``; MobileNet: the stage ``blocks.2``;
 ResNet: ``layer2.1``; Swin: ``layers.1.blocks.0``; any timm model): one block-sequence
-interface for every backbone. Each block runs in one of four modes:
+interface for every backbone. Each block runs in one of five modes:
 
 - ``save``: plain autograd, every activation kept;
+- ``pointwise``: plain autograd, except that the outputs of norms and activations are
+  not kept but recomputed in backward from the inputs their own autograd nodes keep
+  (``workers.pointwise_recompute``: op granularity at almost no cost);
 - ``selective``: non-reentrant checkpoint with a selective policy: outputs of the
   expensive ops (matmuls, convolutions, attention kernels) are kept, the cheap
   memory-heavy ops (norms, activations, softmax, adds) are recomputed in backward;
@@ -49,6 +52,7 @@ from torch.utils.checkpoint import (
 from workers import checkpoint_plan
 from workers.block_compiler import BlockCompiler
 from workers.memory import ActivationMeter, sync
+from workers.pointwise_recompute import RecomputePointwise
 from workers.registry import NoArgs, Registry
 from workers.structure import find_blocks
 
@@ -58,7 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKPOINTING = Registry("checkpointing")
-MODES = ("save", "selective", "recompute", "compiled")
+MODES = ("save", "pointwise", "selective", "recompute", "compiled")
 PROFILED = "profiled"  # tag of a strategy that needs the block profile to choose
 COMPILES = "compiles"  # tag of a strategy whose blocks run compiled (no block profile)
 
@@ -155,6 +159,9 @@ def _run(block: nn.Module, plain: Callable[..., Any], mode: str, x: Any, *args: 
         return plain(x, *args, **kw)
     if mode == "compiled":
         return block._vramsweep_compiled(x, *args, **kw)
+    if mode == "pointwise":
+        with RecomputePointwise(x):
+            return plain(x, *args, **kw)
     if isinstance(x, torch.Tensor) and x.requires_grad:
         x = KeepForRecompute.apply(x)
     plain = _stats_once(block, plain)
@@ -217,6 +224,8 @@ class BlockProfile:
     cheap_s: float  # extra seconds per step of ``selective`` (measured vs ``save``)
     frozen: bool = False  # builds no graph (input and parameters need no gradient)
     rematerialised: int | None = None  # saved_bytes without the input (None: same)
+    pointwise_bytes: int | None = None  # saved in ``pointwise`` (input included; None: n/a)
+    pointwise_s: float = 0.0  # extra seconds per step of ``pointwise`` (measured vs ``save``)
 
     @property
     def checkpointed_peak(self) -> int:
@@ -237,22 +246,25 @@ class BlockProfile:
         peak = gap + self.checkpointed_peak
         save = checkpoint_plan.Option("save", gap + self.saved_bytes, gap + self.saved_bytes)
         whole = checkpoint_plan.Option("recompute", gap + self.input_bytes, peak, self.forward_s)
-        if self.selective_bytes is None or self.selective_bytes >= self.saved_bytes:
-            # not applicable, or dominated: with frozen weights plain autograd may keep
-            # less than the policy (a frozen matmul keeps no input for a weight grad)
-            return (save, whole)
-        kept = gap + self.input_bytes + self.selective_bytes
-        return (
-            save,
-            checkpoint_plan.Option("selective", kept, max(peak, kept), self.cheap_s),
-            whole,
-        )
+        options = [save, whole]
+        if self.pointwise_bytes is not None and self.pointwise_bytes < self.saved_bytes:
+            # in backward at most everything is re-materialised: the plain peak bounds it
+            kept = gap + self.pointwise_bytes
+            options.append(
+                checkpoint_plan.Option("pointwise", kept, save.peak_bytes, self.pointwise_s)
+            )
+        if self.selective_bytes is not None and self.selective_bytes < self.saved_bytes:
+            # (else not applicable, or dominated: with frozen weights plain autograd may
+            # keep less than the policy: a frozen matmul keeps no input for a weight grad)
+            kept = gap + self.input_bytes + self.selective_bytes
+            options.append(checkpoint_plan.Option("selective", kept, max(peak, kept), self.cheap_s))
+        return tuple(options)
 
     def peak_in(self, mode: str) -> int:
         """Bytes alive for this block while its backward runs, in ``mode``."""
         if self.frozen:
             return 0
-        if mode == "save":
+        if mode in ("save", "pointwise"):
             return self.saved_bytes
         return self.checkpointed_peak
 
@@ -458,6 +470,9 @@ def _profile_one(
         log.info("block %s: no selective mode (%s)", name, str(exc).splitlines()[0])
         selective = None
     del out
+    pointwise = _pointwise_bytes(name, block, plain, x, wrt)
+    if pointwise is not None and pointwise >= saved:
+        pointwise = None  # nothing recomputed (or nothing gained)
 
     # Costs are measured, not modelled: forward + backward of the block alone in each
     # mode (gradients returned, never accumulated into .grad), minus the plain one.
@@ -465,13 +480,22 @@ def _profile_one(
     # overhead, the recompute's re-saving).
     wrt = [x] if needs_grad else [p for p in block.parameters() if p.requires_grad]
     modes = ["save", "recompute"] + ([] if selective is None else ["selective"])
+    modes += [] if pointwise is None else ["pointwise"]
     elapsed = {m: [] for m in modes}
     for _ in range(repeats):
         for mode in modes:  # interleaved, so that drift hits every mode alike
             elapsed[mode].append(_fwd_bwd_time(block, plain, mode, x, wrt, device))
     if not repeats:  # bytes only (a strategy that does not plan needs no times)
         return BlockProfile(
-            name, input_bytes, gap, saved, selective, 0.0, 0.0, rematerialised=rematerialised
+            name,
+            input_bytes,
+            gap,
+            saved,
+            selective,
+            0.0,
+            0.0,
+            rematerialised=rematerialised,
+            pointwise_bytes=pointwise,
         )
     median = {m: sorted(t)[len(t) // 2] for m, t in elapsed.items()}
     # floors against timing noise: a recompute re-runs at least a forward (a third of
@@ -479,9 +503,39 @@ def _profile_one(
     plain_s = median["save"]
     forward_s = max(median["recompute"] - plain_s, plain_s / 3)
     cheap_s = max(median["selective"] - plain_s, plain_s / 100) if selective is not None else 0.0
+    pointwise_s = max(median["pointwise"] - plain_s, plain_s / 1000) if pointwise else 0.0
     return BlockProfile(
-        name, input_bytes, gap, saved, selective, forward_s, cheap_s, rematerialised=rematerialised
+        name,
+        input_bytes,
+        gap,
+        saved,
+        selective,
+        forward_s,
+        cheap_s,
+        rematerialised=rematerialised,
+        pointwise_bytes=pointwise,
+        pointwise_s=pointwise_s,
     )
+
+
+def _pointwise_bytes(
+    name: str,
+    block: nn.Module,
+    plain: Callable[..., Any],
+    x: torch.Tensor,
+    wrt: list[torch.Tensor],
+) -> int | None:
+    """Bytes the block keeps in the ``pointwise`` mode (None: nothing to recompute, or a
+    backward through it fails: an in-place op changed a kept input)."""
+    meter = ActivationMeter(block)
+    with meter, RecomputePointwise(x):
+        out = plain(x)
+    try:
+        _backward(out, wrt)
+    except RuntimeError as exc:
+        log.info("block %s: no pointwise mode (%s)", name, str(exc).splitlines()[0])
+        return None
+    return meter.peak_bytes
 
 
 def _fwd_bwd_time(
@@ -492,11 +546,14 @@ def _fwd_bwd_time(
     wrt: list[torch.Tensor],
     device: torch.device,
 ) -> float:
+    """Seconds of one forward + backward: on the CPU the process's CPU time, which other
+    processes on a shared machine do not inflate (wall time there is mostly their noise)."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     _backward(_run(block, plain, mode, x), wrt)
     sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 # ---------------------------------------------------------------- strategies
@@ -555,7 +612,7 @@ def static(config: StaticConfig, model: nn.Module, budget: Budget | None) -> dic
 class AdaptiveConfig:
     margin_mb: float = 0.0  # workspace reserved beside the accounted memory, MiB
     max_replans: int = 3  # re-plans (over the budget or out of memory) before giving up
-    selective: bool = True  # offer the selective mode (False: whole blocks only)
+    selective: bool = True  # offer the partial modes, pointwise and selective (False: whole blocks)
 
     def __post_init__(self) -> None:
         if self.margin_mb < 0:
@@ -609,8 +666,9 @@ def plan_blocks(budget: Budget, selective: bool = True) -> checkpoint_plan.Plan:
     """The exact plan of ``budget`` (raises ``checkpoint_plan.Infeasible``)."""
     costs = budget.profile.costs()
     if not selective:
+        partial = ("selective", "pointwise")
         costs = [
-            checkpoint_plan.BlockCost(c.name, tuple(o for o in c.options if o.kind != "selective"))
+            checkpoint_plan.BlockCost(c.name, tuple(o for o in c.options if o.kind not in partial))
             for c in costs
         ]
     return checkpoint_plan.plan(costs, max(0, budget.activation_bytes))

@@ -31,7 +31,7 @@ from workers.structure import find_blocks
 
 log = logging.getLogger(__name__)
 
-PROFILE_FORMAT = 1  # bump when Profile's fields or their meaning change
+PROFILE_FORMAT = 2  # bump when Profile's fields or their meaning change
 LIBRARIES = ("torch", "timm", "peft")  # their kernels and module code shape the profile
 
 
