@@ -349,8 +349,9 @@ def _none_if_nan(value: Any) -> Any:
     return None if isinstance(value, float) and value != value else value
 
 
-def _result_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(TrialRecord) if "arrow" in f.metadata]
+@functools.cache
+def _result_fields() -> tuple[dataclasses.Field, ...]:
+    return tuple(f for f in dataclasses.fields(TrialRecord) if "arrow" in f.metadata)
 
 
 _ARGS_FIELDS = (
@@ -364,11 +365,12 @@ _ARGS_FIELDS = (
 
 
 _TRAIN_FIELDS = dataclasses.fields(TrainConfig)
+_SPEC_FIELDS = dataclasses.fields(TrialSpec)
 
 
 def _spec_columns(spec: TrialSpec) -> dict[str, Any]:
     cols: dict[str, Any] = {}
-    for f in dataclasses.fields(TrialSpec):
+    for f in _SPEC_FIELDS:
         value = getattr(spec, f.name)
         if f.name == "train":
             cols.update({f"train_{t.name}": getattr(value, t.name) for t in _TRAIN_FIELDS})
