@@ -38,7 +38,6 @@ ARG_COLUMNS = {
     "dataset_args": "dataset",
     "baseline_args": "baseline",
 }
-INT64_MAX = 2**63 - 1
 _PY_ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
 
@@ -91,13 +90,22 @@ def _argument_arrays(column: pa.ChunkedArray, prefix: str) -> dict[str, pa.Array
     """``prefix.key`` -> typed values, one per row; each distinct JSON text parsed once
     (a sweep has few distinct argument sets however many trials it has)."""
     encoded = column.combine_chunks().dictionary_encode()
-    parsed = [_flatten(json.loads(text)) if text else {} for text in encoded.dictionary.to_pylist()]
+    parsed = [_flatten(_parse(text)) for text in encoded.dictionary.to_pylist()]
     keys = sorted(set().union(*parsed)) if parsed else []
     out = {}
     for key in keys:
         values = _typed([p.get(key) for p in parsed])
         out[f"{prefix}.{key}"] = values.take(encoded.indices)
     return out
+
+
+def _parse(text: str | None) -> Any:
+    """The arguments a JSON column holds ({} for none, or for text that is not JSON)."""
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        log.warning("argument column is not JSON, no flat columns from it: %.80s", text)
+        return {}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -116,13 +124,24 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _typed(values: list[Any]) -> pa.Array:
     """One Arrow array for one argument over the distinct argument sets: bool, int64,
-    float64 (ints and floats mixed), else string (anything else as its JSON)."""
+    float64 (ints and floats mixed), else string (anything else, and any number that
+    does not fit those, as its JSON). Never fails: a record is written whatever its
+    arguments hold."""
     present = [v for v in values if v is not None]
     kinds = {type(v) for v in present}
-    if kinds == {bool}:
-        return pa.array(values, pa.bool_())
-    if kinds and kinds <= {int, float}:
-        ints = kinds == {int} and all(abs(v) <= INT64_MAX for v in present)
-        return pa.array(values, pa.int64() if ints else pa.float64())
-    text = [v if isinstance(v, str) or v is None else canonical_json(v) for v in values]
+    try:
+        if kinds == {bool}:
+            return pa.array(values, pa.bool_())
+        if kinds and kinds <= {int, float}:
+            return pa.array(values, pa.int64() if kinds == {int} else pa.float64())
+    except (pa.ArrowException, OverflowError):
+        pass  # an int beyond int64 or float: text
+    text = [v if isinstance(v, str) or v is None else _json(v) for v in values]
     return pa.array(text, pa.string())
+
+
+def _json(value: Any) -> str:
+    try:
+        return canonical_json(value)
+    except (TypeError, ValueError):  # NaN, infinities, a value JSON has no word for
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

@@ -129,3 +129,24 @@ def test_a_record_of_a_newer_version_keeps_its_extra_columns(tmp_path: Path) -> 
     pq.write_table(table.append_column("future_mb", pa.array([1.5])), path)
     frame = store.collect()
     assert frame["future_mb"].tolist() == [1.5] and frame["method.r"].tolist() == [8]
+
+
+def test_argument_values_of_every_shape_get_a_column_and_never_fail_a_write(
+    tmp_path: Path,
+) -> None:
+    store = RecordStore(tmp_path)
+    odd = [
+        {"big": 2**70, "mixed": True, "nested": {"a": {"b": 1}}, "items": [{"x": 1}]},
+        {"big": 3, "mixed": 1, "nested": {"a": {"b": 2.5}}, "none": None},
+    ]
+    store.write_many([_record("lora", args, 1e-3, seed=i) for i, args in enumerate(odd)])
+    table = store.read_table()
+    by_seed = {s: i for i, s in enumerate(table["seed"].to_pylist())}
+    column = {n: table[n].to_pylist() for n in table.column_names if n.startswith("method.")}
+    assert str(table.schema.field("method.big").type) == "string"  # past int64
+    assert column["method.big"][by_seed[0]] == str(2**70)
+    assert column["method.mixed"][by_seed[0]] == "true"  # bool beside int: text
+    assert str(table.schema.field("method.nested.a.b").type) == "double"
+    assert column["method.nested.a.b"][by_seed[1]] == 2.5
+    assert column["method.items"][by_seed[0]] == '[{"x":1}]'
+    assert column["method.none"] == [None, None]
