@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from orchestrator import pareto
@@ -53,6 +54,7 @@ CHECKPOINT_COSTS = (
 )
 NOT_FITTING = ("oom", "over_budget")
 NAMED = 12  # configurations a budget statement names; past it they are counted
+DETAILS_SHOWN = 100  # comparisons written out under a statement; past it they are counted
 Row = Mapping[str, Any]
 
 
@@ -70,6 +72,11 @@ class Finding:
 
     def line(self) -> str:
         return "; ".join([f"{self.dataset}: {self.text}", *self.caveats])
+
+    def shown_details(self, limit: int = DETAILS_SHOWN) -> list[str]:
+        """The first ``limit`` comparisons, then how many more there are."""
+        more = len(self.details) - limit
+        return [*self.details[:limit], *([f"… and {more} more comparisons"] if more > 0 else [])]
 
     def trial_list(self, limit: int = 60) -> str:
         """The trial ids, comma-separated; past ``limit`` the rest are counted."""
@@ -140,11 +147,10 @@ def configurations(records: pd.DataFrame) -> pd.DataFrame:
         records = records.assign(kind="finetune")
         keys = ["kind", *keys]
     groups = records.groupby(keys, dropna=False, sort=True)
-    table = groups["trial_id"].agg(lambda s: tuple(sorted(s))).rename("trial_ids").to_frame()
-    table["statuses"] = groups["status"].agg(lambda s: dict(s.value_counts()))
+    index = groups.size().index  # one entry per configuration, in group-number order
+    ids, statuses, ok_ids = _members(groups.ngroup(), records, len(index))
+    table = pd.DataFrame({"trial_ids": ids, "statuses": statuses, "ok_ids": ok_ids}, index=index)
     ok = records[records["status"] == "ok"]
-    table["ok_ids"] = ok.groupby(keys, dropna=False)["trial_id"].agg(lambda s: tuple(sorted(s)))
-    table["ok_ids"] = [ids if isinstance(ids, tuple) else () for ids in table["ok_ids"]]
     table = table.reset_index()
     table.insert(len(keys), "config", [pareto.config_label(r) for r in table.to_dict("records")])
     means = pareto.aggregate_seeds(steady_state(ok), extra=STEADY_STATE)
@@ -152,6 +158,26 @@ def configurations(records: pd.DataFrame) -> pd.DataFrame:
     table = table.merge(means, on=keys, how="left")
     table["energy_note"] = [energy_note(r) for r in table.to_dict("records")]
     return table
+
+
+def _members(
+    group: pd.Series, records: pd.DataFrame, count: int
+) -> tuple[list[tuple], list[dict], list[tuple]]:
+    """Per group number: its trial ids (sorted), status counts and ok trial ids, in one
+    pass over the records (not a Python function per group: 10^4 configurations)."""
+    ids = records["trial_id"].astype(str).to_numpy()
+    status = records["status"].to_numpy()
+    codes = group.to_numpy()
+    every: list[list[str]] = [[] for _ in range(count)]
+    ok: list[list[str]] = [[] for _ in range(count)]
+    counts: list[dict[str, int]] = [{} for _ in range(count)]
+    for i in np.lexsort((ids, codes)):
+        c, s = codes[i], status[i]
+        every[c].append(ids[i])
+        counts[c][s] = counts[c].get(s, 0) + 1
+        if s == "ok":
+            ok[c].append(ids[i])
+    return [tuple(x) for x in every], counts, [tuple(x) for x in ok]
 
 
 # ---------------------------------------------------------------- one factor against a reference

@@ -19,6 +19,7 @@ from orchestrator.report.tables import (
     markdown_table,
     netscore_components,
     netscore_display,
+    netscore_note,
     problem_kinds,
     problems_display,
     problems_note,
@@ -54,6 +55,8 @@ def render_markdown(
         if not any(dataset in f for f in analysis.fronts.values()):
             parts.append("(no ok trial)")
     parts.append("## NetScore (per configuration, mean ± std over seeds)")
+    if note := netscore_note(analysis):
+        parts.append(note)
     for table in (netscore_display(analysis), netscore_components(analysis)):
         parts.append(markdown_table(table) if not table.empty else "(no NetScore computed)")
     for factor in COMPARED:
@@ -81,7 +84,7 @@ def findings_markdown(found: Findings) -> list[str]:
         for f in made:
             lines.append(f"- **{f.dataset}**: {f.text}")
             lines += [f"  - *{c}*" for c in f.caveats]
-            lines += [f"  - {d}" for d in f.details]
+            lines += [f"  - {d}" for d in f.shown_details()]
             lines.append(f"  - trials: {f.trial_list()}")
         lines += [f"- not stated: {o.line()}" for o in omitted]
         parts += [f"### {heading}", "\n".join(lines)]

@@ -39,6 +39,7 @@ from orchestrator.report.tables import (
     front_summary,
     netscore_components,
     netscore_display,
+    netscore_note,
     num,
     problem_kinds,
     problems,
@@ -142,7 +143,7 @@ def findings_html(found: Findings) -> str:
         parts.append(f"<h3>{esc(heading)}</h3><ul class='findings'>")
         for f in made:
             caveats = "".join(f"<br><span class='caveat'>{esc(c)}</span>" for c in f.caveats)
-            details = "".join(f"<li>{esc(d)}</li>" for d in f.details)
+            details = "".join(f"<li>{esc(d)}</li>" for d in f.shown_details())
             parts.append(
                 f"<li><b>{esc(f.dataset)}</b>: <span class='statement'>{esc(f.text)}</span>"
                 f"{caveats}<details><summary>"
@@ -201,6 +202,7 @@ def _fronts(analysis: Analysis) -> str:
 def _netscore(analysis: Analysis) -> str:
     return (
         "<h2 id='netscore'>NetScore (per configuration, mean ± std over seeds, dB)</h2>"
+        + (f"<p>{html.escape(note)}</p>" if (note := netscore_note(analysis)) else "")
         + table_html(netscore_display(analysis), "(no NetScore computed)")
         + "<details><summary>the components every score is computed from</summary>"
         + table_html(netscore_components(analysis), "(none)")

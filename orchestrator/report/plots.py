@@ -41,6 +41,9 @@ HEIGHT_3D = 640
 NETSCORE_ROWS = 30  # configurations per NetScore plot, best first
 # Points of a 2-D view from which it is drawn with WebGL (scattergl): SVG slows past ~10^3.
 WEBGL_FROM = 2000
+# Configurations a view draws at most: every front point, then an even sample of the
+# others (10^4 points with their hover texts would make the page tens of MB).
+MAX_POINTS = 3000
 LEGEND = {"groupclick": "toggleitem", "tracegroupgap": 14, "font": {"size": 12}}
 MARGIN = {"l": 70, "r": 20, "t": 30, "b": 60}
 
@@ -73,17 +76,20 @@ def _dataset_plots(analysis: Analysis, key: str, dataset: str, style: enc.Encodi
         front = analysis.fronts.get(view, {}).get(dataset)
         if front is not None:
             fig = pareto_2d(front, view, style)
-            out.append(Plot(f"{key}-{view}", dataset, VIEW_TITLES[view], front_summary(front), fig))
+            text = front_summary(front) + sample_note(front.table)
+            out.append(Plot(f"{key}-{view}", dataset, VIEW_TITLES[view], text, fig))
     front = analysis.fronts.get("accuracy_memory_energy", {}).get(dataset)
     if front is not None:
         title = VIEW_TITLES["accuracy_memory_energy"]
         fig = pareto_3d(front, style)
-        out.append(Plot(f"{key}-3d", dataset, title, front_summary(front), fig))
+        text = front_summary(front) + sample_note(front.table)
+        out.append(Plot(f"{key}-3d", dataset, title, text, fig))
     configs = analysis.configs[analysis.configs["dataset"] == dataset]
     if len(configs):
         text = "Drag along an axis to select a range; colour is top-1 accuracy."
         title = "every configuration, parallel coordinates"
-        out.append(Plot(f"{key}-parallel", dataset, title, text, parallel(configs)))
+        text += sample_note(configs)
+        out.append(Plot(f"{key}-parallel", dataset, title, text, parallel(drawn(configs))))
     scored = [v for v in analysis.variants if configs[v].notna().any()]
     if scored:
         text = (
@@ -101,7 +107,7 @@ def _dataset_plots(analysis: Analysis, key: str, dataset: str, style: enc.Encodi
 def pareto_2d(front: pareto.Front, view: str, style: enc.Encoding) -> dict[str, Any]:
     """Configurations per method, the front as a staircase, the knee, labels on the front."""
     xcol, ycol = view_axes(view)
-    table = front.table
+    table = drawn(front.table)
     names = set(labelled(front, xcol).index)
     where = _text_positions(table[xcol])
     traces = []
@@ -171,7 +177,7 @@ def pareto_2d(front: pareto.Front, view: str, style: enc.Encoding) -> dict[str, 
 
 def pareto_3d(front: pareto.Front, style: enc.Encoding) -> dict[str, Any]:
     """Accuracy, memory and energy in 3-D; front members drawn larger."""
-    table = front.table
+    table = drawn(front.table)
     traces = []
     for method, rows in _by_method(table):
         records = rows.to_dict("records")
@@ -257,6 +263,28 @@ def hover(row: Mapping[str, Any], front: pareto.Front, view: str) -> str:
     if row["pareto"]:
         lines.append("on the Pareto front" + (" (knee)" if row["knee"] else ""))
     return "<br>".join(lines)
+
+
+def drawn(table: pd.DataFrame, limit: int = MAX_POINTS) -> pd.DataFrame:
+    """``table`` if it has at most ``limit`` rows, else its front rows (``pareto``) and an
+    even sample of the others (their order is the front's: best first), in table order."""
+    if len(table) <= limit:
+        return table
+    front = table["pareto"].astype(bool) if "pareto" in table else table.index.isna()
+    others = table.index[~front]
+    keep = max(limit - int(front.sum()), 0)
+    picks = others[np.unique(np.linspace(0, len(others) - 1, keep).round().astype(int))]
+    return table[front | table.index.isin(picks if keep else [])]
+
+
+def sample_note(table: pd.DataFrame, limit: int = MAX_POINTS) -> str:
+    """The caption's note on a sampled view ('' when every configuration is drawn)."""
+    if len(table) <= limit:
+        return ""
+    return (
+        f" {len(drawn(table, limit))} of {len(table)} configurations drawn: every front point "
+        "and an even sample of the others (every trial: `orchestrate collect DIR`)."
+    )
 
 
 def _by_method(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:

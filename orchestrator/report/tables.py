@@ -29,6 +29,7 @@ STEADY_STATE_LABELS = (
     ("step_time_s", "mean time per step (s)"),
     ("step_energy_j", "mean energy per step (J)"),
 )
+TABLE_ROWS = 500  # configurations in a per-configuration table (the best first)
 PROBLEMS_LISTED = 200  # failed trials listed one by one; past it they are counted by error
 PROBLEM_COLUMNS = (
     "trial_id",
@@ -143,9 +144,22 @@ def netscore_components(analysis: Analysis) -> pd.DataFrame:
 
 
 def _by_first_score(analysis: Analysis) -> pd.DataFrame:
+    """The best ``TABLE_ROWS`` configurations by the first NetScore variant."""
     if analysis.configs.empty or not analysis.variants:
         return analysis.configs.iloc[:0]
-    return analysis.configs.sort_values(analysis.variants[0], ascending=False, na_position="last")
+    best = analysis.configs.sort_values(analysis.variants[0], ascending=False, na_position="last")
+    return best.head(TABLE_ROWS)
+
+
+def netscore_note(analysis: Analysis) -> str:
+    """What the NetScore tables leave out ('' when nothing)."""
+    count = len(analysis.configs)
+    if count <= TABLE_ROWS or not analysis.variants:
+        return ""
+    return (
+        f"The best {TABLE_ROWS} of {count} configurations by {analysis.variants[0]}; "
+        "`orchestrate collect DIR --out table.csv` has every trial."
+    )
 
 
 def uses_energy(name: str) -> bool:

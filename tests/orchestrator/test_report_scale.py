@@ -98,3 +98,45 @@ def test_many_points_are_drawn_with_webgl(
     view = next(p for p in figures if p.id.endswith("accuracy_memory"))
     methods = [t for t in view.figure["data"] if t.get("hovertext")]
     assert methods and {t["type"] for t in methods} == {kind}
+
+
+def test_a_sampled_view_keeps_every_front_point() -> None:
+    analysis = analyse(sweep_records(seeds=1))
+    front = analysis.fronts["accuracy_memory"]["digits"]
+    on_front = int(front.table["pareto"].sum())
+    limit = on_front + 3
+    assert len(front.table) > limit  # else nothing to sample
+    shown = plot_specs.drawn(front.table, limit)
+    assert len(shown) == limit and shown["pareto"].sum() == on_front
+    assert list(shown.index) == [i for i in front.table.index if i in shown.index]  # order kept
+    note = plot_specs.sample_note(front.table, limit)
+    assert note.startswith(f" {limit} of {len(front.table)} configurations drawn")
+    assert (
+        plot_specs.drawn(front.table) is front.table and plot_specs.sample_note(front.table) == ""
+    )
+
+
+def test_per_configuration_tables_and_comparisons_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestrator.report import tables
+    from orchestrator.report.findings import Finding
+
+    analysis = analyse(sweep_records(seeds=1))
+    monkeypatch.setattr(tables, "TABLE_ROWS", 5)
+    assert len(tables.netscore_display(analysis)) == 5
+    assert len(tables.netscore_components(analysis)) == 5
+    best = analysis.configs.nlargest(5, analysis.variants[0])
+    shown = tables.netscore_display(analysis)
+    assert list(shown["configuration"]) == list(best["config"])  # the best five, best first
+    assert tables.netscore_note(analysis).startswith(
+        f"The best 5 of {len(analysis.configs)} configurations by {analysis.variants[0]}"
+    )
+    finding = Finding("methods", "d", "text", (), details=tuple(f"pair {i}" for i in range(7)))
+    assert finding.shown_details(limit=3) == [
+        "pair 0",
+        "pair 1",
+        "pair 2",
+        "… and 4 more comparisons",
+    ]
+    assert finding.shown_details(limit=7) == [f"pair {i}" for i in range(7)]
