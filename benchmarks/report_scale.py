@@ -12,7 +12,8 @@ checkpointing plan, provenance). Writing them is not timed. Then ``orchestrate r
 DIR`` runs in a child process: its wall time, CPU time and peak RSS (the child's own
 ``ru_maxrss``) are printed with the size of the page it wrote.
 
-    .venv/bin/python benchmarks/report_scale.py [--sizes 10000 100000] [--keep DIR]
+    .venv/bin/python benchmarks/report_scale.py [--sizes 10000 100000] [--backbones 6]
+                                                [--keep DIR]
 """
 
 from __future__ import annotations
@@ -65,13 +66,15 @@ TRACEBACK = (
 )
 
 
-def synthesise(n: int, folder: Path, seed: int = 0) -> None:
-    """``n`` records of a search-like sweep under ``folder/records``."""
+def synthesise(n: int, folder: Path, seed: int = 0, backbones: int = len(BACKBONES)) -> None:
+    """``n`` records of a search-like sweep under ``folder/records``; past the six named
+    backbones, more (timm-like names) make more configurations."""
     rng = np.random.default_rng(seed)
+    names = [*BACKBONES, *(f"timm_model_{i:03d}" for i in range(backbones - len(BACKBONES)))]
     store = RecordStore(folder, compact_every=0)
     batch: list[TrialRecord] = []
     for i in range(n):
-        batch.append(_record(i, rng))
+        batch.append(_record(i, rng, names))
         if len(batch) == CHUNK:
             store.write_many(batch)
             batch = []
@@ -79,10 +82,10 @@ def synthesise(n: int, folder: Path, seed: int = 0) -> None:
         store.write_many(batch)
 
 
-def _record(i: int, rng: np.random.Generator) -> TrialRecord:
+def _record(i: int, rng: np.random.Generator, backbones: list[str]) -> TrialRecord:
     config, seed = divmod(i, SEEDS)
     crng = np.random.default_rng(config)  # the seeds of a configuration share it
-    backbone = BACKBONES[crng.integers(len(BACKBONES))]
+    backbone = backbones[crng.integers(len(backbones))]
     dataset = DATASETS[crng.integers(len(DATASETS))]
     budget = BUDGETS[crng.integers(len(BUDGETS))]
     if crng.random() < 0.01:
@@ -186,17 +189,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--keep", help="write the sweeps under this folder and keep them")
+    parser.add_argument(
+        "--backbones",
+        type=int,
+        default=len(BACKBONES),
+        help="backbone names in the sweep (400: about 10^4 configurations at 10^5 records)",
+    )
     args = parser.parse_args()
     base = Path(args.keep or tempfile.mkdtemp(prefix="vramsweep-report-scale-"))
     print(f"orchestrate report, target at 100,000 records: <= {TARGET_S:g} s, <= {TARGET_GB:g} GB")
+    print(f"{args.backbones} backbones x 8 methods x 3 strategies x 3 datasets x 2 budgets")
     head = ("records", "write s", "report s", "CPU s", "peak RSS GB", "html MB")
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, WIDTHS, strict=True)) + "  status")
     try:
         for n in args.sizes:
-            folder = base / f"sweep{n}"
+            folder = base / f"sweep{n}-{args.backbones}"
             if not (folder / "records").is_dir():
                 t0 = time.perf_counter()
-                synthesise(n, folder)
+                synthesise(n, folder, backbones=args.backbones)
                 wrote = f"{time.perf_counter() - t0:8.1f}"
             else:
                 wrote = f"{'kept':>8}"
