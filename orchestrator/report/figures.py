@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 # Front points labelled per panel at most (evenly spaced along the front, knee included).
 LABELS_PER_PANEL = 6
 MARKER_PT = 6.5  # marker size, points
+# Configurations a view draws at most (PNG panel or page plot): every front point, then an
+# even sample of the others (10^4 points with hover texts would make the page tens of MB).
+MAX_POINTS = 1500
 
 
 def pareto_figure(analysis: Analysis) -> bytes:
@@ -76,7 +79,7 @@ def _blank(ax: Any, text: str) -> None:
 
 def _panel(ax: Any, front: pareto.Front, view: str, style: enc.Encoding) -> None:
     xcol, ycol = view_axes(view)
-    _points(ax, front.table, xcol, ycol, style)
+    _points(ax, drawn(front.table), xcol, ycol, style)
     pts = front.front.sort_values(xcol)
     ax.step(pts[xcol], pts[ycol], where="post", color="black", linewidth=1.1, alpha=0.8)
     knee = front.table[front.table["knee"]]
@@ -100,6 +103,28 @@ def _panel(ax: Any, front: pareto.Front, view: str, style: enc.Encoding) -> None
         set_label(axis_title(col)[:-1] + note + ")", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
+
+
+def drawn(table: pd.DataFrame, limit: int = MAX_POINTS) -> pd.DataFrame:
+    """``table`` if it has at most ``limit`` rows, else its front rows (``pareto``) and an
+    even sample of the others (their order is the front's: best first), in table order."""
+    if len(table) <= limit:
+        return table
+    front = table["pareto"].astype(bool) if "pareto" in table else table.index.isna()
+    others = table.index[~front]
+    keep = max(limit - int(front.sum()), 0)
+    picks = others[np.unique(np.linspace(0, len(others) - 1, keep).round().astype(int))]
+    return table[front | table.index.isin(picks if keep else [])]
+
+
+def sample_note(table: pd.DataFrame, limit: int = MAX_POINTS) -> str:
+    """The caption's note on a sampled view ('' when every configuration is drawn)."""
+    if len(table) <= limit:
+        return ""
+    return (
+        f" {len(drawn(table, limit))} of {len(table)} configurations drawn: every front point "
+        "and an even sample of the others (every trial: `orchestrate collect DIR`)."
+    )
 
 
 def _points(ax: Any, table: pd.DataFrame, xcol: str, ycol: str, style: enc.Encoding) -> None:

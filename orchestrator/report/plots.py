@@ -31,7 +31,7 @@ from orchestrator.report.analysis import (
     method_name,
     view_axes,
 )
-from orchestrator.report.figures import labelled, short_label
+from orchestrator.report.figures import drawn, labelled, sample_note, short_label
 from orchestrator.report.tables import front_summary, pm, uses_energy
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,7 @@ HEIGHT_2D = 560
 HEIGHT_3D = 640
 NETSCORE_ROWS = 30  # configurations per NetScore plot, best first
 # Points of a 2-D view from which it is drawn with WebGL (scattergl): SVG slows past ~10^3.
-WEBGL_FROM = 2000
-# Configurations a view draws at most: every front point, then an even sample of the
-# others (10^4 points with their hover texts would make the page tens of MB).
-MAX_POINTS = 3000
+WEBGL_FROM = 1000
 LEGEND = {"groupclick": "toggleitem", "tracegroupgap": 14, "font": {"size": 12}}
 MARGIN = {"l": 70, "r": 20, "t": 30, "b": 60}
 
@@ -263,28 +260,6 @@ def hover(row: Mapping[str, Any], front: pareto.Front, view: str) -> str:
     if row["pareto"]:
         lines.append("on the Pareto front" + (" (knee)" if row["knee"] else ""))
     return "<br>".join(lines)
-
-
-def drawn(table: pd.DataFrame, limit: int = MAX_POINTS) -> pd.DataFrame:
-    """``table`` if it has at most ``limit`` rows, else its front rows (``pareto``) and an
-    even sample of the others (their order is the front's: best first), in table order."""
-    if len(table) <= limit:
-        return table
-    front = table["pareto"].astype(bool) if "pareto" in table else table.index.isna()
-    others = table.index[~front]
-    keep = max(limit - int(front.sum()), 0)
-    picks = others[np.unique(np.linspace(0, len(others) - 1, keep).round().astype(int))]
-    return table[front | table.index.isin(picks if keep else [])]
-
-
-def sample_note(table: pd.DataFrame, limit: int = MAX_POINTS) -> str:
-    """The caption's note on a sampled view ('' when every configuration is drawn)."""
-    if len(table) <= limit:
-        return ""
-    return (
-        f" {len(drawn(table, limit))} of {len(table)} configurations drawn: every front point "
-        "and an even sample of the others (every trial: `orchestrate collect DIR`)."
-    )
 
 
 def _by_method(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
