@@ -14,7 +14,7 @@ from orchestrator.spec import TrainConfig, TrialSpec
 from workers.backbones import create_backbone
 from workers.checkpointing import profile_blocks
 from workers.data import CACHE_ENV, ImageData
-from workers.profile_cache import ProfileCache
+from workers.profile_cache import PROFILE_FORMAT, ProfileCache
 from workers.trial import run_trial
 
 QUICK = TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_steps=3)
@@ -68,7 +68,7 @@ def test_corrupt_entry_is_measured_again_and_overwritten(
     again = run_trial(_spec("adaptive"), num_threads=1, data=synthetic_data)
     assert again.ckpt_profile_cached is False and again.ckpt_profile_s > 0
     assert again.ckpt_plan == first.ckpt_plan
-    assert json.loads(path.read_text())["format"] == 1  # rewritten whole
+    assert json.loads(path.read_text())["format"] == PROFILE_FORMAT  # rewritten whole
 
 
 def test_another_batch_size_misses(
