@@ -319,24 +319,54 @@ def _candidates(df: pd.DataFrame, objectives: Mapping[str, str]) -> pd.Series:
     return ok & df[list(objectives)].notna().all(axis=1)
 
 
-def config_label(row: Mapping[str, object]) -> str:
-    """``backbone / method / checkpointing @ budget MiB``; a baseline shows its own name."""
+def variant_columns(df: pd.DataFrame) -> list[str]:
+    """The flat argument columns (``method.r``, ``train.lr``; ``records.read`` adds them)
+    whose values differ between the trials of ``df``: they tell configurations apart as
+    the ``CONFIG_COLUMNS`` do (a grid axis over the learning rate is two configurations)."""
+    return [c for c in df.columns if "." in str(c) and df[c].nunique(dropna=False) > 1]
+
+
+def config_keys(df: pd.DataFrame) -> list[str]:
+    """What names a configuration in ``df``: the ``CONFIG_COLUMNS`` present and the
+    ``variant_columns``."""
+    return [*(c for c in CONFIG_COLUMNS if c in df), *variant_columns(df)]
+
+
+def config_label(row: Mapping[str, object], variants: Sequence[str] = ()) -> str:
+    """``backbone / method / checkpointing @ budget MiB [r=8, lr=0.001]``; a baseline
+    shows its own name; the bracket lists the row's values of the ``variants`` columns."""
     method = row.get("method") or row.get("baseline") or "?"
     label = f"{row.get('backbone', '?')} / {method} / {row.get('checkpointing', '?')}"
     budget = row.get("budget_mb")
-    return f"{label} @ {budget:g} MiB" if isinstance(budget, Real) and pd.notna(budget) else label
+    if isinstance(budget, Real) and pd.notna(budget):
+        label = f"{label} @ {budget:g} MiB"
+    values = [f"{c.rpartition('.')[2]}={_short(row[c])}" for c in variants if _known_value(row, c)]
+    return f"{label} [{', '.join(values)}]" if values else label
 
 
-def aggregate_seeds(df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
+def _known_value(row: Mapping[str, object], column: str) -> bool:
+    value = row.get(column)
+    return value is not None and not (isinstance(value, float) and np.isnan(value))
+
+
+def _short(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def aggregate_seeds(
+    df: pd.DataFrame, extra: Sequence[str] = (), keys: Sequence[str] | None = None
+) -> pd.DataFrame:
     """One row per configuration: mean and sample std (``<col>_std``) over its ok seeds.
 
     Averages the ``MEASURES`` present and the numeric columns named in ``extra``.
     ``seeds`` counts the ok seeds, ``trials`` every trial of the configuration;
     ``energy_source`` joins the seeds' meters, ``energy_exclusive`` is False when any
     seed shared its GPU and ``energy_estimated`` True when any seed's energy is an
-    estimate (None: unknown). A single seed has no std (NaN).
+    estimate (None: unknown). A single seed has no std (NaN). A configuration is named by
+    ``keys`` (default: ``config_keys``).
     """
-    keys = [c for c in CONFIG_COLUMNS if c in df]
+    keys = list(keys) if keys is not None else config_keys(df)
+    variants = [k for k in keys if "." in k]
     measures = [c for c in (*MEASURES, *extra) if c in df]
     ok = df[df["status"] == "ok"] if "status" in df else df
     if ok.empty:
@@ -357,7 +387,8 @@ def aggregate_seeds(df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame
     if "energy_estimated" in ok:
         out["energy_estimated"] = groups["energy_estimated"].agg(lambda s: _known(s, any))
     out = out.reset_index()
-    out.insert(len(keys), "config", [config_label(r) for r in out[keys].to_dict("records")])
+    labels = [config_label(r, variants) for r in out[keys].to_dict("records")]
+    out.insert(len(keys), "config", labels)
     return out
 
 

@@ -106,12 +106,13 @@ def analyse(
 
 
 def reported_columns(records: pd.DataFrame) -> pd.DataFrame:
-    """``records`` with every number and flag and the ``TEXT_COLUMNS`` (100,000 records'
-    JSON and provenance text would be copied by every filter for nothing)."""
+    """``records`` with every number and flag, the ``TEXT_COLUMNS`` and the flat argument
+    columns (``train.optimizer``: they name configurations); 100,000 records' JSON and
+    provenance text would be copied by every filter for nothing."""
     keep = [
         c
         for c in records.columns
-        if c in TEXT_COLUMNS or not (is_string_dtype(records[c]) or c.endswith("_json"))
+        if c in TEXT_COLUMNS or "." in c or not (is_string_dtype(records[c]) or c.endswith("_json"))
     ]
     return records[keep] if len(keep) < records.shape[1] else records
 

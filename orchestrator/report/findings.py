@@ -143,6 +143,8 @@ def configurations(records: pd.DataFrame) -> pd.DataFrame:
     ``ok_ids``, ``statuses`` (status -> count), and the seed means and stds of its ok trials."""
     keys = [c for c in pareto.CONFIG_COLUMNS if c in records]
     records = records.assign(**{k: records[k].fillna("") for k in keys if k != "budget_mb"})
+    variants = pareto.variant_columns(records)
+    keys += variants
     if "kind" not in records:
         records = records.assign(kind="finetune")
         keys = ["kind", *keys]
@@ -152,8 +154,9 @@ def configurations(records: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame({"trial_ids": ids, "statuses": statuses, "ok_ids": ok_ids}, index=index)
     ok = records[records["status"] == "ok"]
     table = table.reset_index()
-    table.insert(len(keys), "config", [pareto.config_label(r) for r in table.to_dict("records")])
-    means = pareto.aggregate_seeds(steady_state(ok), extra=STEADY_STATE)
+    labels = [pareto.config_label(r, variants) for r in table.to_dict("records")]
+    table.insert(len(keys), "config", labels)
+    means = pareto.aggregate_seeds(steady_state(ok), extra=STEADY_STATE, keys=keys)
     means = means.drop(columns=["config", "trials"], errors="ignore")
     table = table.merge(means, on=keys, how="left")
     table["energy_note"] = [energy_note(r) for r in table.to_dict("records")]
@@ -193,6 +196,8 @@ def _against(
     """Each value of ``factor`` against ``reference`` on configurations equal in the rest."""
     shared = [c for c in ("backbone", "method", "checkpointing", "budget_mb") if c != factor]
     what = f"{', '.join(shared[:-1])} and budget"
+    # the other varying arguments too (the learning rate; not the factor's own arguments)
+    shared += [c for c in pareto.variant_columns(tuned) if not c.startswith(f"{factor}.")]
     ok = tuned[[len(ids) > 0 for ids in tuned["ok_ids"]]] if len(tuned) else tuned
     if ok.empty:
         return ["no fine-tuning trial finished ok"]
@@ -216,7 +221,11 @@ def _against(
 
 
 def _key(row: Row, columns: Sequence[str]) -> tuple:
-    return tuple(row[c] for c in columns)
+    return tuple(None if _missing(row[c]) else row[c] for c in columns)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _compared(
@@ -253,7 +262,8 @@ def _topic(factor: str) -> str:
 
 def _pair_line(a: Row, b: Row, costs: Sequence[tuple[str, str]], factor: str) -> str:
     """One comparison in full: what it shares, each cost's change, both accuracies."""
-    label = pareto.config_label({**a, factor: f"{a[factor]} vs {b[factor]}"})
+    shared = [c for c in a if "." in str(c) and not str(c).startswith(f"{factor}.")]
+    label = pareto.config_label({**a, factor: f"{a[factor]} vs {b[factor]}"}, shared)
     parts = [
         f"{name} {percent(c)} %"
         for column, name in costs

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from orchestrator import pareto
 from orchestrator.report.findings import findings, percent, points
 
 # (backbone, method, checkpointing) -> (accuracies per seed, peak MiB, energy J, train s);
@@ -203,3 +204,37 @@ def test_a_long_trial_list_is_shortened_in_the_pages() -> None:
     assert len(budget.trials) == 21
     assert budget.trial_list(limit=2) == "ci-bitfit-none-0, ci-bitfit-none-1, … and 19 more"
     assert budget.trial_list() == ", ".join(budget.trials)
+
+
+def test_configurations_that_differ_in_an_argument_are_not_averaged_together() -> None:
+    """A grid axis over the learning rate: two configurations per method, each compared
+    with the full fine-tuning at its own learning rate, never a mean over both."""
+    rows = []
+    for lr, (full_acc, lora_acc, lora_energy) in {
+        1e-3: (0.9, 0.8, 500.0),
+        1e-4: (0.7, 0.75, 600.0),
+    }.items():
+        for seed in range(2):
+            common = {"train.lr": lr, "peak_mem_mb": 100.0, "train_time_s": 10.0}
+            rows.append(
+                _row("digits", "vit_t", "full", "none", seed, trial_id=f"f-{lr}-{seed}",
+                     accuracy=full_acc, energy_j=1000.0, **common)
+            )  # fmt: skip
+            rows.append(
+                _row("digits", "vit_t", "lora", "none", seed, trial_id=f"l-{lr}-{seed}",
+                     accuracy=lora_acc, energy_j=lora_energy, **{"method.r": 8}, **common)
+            )  # fmt: skip
+    records = pd.DataFrame(rows)
+    means = pareto.aggregate_seeds(records)
+    assert len(means) == 4
+    lora = means[means["method"] == "lora"].set_index("train.lr")
+    assert lora.loc[1e-3, "accuracy"] == pytest.approx(0.8)
+    assert lora.loc[1e-4, "config"] == "vit_t / lora / none @ 2048 MiB [lr=0.0001, r=8]"
+    lora_vs_full = next(f for f in findings(records).found if f.text.startswith("lora vs full"))
+    # the pairs share the learning rate: energy -50 % at 1e-3 and -40 % at 1e-4
+    assert lora_vs_full.details == (
+        "vit_t / lora vs full / none @ 2048 MiB [lr=0.0001]: energy −40 %, peak memory +0.0 %, "
+        "train time +0.0 %, accuracy 0.750 ± 0.000 vs 0.700 ± 0.000 (+5.0 points)",
+        "vit_t / lora vs full / none @ 2048 MiB [lr=0.001]: energy −50 %, peak memory +0.0 %, "
+        "train time +0.0 %, accuracy 0.800 ± 0.000 vs 0.900 ± 0.000 (−10.0 points)",
+    )
