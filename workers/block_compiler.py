@@ -15,6 +15,8 @@ takes, which a trial reports apart from its step times.
 - The batch dimension is dynamic from the first call: the smaller last batch of an
   epoch does not compile again.
 - Identical blocks (a ViT's) share one compiled graph: the cost is one block's compile.
+- A new compiler resets Dynamo (one trial at a time runs in a worker process), so a
+  worker's hundredth ``compiled`` trial compiles as its first did.
 
 Example::
 
@@ -42,6 +44,10 @@ class BlockCompiler:
     def __init__(self, budget: float) -> None:
         if not 0.0 <= budget <= 1.0:
             raise ValueError(f"activation memory budget must be in [0, 1], got {budget}")
+        # a fresh start for every trial: Dynamo's caches of earlier trials in this worker
+        # process would otherwise pile up on the blocks' shared code until its recompile
+        # limit (8) turned compilation off, silently running blocks eagerly
+        torch._dynamo.reset()
         self.budget = budget
         self.compile_s = 0.0  # seconds of the calls that compiled (the block's run included)
         self.compiles = 0  # graphs compiled

@@ -137,3 +137,25 @@ def test_trial_records_compile_time_apart_from_training(synthetic_data: ImageDat
     assert set(json.loads(compiled.ckpt_plan).values()) == {"compiled"}
     assert compiled.ckpt_profile_s is None  # nothing profiled
     assert compiled.steps == plain.steps == 3
+
+
+def test_every_trial_in_a_worker_compiles_past_dynamos_recompile_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One worker process runs trial after trial: each new compiler compiles its blocks
+    again, never falling back to eager at Dynamo's recompile limit (here 1; Inductor
+    replaced by the graph itself, so nothing slow is compiled)."""
+    from workers.block_compiler import BlockCompiler
+
+    def eager_backend(self, graph, example_inputs):  # noqa: ANN001, ANN202
+        self.compiles += 1
+        return graph.forward
+
+    monkeypatch.setattr(BlockCompiler, "_backend", eager_backend)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    layer = torch.nn.Linear(4, 4)
+    for budget in (0.5, 0.25, 0.75):  # three trials, each with its own compiler
+        compiler = BlockCompiler(budget)
+        out = compiler.wrap(layer.forward)(torch.ones(2, 4))
+        assert compiler.compiles == 1, budget
+        torch.testing.assert_close(out, layer(torch.ones(2, 4)))
