@@ -139,10 +139,11 @@ def test_asha_stops_the_hopeless_trial_and_it_is_recorded(sweep: Sweep) -> None:
     assert stopped["train_loss"] == pytest.approx(last_epoch["train_loss"])
     assert "record" not in sweep.results(sweep.hopeless)[-1]
 
-    # one configuration (the learning rate is no config column): its figures are the
-    # ok trial's alone, the stopped one counted as a trial and listed as a problem
+    # two configurations (their learning rates differ): only the ok one has figures, the
+    # stopped one is no seed of any mean and is listed as a problem
     (config,) = analyse(sweep.records).configs.to_dict("records")
-    assert (config["seeds"], config["trials"]) == (1, 2)
+    assert (config["seeds"], config["trials"]) == (1, 1)
+    assert config["config"].endswith("[lr=0.003]")
     for name in ("accuracy", "peak_mem_mb", "energy_j", "train_time_s"):
         assert config[name] == pytest.approx(good[name]), name
     problems = problems_display(sweep.records)
