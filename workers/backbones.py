@@ -110,9 +110,11 @@ def _timm_model(variant: str, config: BackboneConfig, num_classes: int) -> nn.Mo
     any resolution as they are), ``drop_path_rate`` where it has stochastic depth."""
     import timm
 
-    native = int(timm.get_pretrained_cfg(variant, allow_unregistered=True).input_size[-1]) if (
-        not variant.startswith(HF_HUB)
-    ) else 0
+    native = (
+        int(timm.get_pretrained_cfg(variant, allow_unregistered=True).input_size[-1])
+        if (not variant.startswith(HF_HUB))
+        else 0
+    )
     takes_img_size = bool(config.img_size) and _accepts(variant, "img_size")
     return _timm_backbone(variant, config, num_classes, native, takes_img_size=takes_img_size)
 
