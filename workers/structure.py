@@ -137,7 +137,9 @@ class Structure:
 
     blocks: tuple[str, ...]
     linears: tuple[str, ...]  # nn.Linear layers inside the blocks
-    convs: tuple[str, ...]  # dense (groups == 1) nn.Conv2d layers inside the blocks
+    # dense (groups == 1), undilated nn.Conv2d layers inside the blocks (peft's Conv2d
+    # LoRA ignores dilation: its branch would not match a dilated conv's output)
+    convs: tuple[str, ...]
     attention: tuple[str, ...]  # blocks that hold an attention module
     mamba: tuple[str, ...]  # blocks that hold a selective state-space mixer
     # units of timm's MobileNet-style ``blocks.<stage>.<i>`` stages that are inverted
@@ -157,6 +159,11 @@ class Structure:
         return frozenset(f for f, yes in present.items() if yes)
 
 
+def _undilated(conv: nn.Conv2d) -> bool:
+    dilation = conv.dilation if isinstance(conv.dilation, tuple) else (conv.dilation,)
+    return all(d == 1 for d in dilation)
+
+
 def describe(model: nn.Module) -> Structure:
     """The ``Structure`` of ``model`` (works on the meta device: only names and types)."""
     blocks = find_blocks(model)
@@ -166,7 +173,7 @@ def describe(model: nn.Module) -> Structure:
             full = _join(block_name, name)
             if isinstance(module, nn.Linear):
                 linears.append(full)
-            elif isinstance(module, nn.Conv2d) and module.groups == 1:
+            elif isinstance(module, nn.Conv2d) and module.groups == 1 and _undilated(module):
                 convs.append(full)
         kinds = {type(m).__name__.lower() for m in block.modules()}
         if any("attention" in k or k == "attn" for k in kinds) or _has_qkv(block):

@@ -199,3 +199,29 @@ def test_blocks_that_wrap_a_sequence_repeat_into_a_chain() -> None:
     assert blocks[0].startswith("block1.") and blocks[-1].startswith("block12.")
     order = [int(b.split(".")[0].removeprefix("block")) for b in blocks]
     assert order == sorted(order) and set(order) == set(range(1, 13))
+
+
+def test_dilated_convolutions_are_not_lora_targets() -> None:
+    """peft's Conv2d LoRA ignores dilation: SKNet's dilated kernel branch is left out, the
+    other convolutions adapted, and the trial runs."""
+    args = {"img_size": 32, "model_args": {"layers": [1, 1, 1, 1]}}
+    structure = check_backbone("skresnet18", args)
+    model = create_backbone("skresnet18", num_classes=4, **args)
+    dilated = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and m.dilation != (1, 1)
+    }
+    assert dilated and structure.convs and not dilated & set(structure.convs)
+    spec = TrialSpec(
+        backbone="skresnet18",
+        backbone_args=BACKBONES.resolve_args("skresnet18", args),
+        method="lora",
+        method_args={"r": 2, "convs": True},
+        dataset="synthetic",
+        dataset_args={"num_classes": 4, "images_per_class": 4, "image_size": 32},
+        train=TrainConfig(epochs=1, batch_size=8, max_steps=1),
+        budget_mb=256,
+    )
+    record = run_trial(spec, num_threads=1)
+    assert record.status == "ok", record.error
