@@ -340,13 +340,8 @@ def config_label(row: Mapping[str, object], variants: Sequence[str] = ()) -> str
     budget = row.get("budget_mb")
     if isinstance(budget, Real) and pd.notna(budget):
         label = f"{label} @ {budget:g} MiB"
-    values = [f"{c.rpartition('.')[2]}={_short(row[c])}" for c in variants if _known_value(row, c)]
+    values = [f"{c.rpartition('.')[2]}={_short(row[c])}" for c in variants if pd.notna(row.get(c))]
     return f"{label} [{', '.join(values)}]" if values else label
-
-
-def _known_value(row: Mapping[str, object], column: str) -> bool:
-    value = row.get(column)
-    return value is not None and not (isinstance(value, float) and np.isnan(value))
 
 
 def _short(value: object) -> str:

@@ -221,11 +221,7 @@ def _against(
 
 
 def _key(row: Row, columns: Sequence[str]) -> tuple:
-    return tuple(None if _missing(row[c]) else row[c] for c in columns)
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    return tuple(None if pd.isna(row[c]) else row[c] for c in columns)
 
 
 def _compared(
