@@ -27,6 +27,7 @@ model and its processor (``local-dir:PATH`` or a path starting with ``/ ./ ../ ~
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 import string
@@ -50,12 +51,16 @@ from workers.baselines.base import (
     require_files,
     topk_correct,
 )
-from workers.cost import call_macs
+from workers.batch_fit import fit_batch
+from workers.cost import call_macs, forward_peak_bytes
 from workers.data import ImageData
 
 log = logging.getLogger(__name__)
 
 SCORES = ("sum", "mean")
+# A VLM's forward is large and its scoring per image anyway: one image per prefix forward
+# is a usable floor (the fitted batch is probed at it)
+IMAGE_BATCH_FLOOR = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
@@ -324,6 +329,44 @@ class Prompter:
         return top1, top5, generated
 
 
+def fit_image_batch(prompter: Prompter, images: torch.Tensor, ctx: BaselineContext) -> int:
+    """``prompter``'s image batch halved until what stays allocated (the model; on CUDA the
+    allocator's bytes) + the largest chunk of answers + a batch of prefixes fits
+    ``ctx.budget_bytes`` (``workers.batch_fit``); OverBudget naming prompting below one image.
+
+    Probed on the first of the uint8 ``images``: a prefix forward with its key/value cache
+    (and the copy of that cache the scoring makes) scales with the images; a chunk of
+    answers with its rows (at most ``candidate_batch``), whatever the image batch.
+    """
+    config = prompter.config
+    if ctx.budget_bytes is None:
+        return config.image_batch
+    probe = [images[0].cpu()]
+    pixels = prompter.inputs(probe)["pixel_values"]
+    held: list[Prefix] = []  # the prefix outlives its forward, as in evaluate()
+    device = ctx.device
+    prefix_bytes = forward_peak_bytes(lambda: held.append(prompter.prefix(probe)), pixels, device)
+    prefix = held.pop()
+    keep = prompter.shortlist(prefix)
+    scoring = forward_peak_bytes(lambda: prompter.scores(prefix, keep), pixels[:0], device)
+    cache = _cache_bytes(prefix.cache)  # one image's; scoring copies the batch's
+    rows = min(int(keep.sum()), config.candidate_batch)
+    chunk_bytes = max(0, scoring - cache) / rows * config.candidate_batch
+    prompter.batch_bytes = prompter.work_bytes = 0  # the probe is no measurement
+    if device.type == "cuda":
+        resident = torch.cuda.memory_allocated(device) - cache - pixels.nbytes
+    else:
+        resident = parameter_bytes(prompter.model) + prompter.candidates.nbytes
+    return fit_batch(
+        per_image_bytes=prefix_bytes + cache,
+        resident_bytes=int(resident + chunk_bytes),
+        budget_bytes=ctx.budget_bytes,
+        requested=config.image_batch,
+        floor=IMAGE_BATCH_FLOOR,
+        phase="prompting",
+    ).batch_size
+
+
 def _cache_bytes(cache: Any) -> int:
     return sum(
         t.nbytes
@@ -342,6 +385,8 @@ def vlm_prompt(
     question = config.question or prompts.question(ctx.dataset, model.config.model_type)
     classes = class_names(data)
     prompter = Prompter(model, processor, classes, question, config, data.test_x.shape[1:])
+    batch = fit_image_batch(prompter, data.test_x, ctx)
+    prompter.config = config = dataclasses.replace(config, image_batch=batch)
     clock = Stopwatch(ctx)
     eval_t: list[float] = []
     with clock.time(eval_t):
@@ -365,4 +410,5 @@ def vlm_prompt(
         batch_bytes=prompter.batch_bytes,
         work_bytes=prompter.work_bytes,
         energy=energy,
+        batch_size_used=batch,
     )
