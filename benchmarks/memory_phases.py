@@ -110,7 +110,7 @@ def _line(backbone: str, mode: str, r: TrialRecord, limit: float, seconds: float
     within = all(v is None or v <= limit for v in peaks.values())
     status = r.status if r.status == "ok" else f"{r.status}: {(r.error or '').splitlines()[0]}"
     return (
-        f"{backbone:<22} {mode:<6} {_mb(r.peak_mem_mb):>9} "
+        f"{backbone:<22} {mode:<6} {_mb(r.peak_mem_mb):>9} {_mb(r.eval_peak_mem_mb):>9} "
         + " ".join(f"{c:>15}" for c in cells)
         + f" {'yes' if within else 'NO':>6} {seconds:>6.0f}  {status}"
     )
@@ -146,10 +146,13 @@ def main() -> int:
         f"{args.budget_mb:g} MiB, resident limit (budget + margin) {limit:g} MiB"
     )
     print(
-        "accounted: training peak (peak_mem_mb), MiB; train/eval/infer/deploy: resident peak "
-        "above the idle baseline, MiB (batch); within: every phase <= the limit; s: wall time"
+        "accounted: training peak (peak_mem_mb), MiB; predicted: evaluation peak the batch was "
+        "fitted by (eval_peak_mem_mb), MiB; train/eval/infer/deploy: resident peak above the "
+        "idle baseline, MiB (batch); within: every phase <= the limit; s: wall time"
     )
-    header = f"{'backbone':<22} {'run':<6} {'accounted':>9} " + " ".join(f"{p:>15}" for p in PHASES)
+    header = f"{'backbone':<22} {'run':<6} {'accounted':>9} {'predicted':>9} " + " ".join(
+        f"{p:>15}" for p in PHASES
+    )
     print(header + f" {'within':>6} {'s':>6}  status")
     failed = False
     for name in names:

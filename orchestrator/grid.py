@@ -94,6 +94,7 @@ MAX_CPUS = 1024
 MAX_GPUS = 64
 MAX_CONCURRENT = 100_000
 MAX_RETRIES = 100
+MIN_STORE_MB, MAX_STORE_MB = 80, 1e7  # Ray refuses an object store under 75 MiB
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,18 @@ class Resources:
     # a trial whose worker process or node dies is run again (from scratch) this many
     # times; a trial that fails inside (an exception, an OOM) is a record, not retried
     max_retries: int = 2
+    # MiB of a local Ray's object store (what the sweep shares: its decoded datasets); the
+    # node's `memory` resource, which CPU trials reserve, is its available memory less
+    # this. 0: Ray's default, 30 % of the available memory. Not used when joining a cluster
+    object_store_mb: float = 0
 
     def __post_init__(self) -> None:
+        store = self.object_store_mb
+        if not is_number(store) or not (store == 0 or MIN_STORE_MB <= store <= MAX_STORE_MB):
+            raise ValueError(
+                f"object_store_mb must be 0 (Ray's default) or a number in [{MIN_STORE_MB}, "
+                f"{MAX_STORE_MB:g}], got {store!r}"
+            )
         for name, least, most in (
             ("cpus_per_trial", 1, MAX_CPUS),
             ("max_concurrent", 1, MAX_CONCURRENT),

@@ -442,13 +442,18 @@ class Connection:
 
 
 def connect(
-    address: str | None = None, dashboard: bool = False, py_modules: Sequence[str] = ()
+    address: str | None = None,
+    dashboard: bool = False,
+    py_modules: Sequence[str] = (),
+    object_store_mb: float = 0,
 ) -> Connection:
     """Start a local Ray (``address=None``) or join a cluster (``auto``, ``HOST:PORT``,
     ``ray://HOST:PORT``); a process already connected stays on its Ray. ``dashboard``
     starts the dashboard of a local Ray. ``py_modules``: local package folders and
     ``.py`` files that every worker of the job can import (the plug-ins that are not
     installed: ``workers.plugins.shipped_paths``), shipped by Ray's runtime environment.
+    ``object_store_mb`` sizes a local Ray's object store (0: Ray's default); its ``memory``
+    resource is the rest of the node's available memory.
 
     A local Ray listens on 127.0.0.1 only (``_loopback_node``); a cluster of one's own
     (``ray start --head``, joined with ``address``) listens where it was told to."""
@@ -461,11 +466,13 @@ def connect(
             ", ".join(py_modules),
         )
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    store_bytes = int(object_store_mb * MIB) if object_store_mb and not address else None
     with _loopback_node(not address and not ray.is_initialized()):
         context = ray.init(
             address=address,
             runtime_env={"py_modules": list(py_modules)} if py_modules else None,
             include_dashboard=dashboard if not address else None,
+            object_store_memory=store_bytes,
             log_to_driver=False,
             logging_level=logging.WARNING,
             configure_logging=False,
@@ -594,7 +601,7 @@ def run_sweep(
     from workers.plugins import shipped_paths
 
     start = time.perf_counter()
-    connection = connect(address, dashboard, shipped_paths(plugins))
+    connection = connect(address, dashboard, shipped_paths(plugins), resources.object_store_mb)
     check_resources(resources, connection.resources)
     announce_dashboard(connection)
     energy = dict(energy or {})
@@ -835,7 +842,7 @@ class SpecRunner:
     ) -> None:
         from workers.plugins import shipped_paths
 
-        connection = connect(address, dashboard, shipped_paths(plugins))
+        connection = connect(address, dashboard, shipped_paths(plugins), resources.object_store_mb)
         check_resources(resources, connection.resources)
         announce_dashboard(connection)
         self.capacity = capacity

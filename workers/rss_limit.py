@@ -7,15 +7,20 @@ while their limits together fit its memory. No torch here: the control plane rea
 
 Example:
     >>> rss_limit_mb(2048.0)
-    3584.0
+    3174.4
 """
 
 from __future__ import annotations
 
 # Slack of the limit over the budget: what the runtime holds besides the accounted
-# tensors (allocator caches, kernel workspaces, autograd's temporaries).
-RSS_MARGIN_MB = 512.0
-RSS_MARGIN_SHARE = 0.5  # and this share of the budget on top
+# tensors (allocator caches, oneDNN scratch, autograd's temporaries). Measured on CPU
+# (benchmarks/memory_phases.py, docs/measurements.md), it is about constant, not a share
+# of the budget: training 350-910 MiB above its accounted peak (MobileNetV2 and ViT-S at
+# 2.5 and 8 GiB: full, mobiletl, lbp_wht), a fitted evaluation up to 790 MiB above the
+# budget (MobileNetV2 at 2.5 GiB); at 8 GiB no phase passed 4.8 GiB. A forward-only phase
+# that passes the limit anyway is run again at half its batch (workers.batch_fit).
+RSS_MARGIN_MB = 1024.0
+RSS_MARGIN_SHARE = 0.05  # and this share of the budget, for what grows with the tensors
 
 
 def rss_limit_mb(budget_mb: float) -> float:

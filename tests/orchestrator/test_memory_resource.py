@@ -56,7 +56,7 @@ def test_trials_whose_budgets_do_not_both_fit_the_node_run_one_at_a_time(
 ) -> None:
     import ray
 
-    # each reserves 1024 + 512 + 512 = 2 GiB: one fits the 3 GiB node, two do not
+    # each reserves 1024 + 1024 + 51 = 2,099 MiB: one fits the 3 GiB node, two do not
     data = {"num_classes": 4, "images_per_class": 24, "image_size": 16}
     train = TrainConfig(epochs=1, batch_size=16, max_steps=3)
     specs = [
