@@ -1,99 +1,179 @@
-"""Orchestration overhead of a sweep: wall time against the trials' own time.
+"""Orchestration overhead of a sweep, against Ray Tune's own, in one process run.
 
-Runs a grid into a fresh temporary folder through the Ray Tune driver (a local Ray
-started for it) and prints
+For each size (default 16 and 256 tiny trials, 2 at a time) two arms run back to back,
+each with its own local Ray started from nothing and shut down after:
 
-    overhead ratio = sweep wall time / ideal,  ideal = sum of trial times / concurrency
+- vramsweep: the grid through the Ray Tune driver (``run_sweep``) into a fresh folder;
+- Tune: the peer's best set-up, a plain ``tune.Tuner`` (``reuse_actors=True``, the same
+  ``max_concurrent_trials`` and CPUs per trial) of function trainables that sleep exactly
+  the times the vramsweep trials took (a record's ``started_at`` to ``ended_at``).
 
-where a trial's time is its whole ``run_trial`` (record start to end stamps: data,
-model, method, training, evaluation, inference cost). What is left is the
-orchestrator's: Ray start, worker processes and their imports, scheduling, records.
-Also the time from a trial's start to its first training step (``first_step_s``) and
-its wait for data (``data_wait_s``), as medians over the trials.
+Both have the same ideal, the sum of the trial times / concurrency, and print
 
-Default: 16 short trials (vit_test on synthetic data, 16 seeds, 2 at a time).
+    wall / ideal      wall from before ``ray.init`` to the sweep's return
+    first trial       from before ``ray.init`` to the first trial's start (the record's
+                      ``started_at``; the sleeping trainable's first line)
 
-    .venv/bin/python benchmarks/overhead.py [GRID] [--steps 60]
+and the ratios vramsweep / Tune (targets: wall/ideal <= 1.05x, first trial <= 1.2x).
+The first trial's own time to its first training step and its wait for data are medians
+over the records.
+
+    .venv/bin/python benchmarks/overhead.py [--sizes 16 256] [--steps 4] [--repeats 1]
+    .venv/bin/python benchmarks/overhead.py --grid GRID      # a grid of one's own
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime as dt
+import statistics
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
+import ray
 import yaml
 
 from orchestrator.expansion import expand
 from orchestrator.grid import load_grid
 from orchestrator.records import RecordStore
-from orchestrator.tune_driver import connect, run_sweep
+from orchestrator.tune_driver import _tune_environment, connect, disconnect, run_sweep
 
-SIXTEEN: dict = {
-    "name": "overhead16",
+TINY: dict = {
+    "name": "overhead",
     "output": "unused",
-    "budget_mb": 2048,
-    "seeds": list(range(16)),
-    "datasets": {"synthetic": {"num_classes": 4, "images_per_class": 64, "image_size": 16}},
+    "budget_mb": 256,  # its RSS limit is reserved as Ray memory: two fit on a busy node
+    "seeds": [0],
+    "datasets": {"synthetic": {"num_classes": 4, "images_per_class": 16, "image_size": 16}},
     "backbones": {"vit_test": {"img_size": 16}},
     "methods": {"lora": {}},
     "checkpointing": ["none"],
-    "train": {"epochs": 100, "batch_size": 16, "max_steps": 60},
+    "train": {"epochs": 1, "batch_size": 16, "max_steps": 4},
     "resources": {"cpus_per_trial": 1, "max_concurrent": 2},
 }
 
 
-def measure(grid_path: str) -> None:
+@dataclass(frozen=True)
+class Arm:
+    """One arm's figures: wall time and time to the first trial (both from before
+    ``ray.init``), and each trial's own time, seconds."""
+
+    name: str
+    wall_s: float
+    first_trial_s: float
+    span_s: float  # first trial's start to last trial's end
+    trial_s: list[float]  # in the order they started
+
+
+def our_arm(grid_path: str) -> tuple[Arm, pd.DataFrame, int]:
+    """The grid through ``run_sweep``; the arm, the records and the concurrency."""
     grid = load_grid(grid_path)
     with tempfile.TemporaryDirectory() as out:
         grid = replace(grid, output=out)
         specs = expand(grid)
         store = RecordStore(out)
-        t0 = time.perf_counter()
+        start_epoch, t0 = time.time(), time.perf_counter()
         connect()  # Ray's own start is part of what a user waits for
-        t_ray = time.perf_counter() - t0
         run_sweep(
             specs, store, grid.resources, name=grid.name, energy=grid.energy, show_progress=False
         )
         wall = time.perf_counter() - t0
+        disconnect()
         df = store.collect()
+    df = df.sort_values("started_at", ignore_index=True)
+    started = pd.to_datetime(df["started_at"], utc=True)
+    ended = pd.to_datetime(df["ended_at"], utc=True)
+    trial_s = (ended - started).dt.total_seconds()
+    first = started.min().timestamp() - start_epoch
+    span = (ended.max() - started.min()).total_seconds()
     conc = min(grid.resources.max_concurrent, len(specs))
-    trial_s = (pd.to_datetime(df["ended_at"]) - pd.to_datetime(df["started_at"])).dt.total_seconds()
-    ideal = trial_s.sum() / conc
-    work = (df["train_time_s"].fillna(0) + df["eval_time_s"].fillna(0)).sum() / conc
-    print(
-        f"grid {grid_path}: {len(specs)} trials, concurrency {conc}, statuses "
-        f"{df['status'].value_counts().to_dict()}"
-    )
-    print(f"sweep wall time (Ray start included)     {wall:8.1f} s")
-    print(f"  of which ray.init                      {t_ray:8.1f} s")
-    print(f"ideal: sum of trial times / concurrency  {ideal:8.1f} s")
-    print(f"overhead ratio (wall / ideal)            {wall / ideal:8.2f}")
-    print(f"  without Ray's start                    {(wall - t_ray) / ideal:8.2f}")
-    print(f"train+eval only / concurrency            {work:8.1f} s")
-    print(f"median trial time                        {trial_s.median():8.2f} s")
-    print(f"median time to first training step       {df['first_step_s'].median():8.3f} s")
-    print(f"median wait for data                     {df['data_wait_s'].median():8.4f} s")
+    return Arm("vramsweep", wall, first, span, list(trial_s)), df, conc
+
+
+def _sleeper(config: dict) -> None:
+    """The peer's trial: its start time, then exactly the time one of ours took."""
+    from ray import tune
+
+    start = time.time()
+    time.sleep(config["sleep_s"])
+    tune.report({"start": start, "end": time.time()})
+
+
+def tune_arm(trial_s: list[float], concurrency: int, cpus: float) -> Arm:
+    """Plain Ray Tune, reusing actors, trials sleeping ``trial_s``."""
+    from ray import tune
+
+    with tempfile.TemporaryDirectory() as out, _tune_environment():
+        start_epoch, t0 = time.time(), time.perf_counter()
+        connect()
+        tuner = tune.Tuner(
+            tune.with_resources(_sleeper, {"cpu": cpus}),
+            param_space={"sleep_s": tune.grid_search(trial_s)},
+            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(storage_path=out, verbose=0),
+        )
+        results = tuner.fit()
+        wall = time.perf_counter() - t0
+        disconnect()
+    starts = [r.metrics["start"] for r in results]
+    span = max(r.metrics["end"] for r in results) - min(starts)
+    return Arm("Tune", wall, min(starts) - start_epoch, span, list(trial_s))
+
+
+def compare(grid_path: str) -> list[str]:
+    """Both arms on one grid; the printed lines."""
+    ours, df, conc = our_arm(grid_path)
+    assert not ray.is_initialized()
+    peer = tune_arm(ours.trial_s, conc, float(TINY["resources"]["cpus_per_trial"]))
+    ideal = sum(ours.trial_s) / conc
+    n = len(ours.trial_s)
+    lines = [
+        f"{n} trials, {conc} at a time, statuses {df['status'].value_counts().to_dict()}; "
+        f"median trial {statistics.median(ours.trial_s):.2f} s, ideal {ideal:.1f} s",
+        f"  {'arm':10s} {'wall s':>8s} {'wall/ideal':>10s} {'first trial s':>14s} "
+        f"{'trials span s':>14s}",
+    ]
+    for arm in (ours, peer):
+        lines.append(
+            f"  {arm.name:10s} {arm.wall_s:8.1f} {arm.wall_s / ideal:10.3f} "
+            f"{arm.first_trial_s:14.2f} {arm.span_s:14.2f}"
+        )
+    lines += [
+        f"  ratio vramsweep/Tune: wall/ideal {ours.wall_s / peer.wall_s:.3f}x (target <= 1.05), "
+        f"first trial {ours.first_trial_s / peer.first_trial_s:.2f}x (target <= 1.2)",
+        f"  median time to first training step {df['first_step_s'].median():.3f} s, "
+        f"wait for data {df['data_wait_s'].median():.4f} s",
+    ]
+    return lines
+
+
+def tiny_grid(trials: int, steps: int, folder: str) -> str:
+    """``TINY`` with ``trials`` seeds and ``steps`` steps, as a grid file in ``folder``."""
+    grid = copy.deepcopy(TINY)
+    grid["name"] = f"overhead{trials}"
+    grid["seeds"] = list(range(trials))
+    grid["train"]["max_steps"] = steps
+    path = Path(folder) / f"overhead{trials}.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return str(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("grid", nargs="?", help="grid YAML (default: 16 short trials)")
-    parser.add_argument("--steps", type=int, default=60, help="steps per trial (default grid)")
+    parser.add_argument("--grid", help="grid YAML of one's own (instead of --sizes)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 256], help="trials")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per trial")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every size")
     args = parser.parse_args()
-    if args.grid:
-        measure(args.grid)
-        return
-    grid = copy.deepcopy(SIXTEEN)
-    grid["train"]["max_steps"] = args.steps
+    print(f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "sixteen.yaml"
-        path.write_text(yaml.safe_dump(grid))
-        measure(str(path))
+        grids = [args.grid] if args.grid else [tiny_grid(n, args.steps, tmp) for n in args.sizes]
+        for _ in range(args.repeats):
+            for grid in grids:
+                print("\n".join(compare(grid)), flush=True)
 
 
 if __name__ == "__main__":

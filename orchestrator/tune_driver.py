@@ -28,6 +28,7 @@ import ray
 from ray import tune
 
 from orchestrator.grid import Resources
+from orchestrator.group_commit import GroupCommit
 from orchestrator.records import RecordStore, TrialRecord, WriteError
 from orchestrator.scheduler import SCHEDULERS, Scheduler
 from orchestrator.spec import TrialSpec
@@ -271,7 +272,8 @@ def _trial_label(trial: Any) -> str:
 
 
 class _Recorder(tune.Callback):
-    """Writes each reported record at once and keeps the progress bar current (with the
+    """Hands each reported record to a group commit (``GroupCommit``: written off Tune's
+    event loop, durable by ``close``) and keeps the progress bar current (with the
     running trials' latest epoch and ``metric``). A trial that the ``scheduler`` stopped
     gets a ``stopped`` record from its last epoch's result. A record that cannot be
     written (``write_error``) stops the sweep, as does ``should_stop``; once stopping, a
@@ -289,8 +291,8 @@ class _Recorder(tune.Callback):
         self.should_stop = should_stop
         self.scheduler = scheduler
         self.latest: dict[str, tuple[str, dict[str, Any]]] = {}  # Tune id -> label, result
-        self.write_error: WriteError | None = None
-        self.written: set[str] = set()
+        self.commit = GroupCommit(store)
+        self.written: set[str] = set()  # trial ids handed to the commit (durable by close)
         self.recovered: dict[str, int] = {}  # Tune trial id -> times it was run again
         self.running = 0
         self.done = 0
@@ -332,11 +334,15 @@ class _Recorder(tune.Callback):
             self.bad += 1
         log.info("%s %s: %s", record.trial_id, record.spec.label, record.status)
 
+    @property
+    def write_error(self) -> WriteError | None:
+        """The first record write that failed (nothing is written after it)."""
+        return self.commit.error
+
     def _write(self, record: TrialRecord) -> bool:
         try:
-            self.store.write(record)
-        except WriteError as exc:
-            self.write_error = self.write_error or exc
+            self.commit.put(record)
+        except WriteError:
             return False
         self.written.add(record.trial_id)
         return True
@@ -384,6 +390,8 @@ class _Recorder(tune.Callback):
         self._refresh()
 
     def close(self) -> None:
+        """Make every record handed over durable (a failure stays in ``write_error``)."""
+        self.commit.close()
         if self.bar is not None:
             self.bar.close()
 
@@ -612,11 +620,14 @@ def run_sweep(
     check_memory(requests, node_memory())
     shared = {} if should_stop() else share_datasets(specs)
     recorder = _Recorder(store, len(specs), show_progress, should_stop, scheduler)
-    trackers, tracker_env = tracker_callbacks(tracking or {}, store, name)
-    if not should_stop():
-        with _tune_environment(tracker_env):
-            extras = _TuneExtras(_tune_scheduler(scheduler, specs), trackers)
-            _fit(specs, store, resources, name, recorder, shared, energy, plugins, gpus, extras)
+    try:
+        trackers, tracker_env = tracker_callbacks(tracking or {}, store, name)
+        if not should_stop():
+            with _tune_environment(tracker_env):
+                extras = _TuneExtras(_tune_scheduler(scheduler, specs), trackers)
+                _fit(specs, store, resources, name, recorder, shared, energy, plugins, gpus, extras)
+    finally:
+        recorder.close()  # every record handed over is durable (or write_error says why not)
     if recorder.write_error is not None:
         raise recorder.write_error
     return SweepOutcome(

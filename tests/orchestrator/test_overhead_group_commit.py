@@ -1,0 +1,123 @@
+"""Group commit of records off the driver's event loop: grouping, errors, kills."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from orchestrator.group_commit import GroupCommit
+from orchestrator.records import RecordStore, TrialRecord, WriteError
+from orchestrator.spec import TrialSpec
+
+
+def _record(seed: int) -> TrialRecord:
+    spec = TrialSpec(backbone="vit_test", method="lora", dataset="digits", seed=seed)
+    return TrialRecord(spec=spec, status="ok", accuracy=seed / 100)
+
+
+class _GatedStore(RecordStore):
+    """A store whose first write waits until the test opens the gate."""
+
+    def __init__(self, output: Path) -> None:
+        super().__init__(output)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def write_many(self, records: Sequence[TrialRecord]) -> str | None:
+        self.entered.set()
+        assert self.gate.wait(30)
+        return super().write_many(records)
+
+
+def test_records_put_during_a_write_are_the_next_group(tmp_path: Path) -> None:
+    store = _GatedStore(tmp_path / "out")
+    with GroupCommit(store) as commit:
+        commit.put(_record(0))
+        assert store.entered.wait(30)  # the first group (one record) is being written
+        for seed in range(1, 6):
+            commit.put(_record(seed))  # returns at once: the writer is busy
+        assert RecordStore(tmp_path / "out").existing_ids() == set()
+        store.gate.set()
+        commit.flush()
+        assert commit.groups == [1, 5]
+    fresh = RecordStore(tmp_path / "out")
+    assert fresh.existing_ids() == {_record(s).trial_id for s in range(6)}
+    assert len(fresh.listing()) == 2  # one file per group
+    accuracy = fresh.collect().set_index("trial_id")["accuracy"]
+    assert accuracy[_record(3).trial_id] == pytest.approx(0.03)
+
+
+def test_a_write_error_stops_writing_and_is_raised(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path / "out")
+    commit = GroupCommit(store)
+    commit.put(_record(0))
+    commit.flush()
+    Path(store.records_dir).rename(tmp_path / "moved")
+    Path(store.records_dir).write_text("a file where the records folder was")
+    commit.put(_record(1))
+    with pytest.raises(WriteError, match="cannot write"):
+        commit.flush()
+    with pytest.raises(WriteError):
+        commit.put(_record(2))
+    commit.close()
+    assert isinstance(commit.error, WriteError)
+    assert {p.name for p in (tmp_path / "moved").iterdir()} == {f"{_record(0).trial_id}.parquet"}
+
+
+def test_a_failure_that_is_no_os_error_reaches_the_driver(tmp_path: Path) -> None:
+    class Broken(RecordStore):
+        def write_many(self, records: Sequence[TrialRecord]) -> str | None:
+            raise ValueError("unexpected")
+
+    commit = GroupCommit(Broken(tmp_path / "out"))
+    commit.put(_record(0))
+    with pytest.raises(WriteError, match="unexpected"):
+        commit.flush()  # and does not hang
+    commit.close()
+
+
+KILLED_DRIVER = """
+import os, signal
+from orchestrator.group_commit import GroupCommit
+from orchestrator.records import RecordStore, TrialRecord
+from orchestrator.spec import TrialSpec
+
+def _record(seed):
+    spec = TrialSpec(backbone="vit_test", method="lora", dataset="digits", seed=seed)
+    return TrialRecord(spec=spec, status="ok", accuracy=seed / 100)
+
+commit = GroupCommit(RecordStore({out!r}))
+for seed in range(40):
+    commit.put(_record(seed))
+    if seed % 10 == 9:
+        commit.flush()
+        print("durable", seed, flush=True)
+for seed in range(40, 80):
+    commit.put(_record(seed))
+os.kill(os.getpid(), signal.SIGKILL)  # a driver killed with records in flight
+"""
+
+
+def test_a_killed_driver_keeps_every_flushed_record_and_no_half_one(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = textwrap.dedent(KILLED_DRIVER).format(out=str(out))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    acknowledged = [int(line.split()[1]) for line in proc.stdout.splitlines()]
+    assert acknowledged == [9, 19, 29, 39]
+    store = RecordStore(out)
+    found = store.existing_ids()
+    assert {_record(s).trial_id for s in range(40)} <= found  # every flushed one
+    assert found <= {_record(s).trial_id for s in range(80)}
+    frame = store.collect()
+    assert store.quarantined == [] and frame["trial_id"].is_unique
+    assert len(frame) == len(found)
