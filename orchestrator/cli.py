@@ -350,6 +350,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     for flag, value in (("--trials", args.trials), ("--timeout", args.timeout)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag} must be > 0, got {value:g}")
+    _warn_unused_by_search(grid)
     import optuna
 
     optuna.logging.disable_default_handler()  # Optuna's lines go through our logging (-v)
@@ -357,6 +358,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     store = RecordStore(grid.output)
     with _owned(store):
         return _search(args, grid, store)
+
+
+def _warn_unused_by_search(grid: Grid) -> None:
+    """Name the grid's sweep-only sections, which a search runs without."""
+    unused = [name for name in ("scheduler", "tracking") if getattr(grid, name)]
+    if unused:
+        log.warning(
+            "%s: used by `orchestrate run` only; this search runs its trials without it "
+            "(its early stopping is search.pruner)",
+            ", ".join(unused),
+        )
 
 
 def _search(args: argparse.Namespace, grid: Grid, store: RecordStore) -> int:

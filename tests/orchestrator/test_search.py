@@ -574,3 +574,18 @@ def test_a_deployment_objective_needs_a_deploy_section(tmp_path: Path) -> None:
     raw = landscape_grid(tmp_path, objectives=["netscore_deploy_latency"])
     with pytest.raises(GridError, match="add a deploy: section"):
         parse_grid(raw)
+
+
+def test_search_names_the_sweep_only_sections_it_runs_without(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from orchestrator.cli import _warn_unused_by_search
+
+    raw = landscape_grid(tmp_path / "out")
+    _warn_unused_by_search(parse_grid(raw, "grid.yaml"))
+    assert not caplog.records  # a search grid without them: nothing said
+    raw["scheduler"] = {"name": "asha", "metric": "train_loss"}
+    _warn_unused_by_search(parse_grid(raw, "grid.yaml"))
+    assert len(caplog.records) == 1
+    assert caplog.records[0].levelname == "WARNING"
+    assert caplog.records[0].getMessage().startswith("scheduler: used by `orchestrate run` only")
