@@ -664,8 +664,13 @@ class _Loop:
         # after its last epoch a trial is as good as done: its record is worth more
         return epoch >= run.spec.train.epochs or not trial.should_prune()
 
+    def record(self, records: list[TrialRecord]) -> None:
+        """Write the records of runs that ended together: one group commit, one fsync."""
+        self.store.write_many(records)
+
     def finish(self, key: int, record: TrialRecord | None) -> None:
-        """A run ended: write its record and tell every trial that waited for it."""
+        """A run ended, its record written (``record``): tell every trial that waited
+        for it."""
         run = self.runs.pop(key)
         del self.by_id[run.spec.trial_id]
         if record is None:
@@ -673,7 +678,6 @@ class _Loop:
                 trial.set_user_attr("outcome", "pruned")
                 self.told(self.study.tell(trial, state=TrialState.PRUNED), run.spec.label)
             return
-        self.store.write(record)
         self.recorded.add(record.trial_id)
         self.ran_now += 1
         for i, trial in enumerate(run.trials):
@@ -801,7 +805,9 @@ def run_search(
                 break
             if not loop.runs:  # only other drivers' trials run: wait for them (or their death)
                 time.sleep(POLL_S)
-            for key, record in runner.wait(POLL_S, loop.on_progress):
+            ended = runner.wait(POLL_S, loop.on_progress)
+            loop.record([r for _, r in ended if r is not None])  # durable before told
+            for key, record in ended:
                 loop.finish(key, record)
             loop.heartbeat()
             loop.refresh()

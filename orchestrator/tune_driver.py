@@ -334,6 +334,13 @@ class _Recorder(tune.Callback):
             self.bad += 1
         log.info("%s %s: %s", record.trial_id, record.spec.label, record.status)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What Tune pickles of this callback with its experiment state, again and again
+        while it runs (for a ``Tuner.restore`` that the command never does): the counts,
+        not the store (its cached tables, changed by the commit's thread meanwhile), the
+        commit or the bar."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("store", "commit", "bar")}
+
     @property
     def write_error(self) -> WriteError | None:
         """The first record write that failed (nothing is written after it)."""
@@ -606,10 +613,8 @@ def run_sweep(
     ``orchestrator.tracking``)."""
     if not specs:
         return SweepOutcome(0, 0, 0, 0.0)
-    from workers.plugins import shipped_paths
-
     start = time.perf_counter()
-    connection = connect(address, dashboard, shipped_paths(plugins), resources.object_store_mb)
+    connection = connect(address, dashboard, _shipped(plugins), resources.object_store_mb)
     check_resources(resources, connection.resources)
     announce_dashboard(connection)
     energy = dict(energy or {})
@@ -637,6 +642,14 @@ def run_sweep(
         wall_time_s=time.perf_counter() - start,
         interrupted=should_stop(),
     )
+
+
+def _shipped(plugins: Sequence[str]) -> list[str]:
+    """``workers.plugins.shipped_paths`` of the grid's plug-ins; none to look for without
+    plug-ins (it scans every installed distribution: a third of a second before Ray starts)."""
+    from workers.plugins import shipped_paths
+
+    return shipped_paths(plugins) if plugins else []
 
 
 def _memory(spec: TrialSpec, gpus: dict[str, float]) -> int:
@@ -851,9 +864,7 @@ class SpecRunner:
         forward_progress: bool = False,
         artifacts: str | None = None,
     ) -> None:
-        from workers.plugins import shipped_paths
-
-        connection = connect(address, dashboard, shipped_paths(plugins), resources.object_store_mb)
+        connection = connect(address, dashboard, _shipped(plugins), resources.object_store_mb)
         check_resources(resources, connection.resources)
         announce_dashboard(connection)
         self.capacity = capacity
