@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
 
@@ -373,24 +373,37 @@ def aggregate_seeds(
     out = out.join(std.add_suffix("_std"))
     out["seeds"] = groups["seed"].nunique() if "seed" in ok else groups.size()
     out["trials"] = df.groupby(keys, dropna=False).size().reindex(out.index).astype(int)
+    codes = groups.ngroup().to_numpy()  # group numbers follow out's sorted index
     if "energy_source" in ok:
-        out["energy_source"] = groups["energy_source"].agg(
-            lambda s: ",".join(sorted({str(v) for v in s.dropna() if v}))
-        )
+        out["energy_source"] = _joined(ok["energy_source"], codes, len(out))
     if "energy_exclusive" in ok:
-        out["energy_exclusive"] = groups["energy_exclusive"].agg(lambda s: _known(s, all))
+        out["energy_exclusive"] = _known(ok["energy_exclusive"], codes, len(out), all_=True)
     if "energy_estimated" in ok:
-        out["energy_estimated"] = groups["energy_estimated"].agg(lambda s: _known(s, any))
+        out["energy_estimated"] = _known(ok["energy_estimated"], codes, len(out), all_=False)
     out = out.reset_index()
     labels = [config_label(r, variants) for r in out[keys].to_dict("records")]
     out.insert(len(keys), "config", labels)
     return out
 
 
-def _known(flags: pd.Series, combine: Callable[[Iterable[bool]], bool]) -> bool | None:
-    """``combine`` (all / any) of the known flags; None when none is known."""
-    known = flags.dropna()
-    return None if known.empty else combine(bool(v) for v in known)
+def _joined(values: pd.Series, codes: np.ndarray, count: int) -> list[str]:
+    """Per group number: its distinct non-empty values, sorted, joined by commas (one
+    pass over the rows, not a Python function per group: 10^4 configurations)."""
+    seen: list[set[str]] = [set() for _ in range(count)]
+    for code, value in zip(codes, values.to_numpy(), strict=True):
+        if isinstance(value, str) and value:
+            seen[code].add(value)
+    return [",".join(sorted(s)) for s in seen]
+
+
+def _known(flags: pd.Series, codes: np.ndarray, count: int, all_: bool) -> list[bool | None]:
+    """Per group number: all (``all_``) or any of its known flags; None when none is known."""
+    known = flags.notna().to_numpy()
+    true = np.zeros(count, int)
+    np.add.at(true, codes[known], flags[known].astype(bool).to_numpy())
+    seen = np.bincount(codes[known], minlength=count)
+    hit = true == seen if all_ else true > 0
+    return [None if n == 0 else bool(h) for n, h in zip(seen, hit, strict=True)]
 
 
 @dataclass(frozen=True)

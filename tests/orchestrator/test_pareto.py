@@ -223,6 +223,24 @@ def test_aggregate_seeds_mean_std_and_energy_labels() -> None:
     assert configs.loc["x", "config"] == "vit / x / none @ 2048 MiB"
 
 
+def test_aggregate_seeds_known_flags_per_configuration() -> None:
+    """all (exclusive) / any (estimated) over the seeds whose flag is known; None if none."""
+    rows = _configs_table()
+    ok = rows["status"] == "ok"
+    flags = {"w": [None, None], "x": [False, None], "y": [True, False], "z": [None, True]}
+    rows["energy_estimated"] = None
+    rows["energy_exclusive"] = None
+    for method, (first, second) in flags.items():
+        mine = rows.index[ok & (rows["method"] == method)]
+        rows.loc[mine, "energy_estimated"] = [first, second]
+        rows.loc[mine, "energy_exclusive"] = [first, second]
+    configs = aggregate_seeds(rows).set_index("method")
+    estimated = configs["energy_estimated"].to_dict()
+    exclusive = configs["energy_exclusive"].to_dict()
+    assert estimated == {"w": None, "x": False, "y": True, "z": True}
+    assert exclusive == {"w": None, "x": False, "y": False, "z": True}
+
+
 def test_fronts_are_per_dataset_and_over_seed_means() -> None:
     records = _configs_table()
     # over single trials, x's lucky seed (0.95) is on the front of dataset a
