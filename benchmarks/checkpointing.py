@@ -25,8 +25,14 @@ outputs saved, the rest recomputed) and ``compiled`` (``torch.compile`` with
 ``activation_memory_budget`` 0.5): CPU time per step (process time, so that other
 processes on a loaded machine do not count; rounds interleave the strategies and the
 ratio to ``none`` is taken within each round), the bytes saved for backward, the
-measured peak (resident memory above the step's start, large allocations returned to
-the system at once) and the compile time.
+measured peak (resident memory above the step's start) and the compile time.
+
+Times are taken with the C allocator as a trial runs it (glibc's default: freed memory
+is reused). The measured peaks come from a process of their own in which allocations
+of 64 KiB and more are returned to the system at once, so that the resident set
+follows the live tensors; that setting makes every large allocation fault its pages
+in anew, which costs most where a strategy allocates most (recomputation):
+``--allocator release`` times under it too.
 
     .venv/bin/python benchmarks/checkpointing.py [--steps 10] [--only strategies]
 """
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -212,20 +219,20 @@ def _startup_row(  # noqa: PLR0913
     return f"{first * 1e3:.0f} | {steady * 1e3:.0f} | {peak / MIB:.2f} | {source}"
 
 
-def side_by_side(label: str, backbone: str, args: dict, batch: int, rounds: int) -> None:
-    """Every strategy at half the activation memory: CPU step time, saved bytes, peak."""
+def _setup(backbone: str, args: dict, batch: int):  # noqa: ANN202
+    """The model (seed 0), a batch and an optimizer: the same in every process."""
     torch.manual_seed(0)
     model = create_backbone(backbone, num_classes=10, **args).train()
     size = model.pretrained_cfg["input_size"][-1]
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    profile = profile_blocks(model, lambda: F.cross_entropy(model(x), y))
-    adaptive = Checkpointer("adaptive", {}, model)
-    adaptive.use(profile, int(0.5 * profile.unconstrained_bytes) - profile.prefix_bytes)
-    plan = block_modes(model)
+    return model, x, y, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def _arms(model, plan: dict[str, str]) -> dict[str, dict[str, str]]:  # noqa: ANN001
+    """Block modes per strategy (the model's blocks compiled for ``compiled``)."""
     compile_blocks(model, BlockCompiler(0.5))
     blocks = find_blocks(model)
-    arms = {
+    return {
         "none": {n: "save" for n, _ in blocks},
         "static": {n: "recompute" for n, _ in blocks},
         "adaptive": plan,
@@ -234,20 +241,47 @@ def side_by_side(label: str, backbone: str, args: dict, batch: int, rounds: int)
         "compiled": {n: "compiled" for n, _ in blocks},
     }
 
-    def use(arm: str) -> None:
-        for name, block in blocks:
-            set_mode(block, arms[arm][name])
-        model.set_grad_checkpointing(arm == "torch.utils.checkpoint")
 
+def _use(model, arms: dict[str, dict[str, str]], arm: str) -> None:  # noqa: ANN001
+    for name, block in find_blocks(model):
+        set_mode(block, arms[arm][name])
+    model.set_grad_checkpointing(arm == "torch.utils.checkpoint")
+
+
+def _figures(backbone: str, args: dict, batch: int, plan: dict[str, str]) -> dict:
+    """Saved bytes and measured peak per strategy, in a process of its own whose large
+    allocations are returned to the system at once (the resident set follows the live
+    tensors)."""
+    torch.set_num_threads(1)
+    _return_large_allocations_at_once()
+    model, x, y, optimizer = _setup(backbone, args, batch)
+    arms = _arms(model, plan)
     figures = {}
-    for arm in arms:  # first steps: compilation, the optimizer's state, the figures
-        use(arm)
+    for arm in arms:  # a first step: the optimizer's state and the gradients exist
+        _use(model, arms, arm)
         _cpu_step_time(model, x, y, optimizer, 1)
         figures[arm] = _memory(model, x, y)
+    return figures
+
+
+def side_by_side(label: str, backbone: str, args: dict, batch: int, rounds: int) -> None:
+    """Every strategy at half the activation memory: CPU step time, saved bytes, peak."""
+    model, x, y, optimizer = _setup(backbone, args, batch)
+    profile = profile_blocks(model, lambda: F.cross_entropy(model(x), y))
+    adaptive = Checkpointer("adaptive", {}, model)
+    adaptive.use(profile, int(0.5 * profile.unconstrained_bytes) - profile.prefix_bytes)
+    plan = block_modes(model)
+    arms = _arms(model, plan)
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(1) as pool:  # the peaks, apart from the timed process
+        figures = pool.apply(_figures, (backbone, args, batch, plan))
+    for arm in arms:  # first steps: compilation, the optimizer's state
+        _use(model, arms, arm)
+        _cpu_step_time(model, x, y, optimizer, 1)
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     for _ in range(rounds):
         for arm in arms:
-            use(arm)
+            _use(model, arms, arm)
             times[arm].append(_cpu_step_time(model, x, y, optimizer, 3))
     ratios = {arm: [t / n for t, n in zip(times[arm], times["none"], strict=True)] for arm in arms}
     print(
@@ -319,10 +353,21 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=("budgets", "startup", "strategies"), help="run one section"
     )
+    parser.add_argument(
+        "--allocator",
+        choices=("default", "release"),
+        default="default",
+        help="time with glibc's default allocator (as trials run) or with allocations of "
+        "64 KiB and more returned to the system at once (as the peaks are measured)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    _return_large_allocations_at_once()
-    print("1 thread; step = forward + backward + AdamW step; ratios measured in this run")
+    if args.allocator == "release":
+        _return_large_allocations_at_once()
+    print(
+        f"1 thread; step = forward + backward + AdamW step; ratios measured in this run; "
+        f"allocator: {args.allocator}"
+    )
     models = MODELS[:1] if args.tiny_only else MODELS
     for label, backbone, bargs, batch in models if args.only in (None, "budgets") else ():
         bench(label, backbone, bargs, batch, args.steps)
