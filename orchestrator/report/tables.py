@@ -29,6 +29,7 @@ STEADY_STATE_LABELS = (
     ("step_time_s", "mean time per step (s)"),
     ("step_energy_j", "mean energy per step (J)"),
 )
+INT_CELLS = ("configurations", "on accuracy/memory front")  # comparison counts
 TABLE_ROWS = 500  # configurations in a per-configuration table (the best first)
 PROBLEMS_LISTED = 200  # failed trials listed one by one; past it they are counted by error
 PROBLEM_COLUMNS = (
@@ -169,40 +170,79 @@ def uses_energy(name: str) -> bool:
 
 
 def comparison(analysis: Analysis, factor: str) -> pd.DataFrame:
-    """Per dataset and value of ``factor``: trials by status, accuracy, costs, front members."""
+    """Per dataset and value of ``factor``: trials by status, accuracy, costs, front members.
+
+    Grouped once per table (not a data frame per row: 400 backbones x 3 datasets)."""
     records, configs = analysis.records, analysis.configs
     on_front = pd.Series(False, index=configs.index)
     for front in analysis.fronts.get("accuracy_memory", {}).values():
         on_front[front.front.index] = True
+    statuses: dict[tuple, dict[str, int]] = {}
+    for (dataset, value, status), n in (
+        records.groupby(["dataset", factor, "status"], dropna=False).size().items()
+    ):
+        statuses.setdefault((dataset, None if pd.isna(value) else value), {})[status] = int(n)
+    stats = _config_stats(configs.assign(on_front=on_front), factor, analysis.variants[:1])
     rows = []
-    for (dataset, value), trials in records.groupby(["dataset", factor], dropna=False):
-        counts = trials["status"].value_counts()
-        cfg = configs[(configs["dataset"] == dataset) & (configs[factor] == value)]
+    for (dataset, value), counts in statuses.items():
         row = {
             "dataset": dataset,
             factor: value or "(none)",
-            "trials": len(trials),
-            "ok": int(counts.get("ok", 0)),
-            "not ok": ", ".join(f"{k} {v}" for k, v in counts.items() if k != "ok"),
-            "configurations": len(cfg),
-            "on accuracy/memory front": int(on_front[cfg.index].sum()),
+            "trials": sum(counts.values()),
+            "ok": counts.get("ok", 0),
+            "not ok": ", ".join(
+                f"{k} {v}"
+                for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+                if k != "ok"
+            ),
+            "configurations": 0,
+            "on accuracy/memory front": 0,
         }
-        if len(cfg):
-            row["best accuracy"] = num(cfg["accuracy"].max())
-            row["mean accuracy"] = num(cfg["accuracy"].mean())
-            row["median peak memory (MiB)"] = num(cfg["peak_mem_mb"].median())
-            if "energy_j" in cfg and cfg["energy_j"].notna().any():
-                notes = sorted({n for note in cfg["energy_note"] for n in note.split(", ") if n})
-                label = f" (includes {' and '.join(notes)})" if notes else ""
-                row["mean energy (J)"] = num(cfg["energy_j"].mean()) + label
-            row["mean train time (s)"] = num(cfg["train_time_s"].mean())
-            for column, label in STEADY_STATE_LABELS:  # set-up left out (analysis.steady_state)
-                if column in cfg and cfg[column].notna().any():
-                    row[label] = num(cfg[column].mean())
-            if analysis.variants:
-                row[f"best {analysis.variants[0]}"] = num(cfg[analysis.variants[0]].max())
+        row.update(stats.get((dataset, value), {}))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _config_stats(
+    configs: pd.DataFrame, factor: str, variants: list[str]
+) -> dict[tuple, dict[str, Any]]:
+    """``comparison``'s configuration cells per (dataset, value of ``factor``)."""
+    groups = configs.groupby(["dataset", factor], dropna=True)
+    cells: dict[str, pd.Series] = {
+        "configurations": groups.size(),
+        "on accuracy/memory front": groups["on_front"].sum(),
+        "best accuracy": groups["accuracy"].max().map(num),
+        "mean accuracy": groups["accuracy"].mean().map(num),
+        "median peak memory (MiB)": groups["peak_mem_mb"].median().map(num),
+    }
+    if "energy_j" in configs and "energy_note" in configs:
+        notes: dict[tuple, set[str]] = {}
+        for key, note in zip(
+            zip(configs["dataset"], configs[factor], strict=True),
+            configs["energy_note"],
+            strict=True,
+        ):
+            notes.setdefault(key, set()).update(n for n in note.split(", ") if n)
+        energy = groups["energy_j"].mean()[groups["energy_j"].count() > 0]
+        cells["mean energy (J)"] = pd.Series(
+            {k: num(v) + _includes(notes.get(k, set())) for k, v in energy.items()}, dtype=object
+        )
+    cells["mean train time (s)"] = groups["train_time_s"].mean().map(num)
+    for column, label in STEADY_STATE_LABELS:  # set-up left out (analysis.steady_state)
+        if column in configs:
+            cells[label] = groups[column].mean()[groups[column].count() > 0].map(num)
+    for name in variants:
+        cells[f"best {name}"] = groups[name].max().map(num)
+    out: dict[tuple, dict[str, Any]] = {}
+    for label, series in cells.items():
+        for key, cell in series.items():
+            out.setdefault(key, {})[label] = int(cell) if label in INT_CELLS else cell
+    return out
+
+
+def _includes(notes: set[str]) -> str:
+    """The energy cell's note: `` (includes estimated and shared)``; '' without notes."""
+    return f" (includes {' and '.join(sorted(notes))})" if notes else ""
 
 
 def problems_display(records: pd.DataFrame, limit: int = PROBLEMS_LISTED) -> pd.DataFrame:

@@ -113,3 +113,19 @@ def test_comparison_table_by_checkpointing_has_the_steady_state() -> None:
     configs = analyse(_records()).configs.set_index("checkpointing")
     assert configs.loc["adaptive", "step_time_s"] == pytest.approx(0.1)
     assert configs.loc["adaptive", "step_time_s_std"] == pytest.approx(0.0)  # seeds alike
+
+
+def test_comparison_counts_trials_statuses_and_configurations() -> None:
+    records = _records()
+    failing = records["checkpointing"] == "static"
+    records.loc[failing, "status"] = ["oom", "failed"]  # no ok static trial: no configuration
+    records.loc[failing, "accuracy"] = None
+    extra = records.iloc[[0]].assign(trial_id="none-2", seed=2, status="over_budget")
+    table = comparison(analyse(pd.concat([records, extra])), "checkpointing")
+    table = table.set_index("checkpointing")
+    assert table.loc["none", ["trials", "ok", "not ok"]].tolist() == [3, 2, "over_budget 1"]
+    assert table.loc["static", ["trials", "ok", "not ok"]].tolist() == [2, 0, "failed 1, oom 1"]
+    assert table.loc["static", "configurations"] == 0
+    assert table["configurations"].to_dict() == {"none": 1, "static": 0, "adaptive": 1}
+    assert table.loc["adaptive", "best accuracy"] == "0.9"
+    assert pd.isna(table.loc["static", "best accuracy"])  # nothing measured: an empty cell
