@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # Front points labelled per panel at most (evenly spaced along the front, knee included).
 LABELS_PER_PANEL = 6
 MARKER_PT = 6.5  # marker size, points
+LEGEND_BACKBONES = 8  # backbones named in the legend at most (their fills repeat every 4)
 # Configurations a view draws at most (PNG panel or page plot): every front point, then an
 # even sample of the others (10^4 points with hover texts would make the page tens of MB).
 MAX_POINTS = 1500
@@ -202,7 +203,10 @@ def _legend(style: enc.Encoding) -> list:
         if "open" in style.fill(b)
         else item(f"{b} ({style.fill(b)})", color="grey", marker="o")
         for b in style.fills
-    ]
+    ][:LEGEND_BACKBONES]
+    if len(style.fills) > LEGEND_BACKBONES:  # fills repeat anyway: the page's hover names them
+        more = len(style.fills) - LEGEND_BACKBONES
+        handles.append(item(f"+{more} backbones (fills repeat)", color="grey", marker=""))
     handles += [
         Line2D([], [], color="black", drawstyle="steps-post", label="Pareto front"),
         item("knee", color="red", marker="o", mfc="none", ms=12),

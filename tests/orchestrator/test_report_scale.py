@@ -140,3 +140,18 @@ def test_per_configuration_tables_and_comparisons_are_bounded(
         "… and 4 more comparisons",
     ]
     assert finding.shown_details(limit=7) == [f"pair {i}" for i in range(7)]
+
+
+def test_png_legend_names_a_bounded_number_of_backbones() -> None:
+    from orchestrator.report import encoding
+    from orchestrator.report.figures import LEGEND_BACKBONES, _legend
+
+    names = [f"bb{i:02d}" for i in range(LEGEND_BACKBONES + 5)]
+    style = encoding.encoding(["lora"] * len(names), ["none"] * len(names), names)
+    labels = [h.get_label() for h in _legend(style)]
+    assert [x for x in labels if x.startswith("bb")] == [
+        f"{b} ({style.fill(b)})" for b in names[:LEGEND_BACKBONES]
+    ]
+    assert "+5 backbones (fills repeat)" in labels
+    few = encoding.encoding(["lora", "lora"], ["none", "none"], ["a", "b"])
+    assert not any("backbones" in x for x in (h.get_label() for h in _legend(few)))
