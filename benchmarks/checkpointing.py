@@ -46,6 +46,7 @@ import multiprocessing
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -273,8 +274,8 @@ def side_by_side(label: str, backbone: str, args: dict, batch: int, rounds: int)
     plan = block_modes(model)
     arms = _arms(model, plan)
     spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(1) as pool:  # the peaks, apart from the timed process
-        figures = pool.apply(_figures, (backbone, args, batch, plan))
+    with ProcessPoolExecutor(1, mp_context=spawn) as apart:  # the peaks, in a process apart
+        figures = apart.submit(_figures, backbone, args, batch, plan).result()
     for arm in arms:  # first steps: compilation, the optimizer's state
         _use(model, arms, arm)
         _cpu_step_time(model, x, y, optimizer, 1)

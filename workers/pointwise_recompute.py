@@ -29,7 +29,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -40,11 +39,12 @@ log = logging.getLogger(__name__)
 
 
 def _layer_norm(node: Any) -> torch.Tensor:
-    y = (node._saved_input - node._saved_result1) * node._saved_result2  # (x - mean) * rstd
+    y = node._saved_input - node._saved_result1  # (x - mean) * rstd * weight + bias,
+    y.mul_(node._saved_result2)  # in place: one new tensor, the same roundings
     if node._saved_weight is not None:
-        y = y * node._saved_weight
+        y.mul_(node._saved_weight)
     if node._saved_bias is not None:
-        y = y + node._saved_bias
+        y.add_(node._saved_bias)
     return y
 
 
@@ -86,20 +86,13 @@ class _Output:
     views of it (attention's output and the projection's input): rebuilt once, held until
     the last of them is unpacked."""
 
-    __slots__ = ("node", "rebuild", "dtype", "size", "stride", "pending", "rebuilt", "seen")
+    __slots__ = ("node", "rebuild", "dtype", "size", "stride", "pending", "rebuilt")
 
-    def __init__(
-        self,
-        node: Any,
-        rebuild: Callable,
-        base: torch.Tensor,
-        seen: Callable[[torch.Tensor], None] | None,
-    ) -> None:
+    def __init__(self, node: Any, rebuild: Callable, base: torch.Tensor) -> None:
         self.node, self.rebuild, self.dtype = node, rebuild, base.dtype
         self.size, self.stride = tuple(base.shape), tuple(base.stride())
         self.pending = 0  # saved tensors not unpacked yet
         self.rebuilt: torch.Tensor | None = None
-        self.seen = seen
 
     def get(self) -> torch.Tensor:
         y = self.rebuilt
@@ -110,8 +103,6 @@ class _Output:
                     self.size, self.stride, dtype=self.dtype, device=y.device
                 )
                 y = layout.copy_(y)
-            if self.seen is not None:
-                self.seen(y)
         self.pending -= 1
         self.rebuilt = y if self.pending > 0 else None
         return y
@@ -135,19 +126,12 @@ class _Recipe:
 
 class RecomputePointwise(torch.autograd.graph.saved_tensors_hooks):
     """Saved-tensor hooks for one region run on ``x``: norm and activation outputs made
-    in the region are recomputed in backward instead of kept.
+    in the region are recomputed in backward instead of kept."""
 
-    ``measure=True`` (profiling) counts the bytes of rebuilt tensors alive at once in
-    backward: ``rebuilt_peak_bytes``, what the region needs beside what it keeps.
-    """
-
-    def __init__(self, x: Any, measure: bool = False) -> None:
+    def __init__(self, x: Any) -> None:
         node = getattr(x, "grad_fn", None)
         self._after = node._sequence_nr() if node is not None else -1
         self._outputs: dict[int, _Output] = {}  # by the producing node's sequence number
-        self._seen = self._count_rebuilt if measure else None
-        self._rebuilt_bytes = 0
-        self.rebuilt_peak_bytes = 0
         # The hooks a tensor saved here would use without this region (a memory meter's):
         # kept tensors go through them. torch.utils.checkpoint reads them the same way;
         # tests/workers/test_checkpoint_pointwise.py fails if this private call moves.
@@ -170,7 +154,7 @@ class RecomputePointwise(torch.autograd.graph.saved_tensors_hooks):
                 key = node._sequence_nr()
                 output = self._outputs.get(key)
                 if output is None:
-                    output = self._outputs[key] = _Output(node, rebuild, base, self._seen)
+                    output = self._outputs[key] = _Output(node, rebuild, base)
                 return _Recipe(output, base, t)
         # without an outer hook a kept tensor is itself (no wrapper per saved tensor)
         return _Kept(self._outer_pack(t)) if self._outer_pack else t
@@ -179,15 +163,6 @@ class RecomputePointwise(torch.autograd.graph.saved_tensors_hooks):
         if type(packed) is _Recipe:
             return packed.run()
         return self._outer_unpack(packed.packed) if self._outer_unpack else packed
-
-    def _count_rebuilt(self, y: torch.Tensor) -> None:
-        nbytes = y.untyped_storage().nbytes()
-        self._rebuilt_bytes += nbytes
-        self.rebuilt_peak_bytes = max(self.rebuilt_peak_bytes, self._rebuilt_bytes)
-        weakref.finalize(y, self._freed, nbytes)  # when the last view of it is dropped
-
-    def _freed(self, nbytes: int) -> None:
-        self._rebuilt_bytes -= nbytes
 
 
 def _always(node: Any) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import pytest
 import torch
@@ -108,10 +107,9 @@ def test_pointwise_blocks_give_plain_gradients_with_fewer_bytes(backbone: str) -
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4)
 
 
-def test_attention_output_is_rebuilt_once_and_the_rebuilt_peak_measured(monkeypatch) -> None:  # noqa: ANN001
+def test_attention_output_is_rebuilt_once_per_block(monkeypatch) -> None:  # noqa: ANN001
     """Fused attention's output, saved by its own node and (as a view) by the projection,
-    is rebuilt once per block; the profile measures what is rebuilt at once (GELU's 4C
-    output) and the planner's pointwise peak is what is kept plus that."""
+    is rebuilt once per block."""
     calls = []
     attention = "ScaledDotProductFlashAttentionForCpuBackward0"
     rebuild = pointwise_recompute.RECOMPUTE[attention]
@@ -124,16 +122,6 @@ def test_attention_output_is_rebuilt_once_and_the_rebuilt_peak_measured(monkeypa
         set_mode(block, "pointwise")
     _grads(model, x, y)
     assert len(calls) == 4  # one per block
-    width = 8 * 17 * 64 * 4  # batch 8, 17 tokens, dim 64, fp32
-    profile = profile_blocks(model, lambda: F.cross_entropy(model(x), y), timed=False)
-    for costs in profile.blocks:
-        assert costs.pointwise_rebuilt == 4 * width
-        (option,) = [o for o in costs.options() if o.kind == "pointwise"]
-        assert option.peak_bytes == costs.pointwise_bytes + 4 * width < costs.saved_bytes
-        assert costs.peak_in("pointwise") == option.peak_bytes
-        # a profile from before the rebuilt bytes were measured: the plain peak bounds it
-        older = dataclasses.replace(costs, pointwise_rebuilt=None)
-        assert older.peak_in("pointwise") == costs.saved_bytes
 
 
 def test_attention_with_dropout_keeps_its_output() -> None:
