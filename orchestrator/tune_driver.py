@@ -16,6 +16,7 @@ scheduler stops, a ``stopped`` record with the figures of its last epoch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -673,7 +674,10 @@ def _fit(
     """One Tune run of ``specs``: a trial per spec, ``recorder`` writing the records."""
     extras = extras or _TuneExtras()
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, shared=shared),
+        # The datasets' refs travel with the function, unpickled once per worker process;
+        # tune.with_parameters would fetch them from this driver again for every trial
+        # (20-30 ms between two trials; benchmarks/overhead.py).
+        functools.partial(_trainable, shared=shared),
         lambda config: {
             "cpu": resources.cpus_per_trial,
             "gpu": config["gpus"][str(TrialSpec.from_json(config["spec"]).budget_mb)],
