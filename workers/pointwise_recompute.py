@@ -9,11 +9,7 @@ tensor that a norm or an activation produced is not kept but replaced by a recip
 holding that op's autograd node, and is recomputed, in backward, from what the node
 itself keeps. Nothing the node keeps is held twice; the recompute is one pointwise
 op (on ViT-S at 96 px: 38 % fewer saved bytes per block for 1 % more time, where
-PyTorch's selective checkpointing costs 15 % in its per-op Python dispatch). The
-output of fused attention on the CPU (kept by its own backward and by the projection
-after it) is rebuilt the same way from the query, key and value its node keeps: a
-short sequence's attention is a small share of a block's time (ViT-S at 96 px: one
-more block-width tensor dropped, 44 % fewer saved bytes in all).
+PyTorch's selective checkpointing costs 15 % in its per-op Python dispatch).
 
 Only nodes made inside the hooked region are rebuilt (their creation order is later
 than the region input's node), so a region never reaches into another block's graph.
@@ -48,29 +44,12 @@ def _layer_norm(node: Any) -> torch.Tensor:
     return y
 
 
-def _flash_attention_cpu(node: Any) -> torch.Tensor:
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        node._saved_query,
-        node._saved_key,
-        node._saved_value,
-        0.0,  # only nodes without dropout are rebuilt (APPLIES)
-        node._saved_is_causal,
-        attn_mask=node._saved_attn_mask,
-        scale=node._saved_scale,
-    )[0]
-
-
-# autograd node (by class name) -> its first output, from what the node keeps for backward
+# autograd node (by class name) -> its output, from what the node keeps for backward
 RECOMPUTE: dict[str, Callable[[Any], torch.Tensor]] = {
     "NativeLayerNormBackward0": _layer_norm,
     "GeluBackward0": lambda node: F.gelu(node._saved_self, approximate=node._saved_approximate),
     "SiluBackward0": lambda node: F.silu(node._saved_self),
     "HardswishBackward0": lambda node: F.hardswish(node._saved_self),
-    "ScaledDotProductFlashAttentionForCpuBackward0": _flash_attention_cpu,
-}
-# nodes rebuilt only when their output is a function of what they keep (no random draws)
-APPLIES: dict[str, Callable[[Any], bool]] = {
-    "ScaledDotProductFlashAttentionForCpuBackward0": lambda node: node._saved_dropout_p == 0.0,
 }
 
 
@@ -81,46 +60,24 @@ class _Kept:
         self.packed = packed
 
 
-class _Output:
-    """A node's output to rebuild in backward, shared by the saved tensors that are it or
-    views of it (attention's output and the projection's input): rebuilt once, held until
-    the last of them is unpacked."""
-
-    __slots__ = ("node", "rebuild", "dtype", "size", "stride", "pending", "rebuilt")
-
-    def __init__(self, node: Any, rebuild: Callable, base: torch.Tensor) -> None:
-        self.node, self.rebuild, self.dtype = node, rebuild, base.dtype
-        self.size, self.stride = tuple(base.shape), tuple(base.stride())
-        self.pending = 0  # saved tensors not unpacked yet
-        self.rebuilt: torch.Tensor | None = None
-
-    def get(self) -> torch.Tensor:
-        y = self.rebuilt
-        if y is None:
-            y = self.rebuild(self.node).to(self.dtype)
-            if tuple(y.stride()) != self.stride:
-                layout = torch.empty_strided(
-                    self.size, self.stride, dtype=self.dtype, device=y.device
-                )
-                y = layout.copy_(y)
-        self.pending -= 1
-        self.rebuilt = y if self.pending > 0 else None
-        return y
-
-
 class _Recipe:
-    """A saved tensor to rebuild: the output it is (or is a view of) and its layout."""
+    """A saved tensor to rebuild: its producer's node, and its layout (a view's too)."""
 
-    __slots__ = ("output", "view")
+    __slots__ = ("node", "rebuild", "dtype", "base_size", "base_stride", "view")
 
-    def __init__(self, output: _Output, base: torch.Tensor, t: torch.Tensor) -> None:
-        output.pending += 1
-        self.output = output
+    def __init__(self, node: Any, rebuild: Callable, base: torch.Tensor, t: torch.Tensor) -> None:
+        self.node, self.rebuild, self.dtype = node, rebuild, base.dtype
+        self.base_size, self.base_stride = tuple(base.shape), tuple(base.stride())
         offset = t.storage_offset() - base.storage_offset()
         self.view = None if t is base else (tuple(t.shape), tuple(t.stride()), offset)
 
     def run(self) -> torch.Tensor:
-        y = self.output.get()
+        y = self.rebuild(self.node).to(self.dtype)
+        if tuple(y.stride()) != self.base_stride:
+            layout = torch.empty_strided(
+                self.base_size, self.base_stride, dtype=self.dtype, device=y.device
+            )
+            y = layout.copy_(y)
         return y if self.view is None else y.as_strided(*self.view)
 
 
@@ -131,7 +88,6 @@ class RecomputePointwise(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, x: Any) -> None:
         node = getattr(x, "grad_fn", None)
         self._after = node._sequence_nr() if node is not None else -1
-        self._outputs: dict[int, _Output] = {}  # by the producing node's sequence number
         # The hooks a tensor saved here would use without this region (a memory meter's):
         # kept tensors go through them. torch.utils.checkpoint reads them the same way;
         # tests/workers/test_checkpoint_pointwise.py fails if this private call moves.
@@ -142,20 +98,10 @@ class RecomputePointwise(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, t: torch.Tensor) -> Any:
         base = t if t._base is None else t._base
         node = base.grad_fn
-        if node is not None:
-            name = type(node).__name__
-            rebuild = RECOMPUTE.get(name)
-            if (
-                rebuild is not None
-                and base.output_nr == 0
-                and node._sequence_nr() > self._after
-                and APPLIES.get(name, _always)(node)
-            ):
-                key = node._sequence_nr()
-                output = self._outputs.get(key)
-                if output is None:
-                    output = self._outputs[key] = _Output(node, rebuild, base)
-                return _Recipe(output, base, t)
+        rebuild = RECOMPUTE.get(type(node).__name__) if node is not None else None
+        # (a first output only: the other outputs of a norm, its mean and rstd, are kept)
+        if rebuild is not None and base.output_nr == 0 and node._sequence_nr() > self._after:
+            return _Recipe(node, rebuild, base, t)
         # without an outer hook a kept tensor is itself (no wrapper per saved tensor)
         return _Kept(self._outer_pack(t)) if self._outer_pack else t
 
@@ -163,7 +109,3 @@ class RecomputePointwise(torch.autograd.graph.saved_tensors_hooks):
         if type(packed) is _Recipe:
             return packed.run()
         return self._outer_unpack(packed.packed) if self._outer_unpack else packed
-
-
-def _always(node: Any) -> bool:
-    return True
