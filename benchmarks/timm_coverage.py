@@ -21,6 +21,9 @@ a few steps each on the CPU:
   cannot be checkpointed, one block larger than half): the method is then run
   ``adaptive`` at the unconstrained peak, so that "runs with adaptive" is still shown.
 
+A model too large for this CPU (``REDUCED``: DeepSeek's 412 M ViT) runs with fewer
+blocks, through the backbone's ``model_args``; its row names them.
+
 A module counts as covered when all three methods run (``ok``) under both strategies.
 Every model runs in its own subprocess with a timeout: a crash or a hang is a row with
 its reason, never the end of the run. The models chosen are cached per timm version in
@@ -54,6 +57,10 @@ SIZES = (64, 96, 128, 160, 192, 224, 256)  # tried in order; then the native siz
 NUM_CLASSES = 4
 UNBOUNDED_MB = 1.0e6  # the `none` trial's budget: never the limit
 SELECT_TIMEOUT_S = 600  # choosing a module's model (every variant built on meta)
+# Modules whose smallest model is too large for the CPU here (412 M parameters: over an
+# hour a module on two cores): run with fewer blocks, passed to timm as `model_args`;
+# the architecture (blocks, attention, MLP) is the same, and the row says so.
+REDUCED: dict[str, dict[str, Any]] = {"deepseek_vit_412m": {"depth": 2}}
 
 
 @dataclass
@@ -85,6 +92,7 @@ class Row:
     size_note: str = ""  # img_size (the architecture takes it) | as is | native
     built: str = ""  # yes | the reason it did not
     blocks: int | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)  # REDUCED's, passed to timm
     methods: dict[str, MethodResult] = field(default_factory=dict)
     failure: str = ""  # '' | validation | trial | timeout | crash
     reason: str = ""  # first line of the first failure
@@ -146,6 +154,12 @@ def _load_cache() -> dict[str, Any]:
 # ---------------------------------------------------------------- one model (child process)
 
 
+def _backbone_args(name: str, size: int) -> dict[str, Any]:
+    """The backbone arguments of ``name`` at ``size`` px (with REDUCED's model_args)."""
+    reduced = REDUCED.get(name)
+    return {"img_size": size, **({"model_args": reduced} if reduced else {})}
+
+
 def _input_size(name: str) -> tuple[int | None, str, str]:
     """(size, how it is given, '' or the reason no size works)."""
     import timm
@@ -157,7 +171,7 @@ def _input_size(name: str) -> tuple[int | None, str, str]:
     first = ""
     for size in (*SIZES, *(() if native in SIZES else (native,))):
         try:
-            check_backbone(name, {"img_size": size})
+            check_backbone(name, _backbone_args(name, size))
         except RegistryError as exc:
             first = first or _first_line(str(exc))
             continue
@@ -172,7 +186,7 @@ def _spec(name: str, size: int, method: str, method_args: dict, strategy: str, b
 
     return TrialSpec(
         backbone=name,
-        backbone_args=BACKBONES.resolve_args(name, {"img_size": size}),
+        backbone_args=BACKBONES.resolve_args(name, _backbone_args(name, size)),
         method=method,
         method_args=method_args,
         checkpointing=strategy,
@@ -191,7 +205,7 @@ def _run_method(name: str, size: int, method: str, method_args: dict) -> MethodR
 
     result = MethodResult()
     try:
-        reason = why_not(method, name, method_args, {"img_size": size})
+        reason = why_not(method, name, method_args, _backbone_args(name, size))
     except Exception as exc:  # noqa: BLE001 - a validation error is the row's reason
         reason = f"{type(exc).__name__}: {exc}"
     if reason:
@@ -208,7 +222,7 @@ def _run_method(name: str, size: int, method: str, method_args: dict) -> MethodR
     result.none, result.activations_mb = plain.status, plain.activations_mb
     if plain.status != "ok" or plain.accounted_peak_mb is None or plain.activations_mb is None:
         return result
-    if not check_backbone(name, {"img_size": size}).blocks:  # as the grid refuses it
+    if not check_backbone(name, _backbone_args(name, size)).blocks:  # as the grid refuses it
         result.stage, result.error = "validation", "adaptive: no chain of blocks was found"
         return result
     half = plain.accounted_peak_mb - plain.activations_mb / 2
@@ -236,8 +250,8 @@ def run_model(module: str, name: str, params: int) -> Row:
         row.seconds = time.perf_counter() - t0
         return row
     row.size, row.built = size, "yes"
-    structure = check_backbone(name, {"img_size": size})
-    row.blocks = len(structure.blocks)
+    structure = check_backbone(name, _backbone_args(name, size))
+    row.blocks, row.model_args = len(structure.blocks), REDUCED.get(name, {})
     for method in METHODS:
         args = {"convs": True} if method == "lora" and not structure.linears else {}
         result = _run_method(name, size, method, args)
@@ -272,6 +286,12 @@ def _child(module: str, name: str | None) -> int:
         with torch.device("meta"):
             params = sum(p.numel() for p in timm.create_model(name).parameters())
     row = run_model(module, name, params)
+    if row.model_args:  # the parameters of the model that ran
+        import timm
+
+        with torch.device("meta"):
+            model = timm.create_model(name, **row.model_args)
+        row.params = sum(p.numel() for p in model.parameters())
     print(json.dumps(row.to_dict()), flush=True)
     return 0
 
@@ -302,6 +322,12 @@ def _in_child(module: str, model: str | None, timeout_s: float) -> Row:
                    seconds=time.perf_counter() - t0)  # fmt: skip
 
 
+def _model_cell(row: Row) -> str:
+    """The model's name, with the arguments it ran with (``deepseek_vit_412m (depth=2)``)."""
+    given = ", ".join(f"{k}={v}" for k, v in row.model_args.items())
+    return f"{row.model} ({given})" if given else row.model
+
+
 def _cell(result: MethodResult | None) -> str:
     if result is None:
         return "-"
@@ -323,7 +349,7 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         cells = [
             r.module,
-            r.model,
+            _model_cell(r),
             f"{r.params / 1e6:.2f}" if r.params else "-",
             f"{r.size} ({r.size_note})" if r.size else "-",
             "yes" if r.built == "yes" else (f"no: {r.built}" if r.built else "-"),
@@ -355,7 +381,7 @@ def _progress(i: int, total: int, row: Row) -> str:
     params = f"{row.params / 1e6:.2f}M" if row.params else "-"
     reason = f"  [{row.failure}] {row.reason}" if row.reason else ""
     return (
-        f"[{i}/{total}] {row.module:<26} {row.model:<36} {params:>8} size={row.size or '-'} "
+        f"[{i}/{total}] {row.module:<26} {_model_cell(row):<36} {params:>8} size={row.size or '-'} "
         f"blocks={row.blocks if row.blocks is not None else '-'} {methods} "
         f"fits={_fits(row)} {row.seconds:.0f}s{reason}"
     )
