@@ -13,6 +13,7 @@ overwritten.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -45,6 +46,17 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+@functools.cache
+def code_digest() -> str:
+    """Digest of this package's worker code (planner, recompute modes, methods, model
+    structure): an entry measured by other code is measured again."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def trial_key(
     spec: TrialSpec, batch_shape: tuple[int, ...], dtype: str, device: str, timed: bool
 ) -> dict[str, Any]:
@@ -62,6 +74,7 @@ def trial_key(
         "device": device,  # type and name (a CPU's thread count included)
         "timed": timed,
         "libraries": library_versions(),
+        "code": code_digest(),
     }
 
 

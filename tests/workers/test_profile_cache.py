@@ -123,3 +123,24 @@ def test_entry_of_another_model_is_ignored(tmp_path: Path, model_and_profile) ->
     cache.store(model, profile)
     deeper = create_backbone("vit_test", num_classes=4, img_size=16, model_args={"depth": 6})
     assert cache.load(deeper) is None
+
+
+def test_key_names_the_worker_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry measured by other worker code (another digest) is another key: a miss."""
+    from workers import profile_cache
+
+    key = profile_cache.trial_key(_spec("adaptive"), (16, 3, 16, 16), "float32", "cpu", True)
+    assert key["code"] == profile_cache.code_digest()
+    assert len(key["code"]) == 16
+    other = {**key, "code": "0" * 16}
+    assert ProfileCache(key, tmp_path).path != ProfileCache(other, tmp_path).path
+    profile_cache.code_digest.cache_clear()
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(profile_cache, "__file__", str(package / "profile_cache.py"))
+    first = profile_cache.code_digest()
+    profile_cache.code_digest.cache_clear()
+    (package / "a.py").write_text("x = 2\n")
+    assert profile_cache.code_digest() != first  # an edit is another digest
+    profile_cache.code_digest.cache_clear()
