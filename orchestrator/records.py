@@ -168,7 +168,9 @@ class TrialRecord:
         "int", "images of deploy_*_batch and per calibration forward, halved to fit the budget"
     )
     baseline_batch_size_used: int | None = _col(
-        "int", "baselines: images per image-encoder forward, train_eval_batch_size fitted likewise"
+        "int",
+        "baselines: images per image-encoder forward (vlm_prompt: per prompt batch), "
+        "train_eval_batch_size fitted likewise",
     )
     rss_limit_mb: float | None = _col(
         "float", "CPU: resident growth at which the trial stops as over_budget (budget + margin)"
