@@ -882,12 +882,6 @@ def _now() -> str:
 
 @functools.cache
 def _provenance() -> dict[str, str]:
-    """Host, commit and versions of the code this process runs (imported once: read once)."""
-    return dict(_provenance_once())
-
-
-@functools.cache
-def _provenance_once() -> dict[str, str]:
     import importlib.metadata as md
 
     versions = {"python": platform.python_version()}
