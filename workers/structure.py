@@ -159,11 +159,6 @@ class Structure:
         return frozenset(f for f, yes in present.items() if yes)
 
 
-def _undilated(conv: nn.Conv2d) -> bool:
-    dilation = conv.dilation if isinstance(conv.dilation, tuple) else (conv.dilation,)
-    return all(d == 1 for d in dilation)
-
-
 def describe(model: nn.Module) -> Structure:
     """The ``Structure`` of ``model`` (works on the meta device: only names and types)."""
     blocks = find_blocks(model)
@@ -173,7 +168,9 @@ def describe(model: nn.Module) -> Structure:
             full = _join(block_name, name)
             if isinstance(module, nn.Linear):
                 linears.append(full)
-            elif isinstance(module, nn.Conv2d) and module.groups == 1 and _undilated(module):
+            elif (
+                isinstance(module, nn.Conv2d) and module.groups == 1 and set(module.dilation) == {1}
+            ):
                 convs.append(full)
         kinds = {type(m).__name__.lower() for m in block.modules()}
         if any("attention" in k or k == "attn" for k in kinds) or _has_qkv(block):

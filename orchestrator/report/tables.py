@@ -29,7 +29,6 @@ STEADY_STATE_LABELS = (
     ("step_time_s", "mean time per step (s)"),
     ("step_energy_j", "mean energy per step (J)"),
 )
-INT_CELLS = ("configurations", "on accuracy/memory front")  # comparison counts
 TABLE_ROWS = 500  # configurations in a per-configuration table (the best first)
 PROBLEMS_LISTED = 200  # failed trials listed one by one; past it they are counted by error
 PROBLEM_COLUMNS = (
@@ -236,7 +235,7 @@ def _config_stats(
     out: dict[tuple, dict[str, Any]] = {}
     for label, series in cells.items():
         for key, cell in series.items():
-            out.setdefault(key, {})[label] = int(cell) if label in INT_CELLS else cell
+            out.setdefault(key, {})[label] = cell
     return out
 
 

@@ -159,17 +159,7 @@ def test_a_backbone_that_cannot_run_is_refused_at_validation(
 
 def test_a_cnn_trains_with_lora_on_its_convolutions_under_adaptive() -> None:
     name, args = SMALL["resnet"]
-    spec = TrialSpec(
-        backbone=name,
-        backbone_args=BACKBONES.resolve_args(name, args),
-        method="lora",
-        method_args={"r": 2, "convs": True},
-        checkpointing="adaptive",
-        dataset="synthetic",
-        dataset_args={"num_classes": 4, "images_per_class": 12, "image_size": 32},
-        train=TrainConfig(epochs=1, batch_size=8, max_steps=2),
-        budget_mb=64,
-    )
+    spec = _conv_lora_spec(name, args, "adaptive", images_per_class=12, steps=2, budget_mb=64)
     record = run_trial(spec, num_threads=1)
     assert record.status == "ok", record.error
     assert record.total_blocks == 4 and record.steps == 2
@@ -213,15 +203,23 @@ def test_dilated_convolutions_are_not_lora_targets() -> None:
         if isinstance(m, torch.nn.Conv2d) and m.dilation != (1, 1)
     }
     assert dilated and structure.convs and not dilated & set(structure.convs)
-    spec = TrialSpec(
-        backbone="skresnet18",
-        backbone_args=BACKBONES.resolve_args("skresnet18", args),
-        method="lora",
-        method_args={"r": 2, "convs": True},
-        dataset="synthetic",
-        dataset_args={"num_classes": 4, "images_per_class": 4, "image_size": 32},
-        train=TrainConfig(epochs=1, batch_size=8, max_steps=1),
-        budget_mb=256,
-    )
+    spec = _conv_lora_spec("skresnet18", args, "none", images_per_class=4, steps=1, budget_mb=256)
     record = run_trial(spec, num_threads=1)
     assert record.status == "ok", record.error
+
+
+def _conv_lora_spec(
+    name: str, args: dict, checkpointing: str, images_per_class: int, steps: int, budget_mb: int
+) -> TrialSpec:
+    """A short LoRA trial on ``name``'s convolutions, on 32 px synthetic data."""
+    return TrialSpec(
+        backbone=name,
+        backbone_args=BACKBONES.resolve_args(name, args),
+        method="lora",
+        method_args={"r": 2, "convs": True},
+        checkpointing=checkpointing,
+        dataset="synthetic",
+        dataset_args={"num_classes": 4, "images_per_class": images_per_class, "image_size": 32},
+        train=TrainConfig(epochs=1, batch_size=8, max_steps=steps),
+        budget_mb=budget_mb,
+    )
