@@ -70,8 +70,9 @@ class Arm:
     trial_s: list[float]  # in the order they started
 
 
-def our_arm(grid_path: str) -> tuple[Arm, pd.DataFrame, int]:
-    """The grid through ``run_sweep``; the arm, the records and the concurrency."""
+def our_arm(grid_path: str) -> tuple[Arm, pd.DataFrame, int, float]:
+    """The grid through ``run_sweep``; the arm, the records, the concurrency and the CPUs
+    per trial (the peer runs under the same)."""
     grid = load_grid(grid_path)
     with tempfile.TemporaryDirectory() as out:
         grid = replace(grid, output=out)
@@ -92,7 +93,8 @@ def our_arm(grid_path: str) -> tuple[Arm, pd.DataFrame, int]:
     first = started.min().timestamp() - start_epoch
     span = (ended.max() - started.min()).total_seconds()
     conc = min(grid.resources.max_concurrent, len(specs))
-    return Arm("vramsweep", wall, first, span, list(trial_s)), df, conc
+    arm = Arm("vramsweep", wall, first, span, list(trial_s))
+    return arm, df, conc, float(grid.resources.cpus_per_trial)
 
 
 def _sleeper(config: dict) -> None:
@@ -147,9 +149,8 @@ TRIAL_IMPORTS = ("workers.trial",)
 def compare(grid_path: str, context: bool) -> list[str]:
     """Both arms on one grid (and, with ``context``, Tune with trials that import what
     ours import before they start); the printed lines."""
-    ours, df, conc = our_arm(grid_path)
+    ours, df, conc, cpus = our_arm(grid_path)
     assert not ray.is_initialized()
-    cpus = float(TINY["resources"]["cpus_per_trial"])
     peer = tune_arm(ours.trial_s, conc, cpus)
     arms = [ours, peer]
     if context:
