@@ -51,6 +51,37 @@ def test_resample_equals_grid_sample_on_normalised_images(
     assert (out.float() - expected).abs().max() < tolerance
 
 
+@pytest.mark.parametrize(("side", "size", "chunk"), [(8, 24, None), (16, 16, None), (20, 20, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resample_into_a_given_tensor_writes_the_same_bits(
+    side: int, size: int, chunk: int | None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if chunk is not None:
+        monkeypatch.setattr(resampling, "_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(side)
+    x = torch.randint(0, 256, (5, 3, side, side), dtype=torch.uint8, generator=gen)
+    theta = crop_transforms(5, AUGMENT, gen)
+    out = torch.full((5, 3, size, size), float("nan"), dtype=dtype)  # stale contents
+    written = resample(x, theta, size, dtype, out=out)
+    assert written is out and torch.equal(out, resample(x, theta, size, dtype))
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        torch.empty(5, 3, 12, 12, dtype=torch.bfloat16),  # another dtype
+        torch.empty(4, 3, 12, 12),  # another batch
+        torch.empty(5, 3, 12, 12).transpose(2, 3),  # not contiguous
+    ],
+)
+def test_resample_refuses_an_unfit_tensor_to_write_into(out: torch.Tensor) -> None:
+    theta = crop_transforms(5, AUGMENT, torch.Generator().manual_seed(0))
+    with pytest.raises(
+        ValueError, match=r"out must be a contiguous torch.float32 \(5, 3, 12, 12\)"
+    ):
+        resample(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), theta, 12, out=out)
+
+
 def test_whole_image_map_is_interpolate() -> None:
     x = torch.rand(4, 3, 13, 13) * 255
     identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(4, 2, 3)

@@ -2,7 +2,9 @@
 
 Every step is one batched call on the trial's device: gather, then crop (with
 augmentation, a seeded random-resized crop and flip drawn for the whole batch at once),
-resize, normalise and convert in one ``resample`` (no PIL, no per-image transform).
+resize, normalise and convert in one ``resample`` (no PIL, no per-image transform). On
+the CPU a batch is written into a buffer of an earlier batch that nothing holds any more
+(``_Buffers``) rather than into new memory.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from workers.data.core import DataOptions, pair
 from workers.data.resample import resample
 
 log = logging.getLogger(__name__)
+
+# Buffers one ``batches`` call reuses on the CPU: a loop holds its last batch while it
+# asks for the next, so two take turns; a third covers a consumer holding one more.
+_POOL_SIZE = 3
+# How many references a tensor's memory has; private to torch, hence read with a
+# fallback (no reuse) and a test that fails when reuse stops (test_data_buffers.py).
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,8 @@ def batches(
     + normalise in one ``resample`` (crop maps drawn from ``generator`` with
     ``augment``, else the whole image). ``x`` may already live on ``device``. A trial
     that computes in bf16 asks for bf16 batches: autocast would cast them at the first
-    layer.
+    layer. A CPU batch may reuse the memory of an earlier one of the same call, only once
+    no tensor over that memory is alive (kept batches stay intact).
     """
     if augment is not None and generator is None:
         raise ValueError("augmented batches need a generator (their crops are seeded)")
@@ -98,6 +108,7 @@ def batches(
     scale = 1.0 / (255.0 * std_t)  # uint8 -> [0, 1] -> standardised, in one multiply-add
     shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / std_t
     stop = len(y) - (len(y) % batch_size if drop_last else 0)
+    buffers = _Buffers() if device.type == "cpu" else None
     for start in range(0, stop, batch_size):
         idx = (
             order[start : start + batch_size]
@@ -108,7 +119,11 @@ def batches(
             # index_select copies whole images, advanced indexing element by element
             xb = x[idx] if isinstance(idx, slice) else x.index_select(0, idx)
             xb = xb.to(device, non_blocking=True)
-            xb = _images(xb, size, scale, shift, dtype, augment, generator)
+            # no name keeps the buffer here: a batch its consumer dropped is free
+            shape = (len(xb), xb.shape[1], size, size)
+            out = buffers.take(shape, dtype) if buffers is not None else None
+            xb = _images(xb, size, scale, shift, dtype, augment, generator, out)
+            del out
         yield xb, y[idx].to(device, non_blocking=True)
 
 
@@ -120,17 +135,48 @@ def _images(
     dtype: torch.dtype,
     augment: Augment | None,
     generator: torch.Generator | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The uint8 batch ``xb`` at ``size`` px, normalised, as ``dtype``: randomly cropped
-    and flipped with ``augment``, else resized whole (``F.interpolate``'s bilinear)."""
+    """The uint8 batch ``xb`` at ``size`` px, normalised, as ``dtype`` (in ``out`` when
+    given): randomly cropped and flipped with ``augment``, else resized whole
+    (``F.interpolate``'s bilinear)."""
     if augment is not None:
         theta = crop_transforms(len(xb), augment, generator).to(xb.device)  # type: ignore[arg-type]
     elif xb.shape[-2:] != (size, size):
         theta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=xb.device)
         theta = theta.expand(len(xb), 2, 3)
     else:
-        return torch.addcmul(shift, xb.float(), scale).to(dtype)
-    return resample(xb, theta, size, dtype, scale, shift)
+        normalised = torch.addcmul(shift, xb.float(), scale)
+        return normalised.to(dtype) if out is None else out.copy_(normalised)
+    return resample(xb, theta, size, dtype, scale, shift, out=out)
+
+
+class _Buffers:
+    """Up to ``_POOL_SIZE`` CPU buffers for one call's batches, each handed out as a view
+    and reused only when no tensor over its memory is left: views, aliases (``.to``),
+    autograd's saved tensors and numpy arrays all count, so a kept batch is never
+    overwritten. A new fp32 batch of 64 at 224 px (38.5 MB) is mapped fresh by the
+    allocator and zero-filled by the kernel on first touch, half of its making time
+    (docs/measurements.md, ``benchmarks/data.py``); a reused one is not."""
+
+    def __init__(self) -> None:
+        self.free_counts: dict[int, int] = {}  # id(buffer) -> its use count with no view
+        self.pool: list[torch.Tensor] = []
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A (view of a) buffer of ``shape`` and ``dtype`` that nothing else holds."""
+        for buffer in self.pool:
+            fits = buffer.dtype == dtype and buffer.shape[1:] == shape[1:]
+            if fits and len(buffer) >= shape[0] and self._idle(buffer):
+                return buffer[: shape[0]]
+        buffer = torch.empty(shape, dtype=dtype)
+        if _use_count is not None and len(self.pool) < _POOL_SIZE:
+            self.free_counts[id(buffer)] = _use_count(buffer.untyped_storage()._cdata)
+            self.pool.append(buffer)
+        return buffer[: shape[0]]
+
+    def _idle(self, buffer: torch.Tensor) -> bool:
+        return _use_count(buffer.untyped_storage()._cdata) == self.free_counts[id(buffer)]
 
 
 @contextmanager

@@ -28,11 +28,14 @@ def resample(
     dtype: torch.dtype = torch.float32,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bilinear samples of ``x`` (B, C, H, W; uint8 or float) at ``size`` x ``size``
     points mapped by the axis-aligned affine maps ``theta`` (B, 2, 3) from output to input
     coordinates in [-1, 1], times ``scale`` plus ``shift`` (per channel, (1, C, 1, 1)),
-    as ``dtype``.
+    as ``dtype``; written into ``out`` (contiguous, (B, C, size, size), ``dtype``) when
+    given, else into a new tensor.
 
     >>> theta = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]])  # the whole image
     >>> resample(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), theta, 224).shape
@@ -44,11 +47,19 @@ def resample(
     down = _positions(theta[:, 1, 1], theta[:, 1, 2], height, size)
     across = _positions(theta[:, 0, 0], theta[:, 0, 2], width, size)
     rows = _vertical(x, down, dtype, scale, shift)
-    out = torch.empty(n, channels * size, size, dtype=dtype, device=x.device)
+    shape = (n, channels, size, size)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=x.device)
+    elif (out.shape, out.dtype, out.device) != (shape, dtype, x.device) or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {dtype} {shape} on {x.device}, "
+            f"got a {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    flat = out.view(n, channels * size, size)
     for part, start, stop in _chunks(across, x.device, channels * size * width, width):
         cols = _weights(across[part], start, stop).to(dtype)
-        torch.bmm(rows(part, start, stop), cols, out=out[part])
-    return out.view(n, channels, size, size)
+        torch.bmm(rows(part, start, stop), cols, out=flat[part])
+    return out
 
 
 def _chunks(
