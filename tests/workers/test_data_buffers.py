@@ -44,9 +44,11 @@ def test_kept_batches_are_distinct_and_equal_released_ones_bit_for_bit(
     released, addresses = [], set()
     for xb, _ in feed():  # each batch dropped at the next: their memory is reused
         released.append(xb.clone())
-        addresses.add(xb.data_ptr())
+        assert xb.untyped_storage().nbytes() == xb.nbytes  # memory meters count storages
+        if len(xb) == 4:  # the short last batch gets memory of its own size
+            addresses.add(xb.data_ptr())
     assert len({xb.data_ptr() for xb in kept}) == len(kept) == 6
-    assert len(addresses) <= 2  # a loop that holds one batch needs two buffers
+    assert len(addresses) == 2  # a loop that holds one batch needs two buffers
     assert [xb.shape[0] for xb in kept] == [4] * 5 + [2]
     for a, b in zip(kept, released, strict=True):
         assert a.dtype == dtype and a.is_contiguous() and torch.equal(a, b)

@@ -157,26 +157,27 @@ class _Buffers:
     autograd's saved tensors and numpy arrays all count, so a kept batch is never
     overwritten. A new fp32 batch of 64 at 224 px (38.5 MB) is mapped fresh by the
     allocator and zero-filled by the kernel on first touch, half of its making time
-    (docs/measurements.md, ``benchmarks/data.py``); a reused one is not."""
+    (docs/measurements.md, ``benchmarks/data.py``); a reused one is not. Only a buffer of
+    the batch's exact shape is reused: a batch's storage is its own size, as memory
+    meters that count storages expect."""
 
     def __init__(self) -> None:
-        self.free_counts: dict[int, int] = {}  # id(buffer) -> its use count with no view
-        self.pool: list[torch.Tensor] = []
+        self.pool: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count unviewed)
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A (view of a) buffer of ``shape`` and ``dtype`` that nothing else holds."""
-        for buffer in self.pool:
-            fits = buffer.dtype == dtype and buffer.shape[1:] == shape[1:]
-            if fits and len(buffer) >= shape[0] and self._idle(buffer):
-                return buffer[: shape[0]]
+        """A view of a buffer of ``shape`` and ``dtype`` that nothing else holds."""
+        for buffer, free in self.pool:
+            if buffer.shape == shape and buffer.dtype == dtype and _holders(buffer) == free:
+                return buffer.view(shape)
         buffer = torch.empty(shape, dtype=dtype)
         if _use_count is not None and len(self.pool) < _POOL_SIZE:
-            self.free_counts[id(buffer)] = _use_count(buffer.untyped_storage()._cdata)
-            self.pool.append(buffer)
-        return buffer[: shape[0]]
+            self.pool.append((buffer, _holders(buffer)))
+        return buffer.view(shape)
 
-    def _idle(self, buffer: torch.Tensor) -> bool:
-        return _use_count(buffer.untyped_storage()._cdata) == self.free_counts[id(buffer)]
+
+def _holders(buffer: torch.Tensor) -> int:
+    """References to ``buffer``'s memory: itself, and every tensor viewing it."""
+    return _use_count(buffer.untyped_storage()._cdata)  # type: ignore[misc]
 
 
 @contextmanager
