@@ -7,7 +7,8 @@
 
    - ours: ``workers.data.batches`` (the whole dataset one uint8 tensor, every step a
      batched tensor op), in the main process (on the CPU it makes batches on one
-     intra-op thread of the ``cpu_count`` it is given);
+     intra-op thread of the ``cpu_count`` it is given, each into the buffer of an earlier
+     batch that nothing holds any more);
    - torchvision: a ``DataLoader`` (shuffled, 0, 2 and cpu_count worker processes,
      pinned memory when a GPU takes the batches) over the same uint8 images, per item
      either PIL (``RandomResizedCrop``, ``RandomHorizontalFlip``, ``ToTensor``,
@@ -184,21 +185,24 @@ def throughput(n_batches: int, repeats: int, device: torch.device) -> None:
                     rates.setdefault(row + (label,), []).append(
                         peer(dataset, workers, pin, n_batches, device)
                     )
-        rates.setdefault(("fresh",), []).append(fresh_batches(n_batches, device))
+        for reuse in (False, True):
+            rates.setdefault(("fill", reuse), []).append(fills(n_batches, device, reuse))
     _print_table(rates, [label for label, *_ in arms], n_batches, repeats, threads, device)
-    print(f"a new fp32 batch at 224 px ({BATCH * 3 * 224 * 224 * 4 / 1e6:.1f} MB) allocated "
-          f"and written once, one thread: {statistics.median(rates[('fresh',)]):.0f} images/s, "
-          "the ceiling of a one-thread pipeline that hands out new batches")  # fmt: skip
+    new, reused = (statistics.median(rates[("fill", reuse)]) for reuse in (False, True))
+    print(f"an fp32 batch at 224 px ({BATCH * 3 * 224 * 224 * 4 / 1e6:.1f} MB) only written "
+          f"once, one thread: {new:.0f} images/s into new memory, {reused:.0f} into a reused "
+          "buffer (the ceilings of a one-thread pipeline)")  # fmt: skip
 
 
-def fresh_batches(n_batches: int, device: torch.device) -> float:
-    """Images/s of only allocating and filling new fp32 224 px batches (first-touch page
-    faults included), on one thread."""
+def fills(n_batches: int, device: torch.device, reuse: bool) -> float:
+    """Images/s of only filling fp32 224 px batches on one thread: each a new tensor
+    (first-touch page faults included) or the same buffer again."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    buffer = torch.empty(BATCH, 3, 224, 224, device=device).fill_(0.0)
     start = time.perf_counter()
     for _ in range(n_batches):
-        torch.empty(BATCH, 3, 224, 224, device=device).fill_(0.5)
+        (buffer if reuse else torch.empty_like(buffer)).fill_(0.5)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     torch.set_num_threads(threads)

@@ -185,7 +185,7 @@ def _one_thread(device: torch.device) -> Iterator[None]:
     """Batches made on the CPU on one intra-op thread. Their ops are short passes over
     memory, and a team of threads waits at each for its slowest member: a whole time
     slice whenever other work holds a core. On the shared 2-core machine this measured
-    one thread faster at every size (`benchmarks/data.py`, docs/data_pipeline.md)."""
+    one thread faster at every size (`benchmarks/data.py`, docs/measurements.md)."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield
