@@ -5,7 +5,7 @@ For a tiny and a small ViT on CPU, profiles the blocks once, then for each budge
 
 - the accounted activation peak of ``adaptive`` (measured: bytes saved by the forward,
   and the re-materialisation of a recomputed block during its backward) and its plan
-  (blocks kept / pointwise / selective / recomputed);
+  (blocks kept / pointwise / selective / recomputed / matmul);
 - the step time (forward + backward + AdamW step, median after warm-up) of
   ``adaptive`` and of ``static`` (every block recomputed) relative to ``none``,
   measured in the same run, interleaved so that machine noise hits all alike;
@@ -74,7 +74,7 @@ MODELS = [  # (label, backbone, backbone args, batch)
     ("ViT-S/16 (96 px, 36 tokens)", "vit_small_patch16_224", {"img_size": 96}, 16),
 ]
 FRACTIONS = (1.0, 0.75, 0.6, 0.5, 0.4, 0.3)
-PLAN_MODES = ("save", "pointwise", "selective", "recompute")
+PLAN_MODES = ("save", "pointwise", "selective", "recompute", "matmul")  # matmul: appended
 
 
 def _step_time(model, x, y, optimizer, steps: int) -> float:  # noqa: ANN001
@@ -138,7 +138,7 @@ def bench(label: str, backbone: str, args: dict, batch: int, steps: int) -> None
         f"({static_peak / unconstrained:.2f}), {t_static / t_none:.2f}x"
     )
     print(
-        "| budget (fraction) | adaptive peak MiB | plan save/pointwise/selective/recompute "
+        "| budget (fraction) | adaptive peak MiB | plan save/pointwise/selective/recompute/matmul "
         "| adaptive step vs none | static step vs none | revolve bound |"
     )
     print("|---|---:|---|---:|---:|---:|")
@@ -288,7 +288,7 @@ def side_by_side(label: str, backbone: str, args: dict, batch: int, rounds: int)
     print(
         f"\n{label}: batch {batch}, every strategy at 0.5 of the unconstrained activations "
         f"({profile.unconstrained_bytes / MIB:.1f} MiB); adaptive plan "
-        + "save/pointwise/selective/recompute "
+        + "save/pointwise/selective/recompute/matmul "
         + "/".join(str(list(plan.values()).count(m)) for m in PLAN_MODES)
     )
     print(

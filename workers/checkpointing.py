@@ -3,12 +3,16 @@
 A backbone's *blocks* are its chain of blocks as ``workers.structure.find_blocks`` finds
 them (ViT: ``blocks.3``; TinyViT: ``stages.1.blocks.0``; MobileNet: the stage ``blocks.2``;
 ResNet: ``layer2.1``; Swin: ``layers.1.blocks.0``; any timm model): one block-sequence
-interface for every backbone. Each block runs in one of five modes:
+interface for every backbone. Each block runs in one of six modes:
 
 - ``save``: plain autograd, every activation kept;
 - ``pointwise``: plain autograd, except that the outputs of norms and activations are
   not kept but recomputed in backward from the inputs their own autograd nodes keep
   (``workers.pointwise_recompute``: op granularity at almost no cost);
+- ``matmul``: ``pointwise``, and the outputs of linear layers and of fused attention
+  are not kept either but recomputed in backward from the inputs their nodes keep (a
+  ViT block keeps its input and its residual sum only); between ``pointwise`` and
+  ``recompute`` in bytes, and cheaper per byte freed than ``recompute``;
 - ``selective``: non-reentrant checkpoint with a selective policy: outputs of the
   expensive ops (matmuls, convolutions, attention kernels) are kept, the cheap
   memory-heavy ops (norms, activations, softmax, adds) are recomputed in backward;
@@ -62,7 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKPOINTING = Registry("checkpointing")
-MODES = ("save", "pointwise", "selective", "recompute", "compiled")
+MODES = ("save", "pointwise", "selective", "recompute", "compiled", "matmul")
 PROFILED = "profiled"  # tag of a strategy that needs the block profile to choose
 COMPILES = "compiles"  # tag of a strategy whose blocks run compiled (no block profile)
 
@@ -159,8 +163,8 @@ def _run(block: nn.Module, plain: Callable[..., Any], mode: str, x: Any, *args: 
         return plain(x, *args, **kw)
     if mode == "compiled":
         return block._vramsweep_compiled(x, *args, **kw)
-    if mode == "pointwise":
-        with RecomputePointwise(x):
+    if mode in ("pointwise", "matmul"):
+        with RecomputePointwise(x, matmul=mode == "matmul"):
             return plain(x, *args, **kw)
     if isinstance(x, torch.Tensor) and x.requires_grad:
         x = KeepForRecompute.apply(x)
@@ -226,6 +230,8 @@ class BlockProfile:
     rematerialised: int | None = None  # saved_bytes without the input (None: same)
     pointwise_bytes: int | None = None  # saved in ``pointwise`` (input included; None: n/a)
     pointwise_s: float = 0.0  # extra seconds per step of ``pointwise`` (measured vs ``save``)
+    matmul_bytes: int | None = None  # saved in ``matmul`` (input included; None: n/a)
+    matmul_s: float = 0.0  # extra seconds per step of ``matmul`` (measured vs ``save``)
 
     @property
     def checkpointed_peak(self) -> int:
@@ -256,6 +262,10 @@ class BlockProfile:
             options.append(
                 checkpoint_plan.Option("pointwise", kept, save.peak_bytes, self.pointwise_s)
             )
+        if self.matmul_bytes is not None and self.matmul_bytes < self.saved_bytes:
+            # the same bound: what it rebuilds at once is what the plain block keeps
+            kept = gap + self.matmul_bytes
+            options.append(checkpoint_plan.Option("matmul", kept, save.peak_bytes, self.matmul_s))
         if self.selective_bytes is not None and self.selective_bytes < self.saved_bytes:
             # (else not applicable, or dominated: with frozen weights plain autograd may
             # keep less than the policy: a frozen matmul keeps no input for a weight grad)
@@ -267,7 +277,7 @@ class BlockProfile:
         """Bytes alive for this block while its backward runs, in ``mode``."""
         if self.frozen:
             return 0
-        if mode in ("save", "pointwise"):
+        if mode in ("save", "pointwise", "matmul"):
             return self.saved_bytes
         return self.checkpointed_peak
 
@@ -476,6 +486,9 @@ def _profile_one(
     pointwise = _pointwise_bytes(name, block, plain, x, wrt)
     if pointwise is not None and pointwise >= saved:
         pointwise = None  # nothing recomputed (or nothing gained)
+    matmul = _pointwise_bytes(name, block, plain, x, wrt, matmul=True)
+    if matmul is not None and matmul >= (saved if pointwise is None else pointwise):
+        matmul = None  # no linear layer's output rebuilt (or nothing gained)
 
     # Costs are measured, not modelled: forward + backward of the block alone in each
     # mode (gradients returned, never accumulated into .grad), minus the plain one.
@@ -484,6 +497,7 @@ def _profile_one(
     wrt = [x] if needs_grad else [p for p in block.parameters() if p.requires_grad]
     modes = ["save", "recompute"] + ([] if selective is None else ["selective"])
     modes += [] if pointwise is None else ["pointwise"]
+    modes += [] if matmul is None else ["matmul"]
     elapsed = {m: [] for m in modes}
     for _ in range(repeats):
         for mode in modes:  # interleaved, so that drift hits every mode alike
@@ -499,6 +513,7 @@ def _profile_one(
             0.0,
             rematerialised=rematerialised,
             pointwise_bytes=pointwise,
+            matmul_bytes=matmul,
         )
     median = {m: sorted(t)[len(t) // 2] for m, t in elapsed.items()}
     # floors against timing noise: a recompute re-runs at least a forward (a third of
@@ -507,6 +522,7 @@ def _profile_one(
     forward_s = max(median["recompute"] - plain_s, plain_s / 3)
     cheap_s = max(median["selective"] - plain_s, plain_s / 100) if selective is not None else 0.0
     pointwise_s = max(median["pointwise"] - plain_s, plain_s / 1000) if pointwise else 0.0
+    matmul_s = max(median["matmul"] - plain_s, plain_s / 1000) if matmul else 0.0
     return BlockProfile(
         name,
         input_bytes,
@@ -518,6 +534,8 @@ def _profile_one(
         rematerialised=rematerialised,
         pointwise_bytes=pointwise,
         pointwise_s=pointwise_s,
+        matmul_bytes=matmul,
+        matmul_s=matmul_s,
     )
 
 
@@ -527,16 +545,19 @@ def _pointwise_bytes(
     plain: Callable[..., Any],
     x: torch.Tensor,
     wrt: list[torch.Tensor],
+    matmul: bool = False,
 ) -> int | None:
-    """Bytes the block keeps in the ``pointwise`` mode (None: nothing to recompute, or a
-    backward through it fails: an in-place op changed a kept input)."""
+    """Bytes the block keeps in the ``pointwise`` mode (``matmul``: in that mode; None:
+    nothing to recompute, or a backward through it fails: an in-place op changed a kept
+    input)."""
     meter = ActivationMeter(block)
-    with meter, RecomputePointwise(x):
+    with meter, RecomputePointwise(x, matmul=matmul):
         out = plain(x)
     try:
         _backward(out, wrt)
     except RuntimeError as exc:
-        log.info("block %s: no pointwise mode (%s)", name, str(exc).splitlines()[0])
+        mode = "matmul" if matmul else "pointwise"
+        log.info("block %s: no %s mode (%s)", name, mode, str(exc).splitlines()[0])
         return None
     return meter.peak_bytes
 
@@ -615,7 +636,7 @@ def static(config: StaticConfig, model: nn.Module, budget: Budget | None) -> dic
 class AdaptiveConfig:
     margin_mb: float = 0.0  # workspace reserved beside the accounted memory, MiB
     max_replans: int = 3  # re-plans (over the budget or out of memory) before giving up
-    selective: bool = True  # offer the partial modes, pointwise and selective (False: whole blocks)
+    selective: bool = True  # offer pointwise, matmul and selective (False: whole blocks only)
 
     def __post_init__(self) -> None:
         if self.margin_mb < 0:
@@ -669,7 +690,7 @@ def plan_blocks(budget: Budget, selective: bool = True) -> checkpoint_plan.Plan:
     """The exact plan of ``budget`` (raises ``checkpoint_plan.Infeasible``)."""
     costs = budget.profile.costs()
     if not selective:
-        partial = ("selective", "pointwise")
+        partial = ("selective", "pointwise", "matmul")
         costs = [
             checkpoint_plan.BlockCost(c.name, tuple(o for o in c.options if o.kind not in partial))
             for c in costs

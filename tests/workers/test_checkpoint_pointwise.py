@@ -1,17 +1,19 @@
-"""The ``pointwise`` mode: norm and activation outputs recomputed from their nodes' inputs."""
+"""The ``pointwise`` and ``matmul`` modes: outputs recomputed from their nodes' inputs."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from workers import checkpoint_plan
 from workers.backbones import create_backbone
-from workers.checkpointing import find_blocks, profile_blocks, set_mode
+from workers.checkpointing import Budget, find_blocks, plan_blocks, profile_blocks, set_mode
 from workers.memory import ActivationMeter
-from workers.pointwise_recompute import RecomputePointwise
+from workers.pointwise_recompute import MATMUL, RECOMPUTE, RecomputePointwise
 
 
 def _vit() -> torch.nn.Module:
@@ -25,7 +27,8 @@ def _grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[di
     with meter:
         loss = F.cross_entropy(model(x), y)
     loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}, meter.last_bytes
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return grads, meter.last_bytes
 
 
 def test_vit_blocks_drop_exactly_their_norm_and_gelu_outputs() -> None:
@@ -104,3 +107,80 @@ def test_pointwise_blocks_give_plain_gradients_with_fewer_bytes(backbone: str) -
     assert kept < saved
     for name, grad in reference.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the matmul mode
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, table: dict, counts: dict) -> None:
+    for name, rebuild in list(table.items()):
+
+        def counted(node: object, name: str = name, rebuild: Callable = rebuild) -> torch.Tensor:
+            counts[name] = counts.get(name, 0) + 1
+            return rebuild(node)
+
+        monkeypatch.setitem(table, name, counted)
+
+
+def test_matmul_mode_rebuilds_linear_and_attention_outputs_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per ViT block, besides the pointwise outputs: query/key/value (3C), attention's
+    output (C) and the MLP's hidden activation (4C) are not kept; each output is rebuilt
+    once per backward (one matmul for query, key and value; GELU's input, read to rebuild
+    GELU's output, held for GELU's own backward), and the gradients are plain autograd's,
+    bit for bit."""
+    model = _vit()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    reference, saved = _grads(model, x, y)
+    for _, block in find_blocks(model):
+        set_mode(block, "matmul")
+    counts: dict[str, int] = {}
+    _counting(monkeypatch, RECOMPUTE, counts)
+    _counting(monkeypatch, MATMUL, counts)
+    grads, kept = _grads(model, x, y)
+    tokens, width, blocks = 4 * 4 + 1, 64, 4
+    assert saved - kept == blocks * 14 * 8 * tokens * width * 4  # 6 pointwise + 8 widths
+    for name, grad in reference.items():
+        assert torch.equal(grads[name], grad), name
+    assert counts == {
+        "NativeLayerNormBackward0": 2 * blocks,
+        "GeluBackward0": blocks,
+        "UnsafeViewBackward0": 2 * blocks,  # the token-batched linear layers: qkv, fc1
+        "AddmmBackward0": 2 * blocks,
+        "ScaledDotProductFlashAttentionForCpuBackward0": blocks,
+    }
+
+
+def test_matmul_mode_keeps_a_frozen_linear_layers_output() -> None:
+    """A linear layer whose weight is frozen keeps no input to rebuild from: its output
+    is kept (the MLP's hidden activation, 4C per block), the rest is still rebuilt."""
+
+    def matmul_grads(model: torch.nn.Module) -> tuple[dict, int]:
+        for _, block in find_blocks(model):
+            set_mode(block, "matmul")
+        return _grads(model, x, y)
+
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    _, all_rebuilt = matmul_grads(_vit())
+    model = _vit()
+    for _, block in find_blocks(model):
+        block.mlp.fc1.weight.requires_grad_(False)
+    reference, _ = _grads(model, x, y)
+    grads, kept = matmul_grads(model)
+    tokens, width, blocks = 4 * 4 + 1, 64, 4
+    assert kept - all_rebuilt == blocks * 4 * 8 * tokens * width * 4
+    for name, grad in reference.items():
+        assert torch.equal(grads[name], grad), name
+
+
+def test_profile_offers_matmul_below_pointwise_and_whole_blocks_only_without_it() -> None:
+    model = _vit()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    profile = profile_blocks(model, lambda: F.cross_entropy(model(x), y), timed=False)
+    for costs in profile.blocks:
+        kinds = {o.kind: o for o in costs.options()}
+        assert kinds["matmul"].kept_bytes < kinds["pointwise"].kept_bytes
+        assert kinds["matmul"].peak_bytes == kinds["save"].peak_bytes
+    budget = Budget(checkpoint_plan.min_peak(profile.costs()), profile)
+    assert "matmul" not in plan_blocks(budget, selective=False).choices
