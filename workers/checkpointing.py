@@ -11,8 +11,8 @@ interface for every backbone. Each block runs in one of six modes:
   (``workers.pointwise_recompute``: op granularity at almost no cost);
 - ``matmul``: ``pointwise``, and the outputs of linear layers and of fused attention
   are not kept either but recomputed in backward from the inputs their nodes keep (a
-  ViT block keeps its input and its residual sum only); between ``pointwise`` and
-  ``recompute`` in bytes, and cheaper per byte freed than ``recompute``;
+  ViT block keeps its input and its residual sum only): a step between ``pointwise``
+  and ``recompute`` in bytes, at about ``recompute``'s cost per byte freed;
 - ``selective``: non-reentrant checkpoint with a selective policy: outputs of the
   expensive ops (matmuls, convolutions, attention kernels) are kept, the cheap
   memory-heavy ops (norms, activations, softmax, adds) are recomputed in backward;

@@ -16,9 +16,11 @@ fused attention on the CPU from the inputs their nodes keep: in a ViT block the
 query/key/value projection (kept by attention), attention's output (kept by itself and
 by the projection after it) and the MLP's hidden activation (kept by GELU), 8 of the 10
 widths the pointwise mode keeps, for two matmuls and one attention again in backward.
-A whole-block recompute also re-runs the projection and ``fc2``, whose outputs no
-backward needs (ViT-S at 96 px, one block: 6.9 MiB below ``pointwise`` for about
-10.5 ms of CPU time, where a whole recompute frees 7.8 MiB for about 16 ms).
+That is a smaller step than recomputing the whole block (whose checkpoint stops before
+``fc2`` but re-runs the projection and the norms) at a slightly lower cost per byte
+freed, so a plan can fit a budget more tightly (ViT-S at 96 px, one block, CPU time
+over ``pointwise``: 6.9 MiB freed for 10.5-12 ms, a whole recompute 7.8 MiB for
+14.5-16 ms).
 
 Only nodes made inside the hooked region are rebuilt (their creation order is later
 than the region input's node), so a region never reaches into another block's graph.
