@@ -13,6 +13,7 @@ from workers.data import Augment, batches, crop_transforms, resample
 resampling = importlib.import_module("workers.data.resample")  # the package re-exports names
 
 AUGMENT = Augment(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True)
+CPU = torch.device("cpu")
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 
 
@@ -103,6 +104,38 @@ def test_chunks_cover_the_batch_and_the_columns_each_crop_reads() -> None:
         # the span holds both taps of every output pixel, and nothing else
         assert start == int(pos.min().floor()) and stop == min(int(pos.max().floor()) + 2, 224)
     assert sum(stop - start for _, start, stop in spans) < 5 * 224  # crops skip columns
+
+
+@pytest.mark.parametrize(("side", "size"), [(224, 224), (64, 100), (50, 37)])
+def test_bands_of_columns_write_the_bits_of_one_matmul_per_image(
+    side: int, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dtype = torch.float32  # bf16 images go in one matmul
+    monkeypatch.setattr(resampling, "_CHUNK", 1)  # one image per chunk: its columns in bands
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randint(0, 256, (6, 3, side, side), dtype=torch.uint8, generator=gen)
+    theta = crop_transforms(6, AUGMENT, gen)
+    scale, shift = torch.full((1, 3, 1, 1), 1 / 60), torch.full((1, 3, 1, 1), -2.0)
+    banded = resample(x, theta, size, dtype, scale, shift)
+    monkeypatch.setattr(resampling, "_BAND", size)  # a whole row of outputs per matmul
+    assert torch.equal(banded, resample(x, theta, size, dtype, scale, shift))
+
+
+def test_bands_cover_the_outputs_and_read_both_taps_of_each() -> None:
+    theta = crop_transforms(20, AUGMENT, torch.Generator().manual_seed(1))
+    across = resampling._positions(theta[:, 0, 0], theta[:, 0, 2], 150, 100)
+    chunks = resampling._chunks(across, CPU, 10**6, 150)  # one image each
+    for pos, (_, start, stop) in zip(across, chunks, strict=True):
+        bands = resampling._bands(pos[None], start, stop, torch.float32)
+        assert [a for a, *_ in bands] == list(range(0, 100, resampling._BAND))
+        assert [b for _, b, *_ in bands] == [*range(resampling._BAND, 100, resampling._BAND), 100]
+        for a, b, lo, hi in bands:
+            left = pos[a:b].floor().long() - start  # each output's left tap, from the span
+            right = (left + 1).clamp(max=stop - start - 1)
+            assert lo == left.min() and right.max() < hi <= left.max() + 2  # both, no more
+    whole = [(0, 100, 0, 150)]
+    assert resampling._bands(across[:2], 0, 150, torch.float32) == whole  # several images
+    assert resampling._bands(across[:1], 0, 150, torch.bfloat16) == whole
 
 
 # --------------------------------------------------------------------------- batches

@@ -6,7 +6,8 @@ separably: a vertical pass makes each image's output rows, then one batched matm
 chunk of images with a (W, size) interpolation matrix writes the output directly in
 the compute dtype (a bf16 batch from bf16 matmuls). On the CPU, images go through in
 chunks whose rows stay in cache, and a large image's matmul reads only the columns its
-crop spans.
+crop spans (in fp32, in bands of output columns, each reading only the columns under
+it). The output may be a given tensor (``out=``): ``batches`` reuses its buffers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 18  # elements of output rows per chunk on the CPU: 1 MiB of fp32, in L2
+# output columns per matmul of one large image: a band reads only the ~_BAND input
+# columns under it, where a whole row's matmul would multiply all the others by zero
+_BAND = 32
 
 
 def resample(
@@ -58,7 +62,9 @@ def resample(
     flat = out.view(n, channels * size, size)
     for part, start, stop in _chunks(across, x.device, channels * size * width, width):
         cols = _weights(across[part], start, stop).to(dtype)
-        torch.bmm(rows(part, start, stop), cols, out=flat[part])
+        chunk_rows = rows(part, start, stop)
+        for a, b, lo, hi in _bands(across[part], start, stop, dtype):
+            torch.bmm(chunk_rows[..., lo:hi], cols[:, lo:hi, a:b], out=flat[part, :, a:b])
     return out
 
 
@@ -78,6 +84,27 @@ def _chunks(
     last = (across.amax(1).floor() + 1).clamp(max=width - 1)
     for i, (start, stop) in enumerate(torch.stack([first, last + 1], 1).long().tolist()):
         yield slice(i, i + 1), start, stop
+
+
+def _bands(
+    across: torch.Tensor, start: int, stop: int, dtype: torch.dtype
+) -> list[tuple[int, int, int, int]]:
+    """The matmuls that write a chunk (positions ``across``, (b, size), reading input
+    columns ``start:stop``): (first, end) output column and (first, end) input column
+    counted from ``start``. One image in fp32 goes in bands of ``_BAND`` output columns,
+    each reading the columns of its two-tap tents only; several images, or bf16 (whose
+    whole-row matmul the CPU's bf16 matrix units make cheaper than its bands), in one
+    matmul. Either way the same bits: the columns left out have zero weights."""
+    n, size = across.shape
+    if n > 1 or size <= _BAND or dtype != torch.float32:
+        return [(0, size, 0, stop - start)]
+    taps = across[0].floor()
+    padded = torch.cat([taps, taps[-1:].expand(-size % _BAND)]).view(-1, _BAND)
+    lows, highs = padded.amin(1).long().tolist(), padded.amax(1).long().tolist()
+    return [
+        (a, min(a + _BAND, size), lo - start, min(high + 2, stop) - start)
+        for a, lo, high in zip(range(0, size, _BAND), lows, highs, strict=True)
+    ]
 
 
 def _vertical(
