@@ -20,7 +20,9 @@
    over it, median (and range) of the repeats, every arm of a repeat run back to back
    in this process. The first batch of every arm (worker start-up) is excluded. With a
    GPU (``--device cuda``) ours runs there on resident data and every peer batch is
-   copied to it.
+   copied to it. Last, the ceilings of a one-thread pipeline: an fp32 224 px batch only
+   filled, into new memory (page faults and the kernel's zero-fill included) and into
+   one reused buffer.
 
 2. Seconds a trial waits for a decoded dataset at its start: read from the on-disk
    decode cache (``torch.load``, warm page cache: a cold disk is slower) against mapped
