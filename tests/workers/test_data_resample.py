@@ -136,6 +136,7 @@ def test_bands_cover_the_outputs_and_read_both_taps_of_each() -> None:
     whole = [(0, 100, 0, 150)]
     assert resampling._bands(across[:2], 0, 150, torch.float32) == whole  # several images
     assert resampling._bands(across[:1], 0, 150, torch.bfloat16) == whole
+    assert resampling._bands(across[:1].to("meta"), 0, 150, torch.float32) == whole  # a GPU's
 
 
 # --------------------------------------------------------------------------- batches

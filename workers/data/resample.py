@@ -94,9 +94,9 @@ def _bands(
     counted from ``start``. One image in fp32 goes in bands of ``_BAND`` output columns,
     each reading the columns of its two-tap tents only; several images, or bf16 (whose
     whole-row matmul the CPU's bf16 matrix units make cheaper than its bands), in one
-    matmul. Either way the same bits: the columns left out have zero weights."""
+    matmul, as on a GPU. The same bits on the CPU: the columns left out have zero weights."""
     n, size = across.shape
-    if n > 1 or size <= _BAND or dtype != torch.float32:
+    if n > 1 or size <= _BAND or dtype != torch.float32 or across.device.type != "cpu":
         return [(0, size, 0, stop - start)]
     taps = across[0].floor()
     padded = torch.cat([taps, taps[-1:].expand(-size % _BAND)]).view(-1, _BAND)
