@@ -3,10 +3,12 @@
 For each size (default 16 and 256 tiny trials, 2 at a time) two arms run back to back,
 each with its own local Ray started from nothing and shut down after:
 
-- vramsweep: the grid through the Ray Tune driver (``run_sweep``) into a fresh folder;
+- vramsweep: the grid through the Ray Tune driver (``run_sweep``, which starts Ray) into
+  a fresh folder;
 - Tune: the peer's best set-up, a plain ``tune.Tuner`` (``reuse_actors=True``, the same
-  ``max_concurrent_trials`` and CPUs per trial) of function trainables that sleep exactly
-  the times the vramsweep trials took (a record's ``started_at`` to ``ended_at``).
+  ``max_concurrent_trials`` and CPUs per trial, the same result files as ours: Tune's
+  JSON and CSV loggers without its TensorBoard one) of function trainables that sleep
+  exactly the times the vramsweep trials took (a record's ``started_at`` to ``ended_at``).
 
 Both have the same ideal, the sum of the trial times / concurrency, and print
 
@@ -42,7 +44,13 @@ import yaml
 from orchestrator.expansion import expand
 from orchestrator.grid import load_grid
 from orchestrator.records import RecordStore
-from orchestrator.tune_driver import _tune_environment, connect, disconnect, run_sweep
+from orchestrator.tune_driver import (
+    _result_files,
+    _tune_environment,
+    connect,
+    disconnect,
+    run_sweep,
+)
 
 TINY: dict = {
     "name": "overhead",
@@ -79,8 +87,7 @@ def our_arm(grid_path: str) -> tuple[Arm, pd.DataFrame, int, float]:
         specs = expand(grid)
         store = RecordStore(out)
         start_epoch, t0 = time.time(), time.perf_counter()
-        connect()  # Ray's own start is part of what a user waits for
-        run_sweep(
+        run_sweep(  # starts Ray, as for a user (Ray's start is part of what one waits for)
             specs, store, grid.resources, name=grid.name, energy=grid.energy, show_progress=False
         )
         wall = time.perf_counter() - t0
@@ -125,7 +132,8 @@ def tune_arm(
             tune.with_resources(_sleeper, {"cpu": cpus}),
             param_space={"sleep_s": tune.grid_search(trial_s), "imports": list(imports)},
             tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(storage_path=out, verbose=0),
+            # the result files ours write (no TensorBoard files, which Tune adds by default)
+            run_config=tune.RunConfig(storage_path=out, verbose=0, callbacks=_result_files()),
         )
         results = tuner.fit()
         wall = time.perf_counter() - t0

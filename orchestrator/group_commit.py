@@ -2,9 +2,11 @@
 
 A driver hands each finished trial's record to ``GroupCommit.put`` and goes on at once;
 one background thread makes the records durable through ``RecordStore.write_many``:
-whatever arrived while the previous group was being written becomes the next group
-(one Parquet file, one fsync), so trials that end close together share a write and the
-event loop never waits for a disk. ``flush`` returns once everything put before it is
+whatever arrived within ``linger_s`` of a group's first record, or while the previous
+group was being written, becomes the next group (one Parquet file, one fsync), so trials
+that end close together share a write and the event loop never waits for a disk. (A
+write holds the interpreter's lock for part of its ~14 ms; one per trial lengthened the
+driver's turnaround between two short trials from ~22 to ~35 ms, benchmarks/overhead.py.) ``flush`` returns once everything put before it is
 durable. A record counts as recorded only then: a driver killed before its flush loses
 the trials in flight, which have no record and are run again on resume, as if they had
 not finished; nothing durable is lost or written twice.
@@ -34,13 +36,15 @@ class GroupCommit:
     raise it (the records of the failed group and those after it are not durable).
     """
 
-    def __init__(self, store: RecordStore) -> None:
+    def __init__(self, store: RecordStore, linger_s: float = 1.0) -> None:
         self.store = store
+        self.linger_s = linger_s
         self.error: WriteError | None = None
         self.groups: list[int] = []  # size of every group written, in order
         self._pending: list[TrialRecord] = []
         self._writing = False
         self._closed = False
+        self._flushing = 0  # callers waiting in flush: no lingering for them
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
@@ -58,9 +62,14 @@ class GroupCommit:
     def flush(self) -> None:
         """Wait until every record put so far is durable; raises a write's error."""
         with self._changed:
-            self._changed.wait_for(
-                lambda: self.error is not None or not (self._pending or self._writing)
-            )
+            self._flushing += 1
+            self._changed.notify_all()
+            try:
+                self._changed.wait_for(
+                    lambda: self.error is not None or not (self._pending or self._writing)
+                )
+            finally:
+                self._flushing -= 1
             if self.error is not None:
                 raise self.error
 
@@ -90,6 +99,8 @@ class GroupCommit:
                 self._changed.wait_for(lambda: self._pending or self._closed)
                 if not self._pending:  # closed, and everything written
                     return
+                # the records that end within linger_s join this group
+                self._changed.wait_for(lambda: self._closed or self._flushing, self.linger_s)
                 group, self._pending = self._pending, []
                 self._writing = True
             error = self._write(group)

@@ -141,3 +141,17 @@ def test_the_sweeps_recorder_pickles_light_while_its_commit_writes(tmp_path: Pat
     store.gate.set()
     recorder.close()
     assert RecordStore(tmp_path / "out").existing_ids() == {_record(0).trial_id}
+
+
+def test_records_put_within_the_linger_share_one_group(tmp_path: Path) -> None:
+    with GroupCommit(RecordStore(tmp_path / "out"), linger_s=3600) as commit:
+        for seed in range(5):
+            commit.put(_record(seed))
+        done = threading.Thread(target=commit.flush)  # a flush does not wait out the linger
+        done.start()
+        done.join(60)
+        assert not done.is_alive()
+        assert commit.groups == [5]
+        commit.put(_record(5))
+    assert commit.groups == [5, 1]  # close writes what lingers
+    assert len(RecordStore(tmp_path / "out").existing_ids()) == 6

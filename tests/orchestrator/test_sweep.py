@@ -57,6 +57,9 @@ def test_sweep_records_reports_and_resumes(
         assert (out_dir / name).stat().st_size > 0, name
     assert "data:image/png;base64," in (out_dir / "report.html").read_text()
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out_dir / "records").iterdir()}
+    tune_files = [p.name for p in (out_dir / "_tune").rglob("*") if p.is_file()]
+    assert tune_files.count("result.json") == tune_files.count("progress.csv") == 2
+    assert not [n for n in tune_files if n.startswith("events.out")]  # tracking: tensorboard
 
     # the same grid again: nothing re-runs, the records are untouched
     assert main(["run", str(path), "--no-progress"]) == 0
