@@ -4,10 +4,11 @@ A driver hands each finished trial's record to ``GroupCommit.put`` and goes on a
 one background thread makes the records durable through ``RecordStore.write_many``:
 whatever arrived within ``linger_s`` of a group's first record, or while the previous
 group was being written, becomes the next group (one Parquet file, one fsync), so trials
-that end close together share a write and the event loop never waits for a disk. (A
-write holds the interpreter's lock for part of its ~14 ms; one per trial lengthened the
-driver's turnaround between two short trials from ~22 to ~35 ms, benchmarks/overhead.py.) ``flush`` returns once everything put before it is
-durable. A record counts as recorded only then: a driver killed before its flush loses
+that end close together share a write and the event loop never waits for a disk (a
+write holds the interpreter's lock for part of its ~14 ms: one per trial lengthened the
+driver's turnaround between two short trials from ~22 to ~35 ms). ``flush`` returns once
+everything put before it is durable, without lingering. A record counts as recorded
+only then: a driver killed before its flush loses
 the trials in flight, which have no record and are run again on resume, as if they had
 not finished; nothing durable is lost or written twice.
 
