@@ -8,9 +8,9 @@ that end close together share a write and the event loop never waits for a disk 
 write holds the interpreter's lock for part of its ~14 ms: one per trial lengthened the
 driver's turnaround between two short trials from ~22 to ~35 ms). ``flush`` returns once
 everything put before it is durable, without lingering. A record counts as recorded
-only then: a driver killed before its flush loses
-the trials in flight, which have no record and are run again on resume, as if they had
-not finished; nothing durable is lost or written twice.
+only then: a driver killed before its flush loses the trials in flight, which have no
+record and are run again on resume, as if they had not finished; nothing durable is
+lost or written twice.
 
 Example:
     >>> with GroupCommit(store) as records:  # doctest: +SKIP
