@@ -19,7 +19,8 @@ the steady-state step time (median after warm-up) and the accounted activation p
 
 Then every strategy side by side at half the activation memory, ours and PyTorch's:
 ``none``, ``static``, ``adaptive`` (planned for 0.5 of the unconstrained activation
-bytes), ``torch.utils.checkpoint`` on every block (timm's ``set_grad_checkpointing``),
+bytes), ``adaptive w/o matmul`` (the same plan without the ``matmul`` mode: what that
+mode buys), ``torch.utils.checkpoint`` on every block (timm's ``set_grad_checkpointing``),
 PyTorch's selective activation checkpointing on every block (matmul and attention
 outputs saved, the rest recomputed) and ``compiled`` (``torch.compile`` with
 ``activation_memory_budget`` 0.5): CPU time per step (process time, so that other
@@ -54,8 +55,9 @@ import torch.nn.functional as F
 
 from workers.backbones import create_backbone
 from workers.block_compiler import BlockCompiler
-from workers.checkpoint_plan import Infeasible, revolve_forward_steps
+from workers.checkpoint_plan import BlockCost, Infeasible, plan, revolve_forward_steps
 from workers.checkpointing import (
+    HEAD,
     Checkpointer,
     apply_checkpointing,
     block_modes,
@@ -229,14 +231,23 @@ def _setup(backbone: str, args: dict, batch: int):  # noqa: ANN202
     return model, x, y, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
-def _arms(model, plan: dict[str, str]) -> dict[str, dict[str, str]]:  # noqa: ANN001
+def _plan_without(profile, budget: int, kind: str) -> dict[str, str]:  # noqa: ANN001
+    """Block modes of the adaptive plan of ``budget`` with the option ``kind`` withheld."""
+    costs = [
+        BlockCost(c.name, tuple(o for o in c.options if o.kind != kind)) for c in profile.costs()
+    ]
+    chosen = plan(costs, budget)
+    return {n: m for n, m in zip(chosen.names, chosen.choices, strict=True) if n != HEAD}
+
+
+def _arms(model, plans: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:  # noqa: ANN001
     """Block modes per strategy (the model's blocks compiled for ``compiled``)."""
     compile_blocks(model, BlockCompiler(0.5))
     blocks = find_blocks(model)
     return {
         "none": {n: "save" for n, _ in blocks},
         "static": {n: "recompute" for n, _ in blocks},
-        "adaptive": plan,
+        **plans,
         "torch.utils.checkpoint": {n: "save" for n, _ in blocks},
         "PyTorch SAC": {n: "selective" for n, _ in blocks},
         "compiled": {n: "compiled" for n, _ in blocks},
@@ -249,14 +260,14 @@ def _use(model, arms: dict[str, dict[str, str]], arm: str) -> None:  # noqa: ANN
     model.set_grad_checkpointing(arm == "torch.utils.checkpoint")
 
 
-def _figures(backbone: str, args: dict, batch: int, plan: dict[str, str]) -> dict:
+def _figures(backbone: str, args: dict, batch: int, plans: dict[str, dict[str, str]]) -> dict:
     """Saved bytes and measured peak per strategy, in a process of its own whose large
     allocations are returned to the system at once (the resident set follows the live
     tensors)."""
     torch.set_num_threads(1)
     _return_large_allocations_at_once()
     model, x, y, optimizer = _setup(backbone, args, batch)
-    arms = _arms(model, plan)
+    arms = _arms(model, plans)
     figures = {}
     for arm in arms:  # a first step: the optimizer's state and the gradients exist
         _use(model, arms, arm)
@@ -269,13 +280,15 @@ def side_by_side(label: str, backbone: str, args: dict, batch: int, rounds: int)
     """Every strategy at half the activation memory: CPU step time, saved bytes, peak."""
     model, x, y, optimizer = _setup(backbone, args, batch)
     profile = profile_blocks(model, lambda: F.cross_entropy(model(x), y))
+    budget = int(0.5 * profile.unconstrained_bytes) - profile.prefix_bytes
     adaptive = Checkpointer("adaptive", {}, model)
-    adaptive.use(profile, int(0.5 * profile.unconstrained_bytes) - profile.prefix_bytes)
-    plan = block_modes(model)
-    arms = _arms(model, plan)
+    adaptive.use(profile, budget)
+    modes = block_modes(model)
+    plans = {"adaptive": modes, "adaptive w/o matmul": _plan_without(profile, budget, "matmul")}
+    arms = _arms(model, plans)
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn) as apart:  # the peaks, in a process apart
-        figures = apart.submit(_figures, backbone, args, batch, plan).result()
+        figures = apart.submit(_figures, backbone, args, batch, plans).result()
     for arm in arms:  # first steps: compilation, the optimizer's state
         _use(model, arms, arm)
         _cpu_step_time(model, x, y, optimizer, 1)
@@ -289,7 +302,10 @@ def side_by_side(label: str, backbone: str, args: dict, batch: int, rounds: int)
         f"\n{label}: batch {batch}, every strategy at 0.5 of the unconstrained activations "
         f"({profile.unconstrained_bytes / MIB:.1f} MiB); adaptive plan "
         + "save/pointwise/selective/recompute/matmul "
-        + "/".join(str(list(plan.values()).count(m)) for m in PLAN_MODES)
+        + "/".join(str(list(modes.values()).count(m)) for m in PLAN_MODES)
+        + " (w/o matmul: "
+        + "/".join(str(list(plans["adaptive w/o matmul"].values()).count(m)) for m in PLAN_MODES)
+        + ")"
     )
     print(
         "| strategy | CPU ms/step | vs none (median, range of rounds) | saved MiB "
