@@ -277,7 +277,10 @@ class TrialRecord:
     checkpointed_blocks: int | None = _col("int", "blocks recomputed (wholly or selectively)")
     total_blocks: int | None = _col("int", "blocks of the backbone")
     ckpt_plan: str = _col(
-        "str", "JSON: checkpointing mode of every block (save/selective/recompute)", ""
+        "str",
+        "JSON: checkpointing mode of every block (save/pointwise/selective/recompute/"
+        "compiled/matmul)",
+        "",
     )
     ckpt_predicted_peak_mb: float | None = _col(
         "float", "accounted peak the checkpointing plan predicted, MiB"
