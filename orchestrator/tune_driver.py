@@ -8,9 +8,10 @@ instead of reading it from disk. The trial reports flat figures after every epoc
 then its TrialRecord as JSON; a callback in this (driver) process hands it to a group
 commit the moment it arrives (``orchestrator.group_commit``: written within about a
 second by a thread of its own, never on Tune's event loop; all durable before
-``run_sweep`` returns), so the records on disk are always trials that finished. A trial whose process dies without
-reporting still gets a ``failed`` record with Ray's error text; one that the grid's
-scheduler stops, a ``stopped`` record with the figures of its last epoch.
+``run_sweep`` returns), so the records on disk are always trials that finished. A
+trial whose process dies without reporting still gets a ``failed`` record with Ray's
+error text; one that the grid's scheduler stops, a ``stopped`` record with the figures
+of its last epoch.
 """
 
 from __future__ import annotations
