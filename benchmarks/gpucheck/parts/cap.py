@@ -70,7 +70,7 @@ def _fitted(ctx: PartContext, strategy: str, record: TrialRecord) -> None:
     ctx.figure(
         f"{strategy}.plan",
         trials.plan_counts(record),
-        "save/selective/recompute",
+        trials.PLAN_LABEL,
         f"{REC}.ckpt_plan (blocks per mode)",
     )
     if strategy == "adaptive":

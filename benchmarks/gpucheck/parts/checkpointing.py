@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.gpucheck import steps
+from benchmarks.gpucheck import steps, trials
 from benchmarks.gpucheck.context import PartContext
 from benchmarks.gpucheck.report import NO_CUDA, Target
 from workers.checkpoint_plan import Infeasible
@@ -115,12 +115,10 @@ def _modes(
     try:
         ckpt.use(profile, budget - profile.prefix_bytes)
         modes["adaptive"] = block_modes(model)
-        plan = list(modes["adaptive"].values())
-        counts = "/".join(str(plan.count(m)) for m in ("save", "selective", "recompute"))
         ctx.figure(
             f"{label}.adaptive.plan",
-            counts,
-            "save/selective/recompute",
+            trials.count_modes(modes["adaptive"].values()),
+            trials.PLAN_LABEL,
             f"workers.checkpoint_plan at {budget / MB:.1f} MiB of activations",
         )
     except Infeasible as exc:
