@@ -2,12 +2,13 @@
 
 A driver hands each finished trial's record to ``GroupCommit.put`` and goes on at once;
 one background thread makes the records durable through ``RecordStore.write_many``:
-whatever arrived within ``linger_s`` of a group's first record, or while the previous
-group was being written, becomes the next group (one Parquet file, one fsync), so trials
-that end close together share a write and the event loop never waits for a disk (a
-write holds the interpreter's lock for part of its ~14 ms: one per trial lengthened the
-driver's turnaround between two short trials from ~22 to ~35 ms). ``flush`` returns once
-everything put before it is durable, without lingering. A record counts as recorded
+whatever arrived while the previous group was being written becomes the next group (one
+Parquet file, one fsync), so trials that end close together share a write and the event
+loop never waits for a disk. While records come faster than one per ``linger_s``, a
+group also waits ``linger_s`` for more (a write holds the interpreter's lock for part of
+its ~14 ms: one per trial lengthened the driver's turnaround between two short trials
+from ~22 to ~35 ms); a record that comes alone is written at once. ``flush`` returns
+once everything put before it is durable, without lingering. A record counts as recorded
 only then: a driver killed before its flush loses the trials in flight, which have no
 record and are run again on resume, as if they had not finished; nothing durable is
 lost or written twice.
@@ -21,8 +22,10 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from orchestrator.records import RecordStore, TrialRecord, WriteError
@@ -37,9 +40,17 @@ class GroupCommit:
     raise it (the records of the failed group and those after it are not durable).
     """
 
-    def __init__(self, store: RecordStore, linger_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: RecordStore,
+        linger_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.linger_s = linger_s
+        self.clock = clock
+        self._last_put = -math.inf
+        self._frequent = False  # the last record came within linger_s of the one before
         self.error: WriteError | None = None
         self.groups: list[int] = []  # size of every group written, in order
         self._pending: list[TrialRecord] = []
@@ -57,6 +68,8 @@ class GroupCommit:
                 raise self.error
             if self._closed:
                 raise RuntimeError("GroupCommit.put after close")
+            now = self.clock()
+            self._frequent, self._last_put = now - self._last_put < self.linger_s, now
             self._pending.append(record)
             self._changed.notify_all()
 
@@ -100,8 +113,8 @@ class GroupCommit:
                 self._changed.wait_for(lambda: self._pending or self._closed)
                 if not self._pending:  # closed, and everything written
                     return
-                # the records that end within linger_s join this group
-                self._changed.wait_for(lambda: self._closed or self._flushing, self.linger_s)
+                if self._frequent:  # those that end within linger_s join this group
+                    self._changed.wait_for(lambda: self._closed or self._flushing, self.linger_s)
                 group, self._pending = self._pending, []
                 self._writing = True
             error = self._write(group)

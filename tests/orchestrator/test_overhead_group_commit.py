@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -143,15 +144,33 @@ def test_the_sweeps_recorder_pickles_light_while_its_commit_writes(tmp_path: Pat
     assert RecordStore(tmp_path / "out").existing_ids() == {_record(0).trial_id}
 
 
-def test_records_put_within_the_linger_share_one_group(tmp_path: Path) -> None:
-    with GroupCommit(RecordStore(tmp_path / "out"), linger_s=3600) as commit:
-        for seed in range(5):
-            commit.put(_record(seed))
-        done = threading.Thread(target=commit.flush)  # a flush does not wait out the linger
-        done.start()
-        done.join(60)
-        assert not done.is_alive()
-        assert commit.groups == [5]
-        commit.put(_record(5))
-    assert commit.groups == [5, 1]  # close writes what lingers
+def test_records_that_come_often_linger_together_and_one_alone_does_not(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    commit = GroupCommit(RecordStore(tmp_path / "out"), linger_s=3600, clock=lambda: now[0])
+    commit.put(_record(0))  # alone: written at once, no flush needed
+    _wait_for_groups(commit, [1])
+    for seed in (1, 2, 3):  # each within the linger of the one before
+        commit.put(_record(seed))
+    done = threading.Thread(target=commit.flush)  # a flush does not wait out the linger
+    done.start()
+    done.join(60)
+    assert not done.is_alive()
+    assert commit.groups == [1, 3]
+    now[0] = 10_000.0  # long after the last one: alone again, written at once
+    commit.put(_record(4))
+    _wait_for_groups(commit, [1, 3, 1])
+    now[0] += 1.0
+    commit.put(_record(5))  # soon after: it lingers, until the close writes it
+    commit.close()
+    assert commit.groups == [1, 3, 1, 1]
     assert len(RecordStore(tmp_path / "out").existing_ids()) == 6
+
+
+def _wait_for_groups(commit: GroupCommit, groups: list[int]) -> None:
+    """Until the commit has written ``groups`` (a lingering group would take an hour)."""
+    deadline = time.monotonic() + 60
+    while commit.groups != groups and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert commit.groups == groups
