@@ -4,10 +4,11 @@ A driver hands each finished trial's record to ``GroupCommit.put`` and goes on a
 one background thread makes the records durable through ``RecordStore.write_many``:
 whatever arrived while the previous group was being written becomes the next group (one
 Parquet file, one fsync), so trials that end close together share a write and the event
-loop never waits for a disk. While records come faster than one per ``linger_s``, a
-group also waits ``linger_s`` for more (a write holds the interpreter's lock for part of
-its ~14 ms: one per trial lengthened the driver's turnaround between two short trials
-from ~22 to ~35 ms); a record that comes alone is written at once. ``flush`` returns
+loop never waits for a disk. While records come faster than one per ``linger_s`` and
+more are coming (other trials run), a group also waits ``linger_s`` for more (a write
+holds the interpreter's lock for part of its ~14 ms: one per trial lengthened the
+driver's turnaround between two short trials from ~22 to ~35 ms); any other record is
+written at once. ``flush`` returns
 once everything put before it is durable, without lingering. A record counts as recorded
 only then: a driver killed before its flush loses the trials in flight, which have no
 record and are run again on resume, as if they had not finished; nothing durable is
@@ -50,7 +51,7 @@ class GroupCommit:
         self.linger_s = linger_s
         self.clock = clock
         self._last_put = -math.inf
-        self._frequent = False  # the last record came within linger_s of the one before
+        self._linger = False  # the last record came within linger_s, and more are coming
         self.error: WriteError | None = None
         self.groups: list[int] = []  # size of every group written, in order
         self._pending: list[TrialRecord] = []
@@ -61,15 +62,17 @@ class GroupCommit:
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
 
-    def put(self, record: TrialRecord) -> None:
-        """Queue ``record`` for the next group; raises an earlier write's error."""
+    def put(self, record: TrialRecord, more_coming: bool = True) -> None:
+        """Queue ``record`` for the next group; raises an earlier write's error.
+        ``more_coming``: other records may follow soon (trials still run)."""
         with self._changed:
             if self.error is not None:
                 raise self.error
             if self._closed:
                 raise RuntimeError("GroupCommit.put after close")
             now = self.clock()
-            self._frequent, self._last_put = now - self._last_put < self.linger_s, now
+            self._linger = more_coming and now - self._last_put < self.linger_s
+            self._last_put = now
             self._pending.append(record)
             self._changed.notify_all()
 
@@ -113,7 +116,7 @@ class GroupCommit:
                 self._changed.wait_for(lambda: self._pending or self._closed)
                 if not self._pending:  # closed, and everything written
                     return
-                if self._frequent:  # those that end within linger_s join this group
+                if self._linger:  # those that end within linger_s join this group
                     self._changed.wait_for(lambda: self._closed or self._flushing, self.linger_s)
                 group, self._pending = self._pending, []
                 self._writing = True

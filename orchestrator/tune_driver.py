@@ -336,7 +336,7 @@ class _Recorder(tune.Callback):
             return
         record = TrialRecord.from_json(result["record"])
         record.attempt = self.recovered.get(trial.trial_id, 0) + 1
-        if not self._write(record):
+        if not self._write(record, others_running=self.running > 1):  # it still runs
             return
         if record.status != "ok":
             self.bad += 1
@@ -354,9 +354,9 @@ class _Recorder(tune.Callback):
         """The first record write that failed (nothing is written after it)."""
         return self.commit.error
 
-    def _write(self, record: TrialRecord) -> bool:
-        try:
-            self.commit.put(record)
+    def _write(self, record: TrialRecord, others_running: bool) -> bool:
+        try:  # a record that no other trial's is to follow soon is not held back
+            self.commit.put(record, more_coming=others_running)
         except WriteError:
             return False
         self.written.add(record.trial_id)
@@ -388,7 +388,7 @@ class _Recorder(tune.Callback):
         how = f"{self.scheduler.name} on {self.scheduler.metric}" if self.scheduler else "Tune"
         record = stopped_record(spec, last, f"stopped early by the scheduler ({how})")
         record.attempt = self.recovered.get(trial.trial_id, 0) + 1
-        if self._write(record):
+        if self._write(record, others_running=self.running > 0):
             self.bad += 1
             log.info("%s %s: stopped", record.trial_id, spec.label)
 
@@ -399,7 +399,8 @@ class _Recorder(tune.Callback):
         spec = TrialSpec.from_json(trial.config["spec"])
         if spec.trial_id not in self.written and not self.stopping():
             error = _trial_error(trial)
-            if self._write(TrialRecord(spec=spec, status="failed", error=f"ray: {error}")):
+            failed = TrialRecord(spec=spec, status="failed", error=f"ray: {error}")
+            if self._write(failed, others_running=self.running > 0):
                 self.crashed += 1
                 self.bad += 1
         self._refresh()

@@ -162,10 +162,13 @@ def test_records_that_come_often_linger_together_and_one_alone_does_not(
     commit.put(_record(4))
     _wait_for_groups(commit, [1, 3, 1])
     now[0] += 1.0
-    commit.put(_record(5))  # soon after: it lingers, until the close writes it
+    commit.put(_record(5), more_coming=False)  # soon after, but the last trial's: at once
+    _wait_for_groups(commit, [1, 3, 1, 1])
+    now[0] += 1.0
+    commit.put(_record(6))  # soon after, more coming: it lingers, until the close writes it
     commit.close()
-    assert commit.groups == [1, 3, 1, 1]
-    assert len(RecordStore(tmp_path / "out").existing_ids()) == 6
+    assert commit.groups == [1, 3, 1, 1, 1]
+    assert len(RecordStore(tmp_path / "out").existing_ids()) == 7
 
 
 def _wait_for_groups(commit: GroupCommit, groups: list[int]) -> None:
