@@ -23,6 +23,12 @@ def _grid_sample(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tenso
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def _images_and_crops(n: int, side: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random uint8 images of ``side`` px and a random crop map for each."""
+    x = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=gen)
+    return x, crop_transforms(n, AUGMENT, gen)
+
+
 @pytest.mark.parametrize(
     ("side", "size", "chunk"),
     [
@@ -40,8 +46,7 @@ def test_resample_equals_grid_sample_on_normalised_images(
     if chunk is not None:
         monkeypatch.setattr(resampling, "_CHUNK", chunk)
     gen = torch.Generator().manual_seed(side * size)
-    x = torch.randint(0, 256, (9, 3, side, side), dtype=torch.uint8, generator=gen)
-    theta = crop_transforms(9, AUGMENT, gen)
+    x, theta = _images_and_crops(9, side, gen)
     scale = torch.rand(1, 3, 1, 1, generator=gen) / 60
     shift = torch.rand(1, 3, 1, 1, generator=gen) - 2
     out = resample(x, theta, size, dtype, scale, shift)
@@ -60,8 +65,7 @@ def test_resample_into_a_given_tensor_writes_the_same_bits(
     if chunk is not None:
         monkeypatch.setattr(resampling, "_CHUNK", chunk)
     gen = torch.Generator().manual_seed(side)
-    x = torch.randint(0, 256, (5, 3, side, side), dtype=torch.uint8, generator=gen)
-    theta = crop_transforms(5, AUGMENT, gen)
+    x, theta = _images_and_crops(5, side, gen)
     out = torch.full((5, 3, size, size), float("nan"), dtype=dtype)  # stale contents
     written = resample(x, theta, size, dtype, out=out)
     assert written is out and torch.equal(out, resample(x, theta, size, dtype))
@@ -113,8 +117,7 @@ def test_bands_of_columns_write_the_bits_of_one_matmul_per_image(
     dtype = torch.float32  # bf16 images go in one matmul
     monkeypatch.setattr(resampling, "_CHUNK", 1)  # one image per chunk: its columns in bands
     gen = torch.Generator().manual_seed(size)
-    x = torch.randint(0, 256, (6, 3, side, side), dtype=torch.uint8, generator=gen)
-    theta = crop_transforms(6, AUGMENT, gen)
+    x, theta = _images_and_crops(6, side, gen)
     scale, shift = torch.full((1, 3, 1, 1), 1 / 60), torch.full((1, 3, 1, 1), -2.0)
     banded = resample(x, theta, size, dtype, scale, shift)
     monkeypatch.setattr(resampling, "_BAND", size)  # a whole row of outputs per matmul
