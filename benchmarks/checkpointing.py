@@ -63,6 +63,7 @@ from workers.checkpointing import (
     block_modes,
     compile_blocks,
     compile_seconds,
+    count_modes,
     find_blocks,
     profile_blocks,
     set_mode,
@@ -76,7 +77,6 @@ MODELS = [  # (label, backbone, backbone args, batch)
     ("ViT-S/16 (96 px, 36 tokens)", "vit_small_patch16_224", {"img_size": 96}, 16),
 ]
 FRACTIONS = (1.0, 0.75, 0.6, 0.5, 0.4, 0.3)
-PLAN_MODES = ("save", "pointwise", "selective", "recompute", "matmul")  # matmul: appended
 
 
 def _step_time(model, x, y, optimizer, steps: int) -> float:  # noqa: ANN001
@@ -154,8 +154,7 @@ def bench(label: str, backbone: str, args: dict, batch: int, steps: int) -> None
             print(f"| {fraction:.2f} | infeasible (least {least:.2f}) | | | | |")
             continue
         peak = _peak(model, x, y, ckpt)
-        modes = list(block_modes(model).values())
-        counts = "/".join(str(modes.count(m)) for m in PLAN_MODES)
+        counts = count_modes(block_modes(model).values())
         # interleave: none, adaptive, none, static, so drift hits all alike
         saved = block_modes(model)
         apply_checkpointing("none", None, model)
@@ -302,10 +301,8 @@ def side_by_side(label: str, backbone: str, args: dict, batch: int, rounds: int)
         f"\n{label}: batch {batch}, every strategy at 0.5 of the unconstrained activations "
         f"({profile.unconstrained_bytes / MIB:.1f} MiB); adaptive plan "
         + "save/pointwise/selective/recompute/matmul "
-        + "/".join(str(list(modes.values()).count(m)) for m in PLAN_MODES)
-        + " (w/o matmul: "
-        + "/".join(str(list(plans["adaptive w/o matmul"].values()).count(m)) for m in PLAN_MODES)
-        + ")"
+        + count_modes(modes.values())
+        + f" (w/o matmul: {count_modes(plans['adaptive w/o matmul'].values())})"
     )
     print(
         "| strategy | CPU ms/step | vs none (median, range of rounds) | saved MiB "

@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -209,6 +209,16 @@ def mode_of(block: nn.Module) -> str:
 def block_modes(model: nn.Module) -> dict[str, str]:
     """The current mode of every block, in forward order."""
     return {name: mode_of(block) for name, block in find_blocks(model)}
+
+
+# the modes a plan gives its blocks (``compiled`` is a strategy's alone), as counted
+PLAN_MODES = tuple(m for m in MODES if m != "compiled")
+
+
+def count_modes(modes: Iterable[str]) -> str:
+    """Blocks per mode of ``PLAN_MODES``, as 'save/pointwise/...' counts."""
+    modes = list(modes)
+    return "/".join(str(modes.count(m)) for m in PLAN_MODES)
 
 
 # ---------------------------------------------------------------- profiling

@@ -13,7 +13,7 @@ from benchmarks.gpucheck.sizes import METHOD_ARGS, Sizes
 from orchestrator.records import TrialRecord
 from orchestrator.spec import TrainConfig, TrialSpec
 from workers import trial as trial_module
-from workers.checkpointing import MODES
+from workers.checkpointing import PLAN_MODES, count_modes
 from workers.data import ImageData, load_dataset
 from workers.trial import run_trial
 
@@ -86,20 +86,12 @@ def _progress_every_step() -> Iterator[None]:
         trial_module.PROGRESS_INTERVAL_S = before
 
 
-# the modes a checkpointing plan gives its blocks (``compiled`` is a strategy's alone)
-PLAN_MODES = tuple(m for m in MODES if m != "compiled")
 PLAN_LABEL = "/".join(PLAN_MODES)  # what plan_counts counts, in its order
 
 
 def plan_counts(record: TrialRecord) -> str:
     """The checkpointing plan of a record as block counts per mode (``PLAN_LABEL``)."""
     return count_modes(json.loads(record.ckpt_plan or "{}").values())
-
-
-def count_modes(modes: Any) -> str:
-    """Blocks per mode of ``PLAN_MODES``, as 'save/pointwise/...' counts."""
-    modes = list(modes)
-    return "/".join(str(modes.count(m)) for m in PLAN_MODES)
 
 
 def first_line(text: str) -> str:

@@ -31,6 +31,7 @@ from workers.checkpointing import (
     Checkpointer,
     Profile,
     block_modes,
+    count_modes,
     find_blocks,
     profile_blocks,
     set_mode,
@@ -117,7 +118,7 @@ def _modes(
         modes["adaptive"] = block_modes(model)
         ctx.figure(
             f"{label}.adaptive.plan",
-            trials.count_modes(modes["adaptive"].values()),
+            count_modes(modes["adaptive"].values()),
             trials.PLAN_LABEL,
             f"workers.checkpoint_plan at {budget / MB:.1f} MiB of activations",
         )
