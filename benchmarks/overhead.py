@@ -8,7 +8,9 @@ each with its own local Ray started from nothing and shut down after:
 - Tune: the peer's best set-up, a plain ``tune.Tuner`` (``reuse_actors=True``, the same
   ``max_concurrent_trials`` and CPUs per trial, the same result files as ours: Tune's
   JSON and CSV loggers without its TensorBoard one) of function trainables that sleep
-  exactly the times the vramsweep trials took (a record's ``started_at`` to ``ended_at``).
+  exactly the times the vramsweep trials took (a record's ``started_at`` to ``ended_at``),
+  on a Ray started as Tune has it (ours starts warm workers: ``orchestrator.warm_workers``,
+  which no public setting of Tune offers).
 
 Both have the same ideal, the sum of the trial times / concurrency, and print
 
@@ -127,7 +129,7 @@ def tune_arm(
 
     with tempfile.TemporaryDirectory() as out, _tune_environment():
         start_epoch, t0 = time.time(), time.perf_counter()
-        connect()
+        connect(warm_workers=False)  # Ray as Tune starts it (ours: orchestrator.warm_workers)
         tuner = tune.Tuner(
             tune.with_resources(_sleeper, {"cpu": cpus}),
             param_space={"sleep_s": tune.grid_search(trial_s), "imports": list(imports)},

@@ -39,6 +39,11 @@ from orchestrator.scheduler import SCHEDULERS, Scheduler
 from orchestrator.spec import TrialSpec
 from orchestrator.tracking import mlflow_environment, mlflow_uri, wandb_mode
 from orchestrator.tune_metrics import epoch_result, final_result, latest_line, stopped_record
+from orchestrator.warm_workers import (
+    local_preload_config,
+    tune_actors_on_warm_workers,
+    worker_environment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +468,7 @@ class Connection:
 
     resources: dict[str, float]  # the cluster's total resources (CPU, GPU, custom)
     dashboard_url: str  # "" when the dashboard does not run
+    warm_workers: bool = False  # a local Ray started here (orchestrator.warm_workers)
 
 
 def connect(
@@ -470,6 +476,7 @@ def connect(
     dashboard: bool = False,
     py_modules: Sequence[str] = (),
     object_store_mb: float = 0,
+    warm_workers: bool = True,
 ) -> Connection:
     """Start a local Ray (``address=None``) or join a cluster (``auto``, ``HOST:PORT``,
     ``ray://HOST:PORT``); a process already connected stays on its Ray. ``dashboard``
@@ -477,7 +484,9 @@ def connect(
     ``.py`` files that every worker of the job can import (the plug-ins that are not
     installed: ``workers.plugins.shipped_paths``), shipped by Ray's runtime environment.
     ``object_store_mb`` sizes a local Ray's object store (0: Ray's default); its ``memory``
-    resource is the rest of the node's available memory.
+    resource is the rest of the node's available memory. ``warm_workers``: a local Ray's
+    pre-started workers import the trial code and take Tune's trials
+    (``orchestrator.warm_workers``; not where plug-ins are shipped).
 
     A local Ray listens on 127.0.0.1 only (``_loopback_node``); a cluster of one's own
     (``ray start --head``, joined with ``address``) listens where it was told to."""
@@ -491,7 +500,10 @@ def connect(
         )
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     store_bytes = int(object_store_mb * MIB) if object_store_mb and not address else None
-    with _loopback_node(not address and not ray.is_initialized()):
+    local = not address and not ray.is_initialized()
+    # warm workers: only where a worker can run a trial without a job runtime environment
+    warm = warm_workers and local and not py_modules
+    with _loopback_node(local), worker_environment() if warm else contextlib.nullcontext():
         context = ray.init(
             address=address,
             runtime_env={"py_modules": list(py_modules)} if py_modules else None,
@@ -501,11 +513,12 @@ def connect(
             logging_level=logging.WARNING,
             configure_logging=False,
             ignore_reinit_error=True,  # already connected: the context of that connection
+            _system_config=local_preload_config() if warm else None,
         )
     _reinstall(handlers)
     url = getattr(context, "dashboard_url", "") or ""
     url = f"http://{url}" if url and "://" not in url else url
-    return Connection(ray.cluster_resources(), url)
+    return Connection(ray.cluster_resources(), url, warm_workers=warm)
 
 
 def disconnect() -> None:
@@ -639,7 +652,8 @@ def run_sweep(
     try:
         trackers, tracker_env = tracker_callbacks(tracking or {}, store, name)
         if not should_stop():
-            with _tune_environment(tracker_env):
+            warm = tune_actors_on_warm_workers(connection.warm_workers)
+            with _tune_environment(tracker_env), warm:
                 extras = _TuneExtras(_tune_scheduler(scheduler, specs), trackers)
                 _fit(specs, store, resources, name, recorder, shared, energy, plugins, gpus, extras)
     finally:

@@ -1,0 +1,84 @@
+"""Warm workers: a local Ray's pre-started worker processes import the trial code while
+the driver sets the sweep up, and Tune's trial actors start in them.
+
+A local Ray starts one idle worker process per CPU before the first task. Left alone,
+Tune never uses them: it gives its trial actors a runtime environment of their own
+(``PL_DISABLE_FORK=1``, for PyTorch Lightning), and Ray only hands a worker to a task
+whose runtime environment matches the one the worker was started with, so every first
+trial waited for a fresh process and then for torch (about 2 s of CPU here;
+benchmarks/overhead.py). Here the workers get ``PL_DISABLE_FORK`` from the environment
+Ray starts with, Tune's actors none of their own, and Ray's ``preload_python_modules``
+imports ``PRELOAD`` in every worker as it starts. Importing it touches no GPU (CUDA
+reads ``CUDA_VISIBLE_DEVICES`` when a trial first uses it, after Ray has set it).
+
+Each warm worker holds about ``PRELOAD_MB`` of its own memory whether or not a trial
+comes, so a node preloads only while all of them together take at most
+``PRELOAD_SHARE`` of its available memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+PRELOAD = ("workers.trial",)  # torch and the trial code (not the plug-ins: the grid's own)
+PRELOAD_MB = 350  # private memory of a worker that imported PRELOAD (308 MiB measured)
+PRELOAD_SHARE = 0.1  # of the node's available memory, at most, for all idle warm workers
+TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}  # what Tune sets on its actors (its class cache)
+
+
+def preload_config(cpus: int, available_bytes: int) -> dict[str, Any]:
+    """Ray's system config for a local node of ``cpus`` CPUs (one pre-started worker
+    each): the modules to preload, or nothing when they would take more than
+    ``PRELOAD_SHARE`` of ``available_bytes``."""
+    if cpus * PRELOAD_MB * 2**20 > PRELOAD_SHARE * available_bytes:
+        return {}
+    return {"preload_python_modules": list(PRELOAD)}
+
+
+def local_preload_config() -> dict[str, Any]:
+    """``preload_config`` of this machine, as a local Ray would see it."""
+    import psutil
+    from ray._private.utils import get_num_cpus
+
+    return preload_config(get_num_cpus(), psutil.virtual_memory().available)
+
+
+@contextlib.contextmanager
+def worker_environment() -> Iterator[None]:
+    """While a local Ray starts: ``TUNE_ACTOR_ENV`` in the environment it passes on to
+    every worker process, as it was after."""
+    before = {k: os.environ.get(k) for k in TUNE_ACTOR_ENV}
+    os.environ.update(TUNE_ACTOR_ENV)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def tune_actors_on_warm_workers(enabled: bool) -> Iterator[None]:
+    """While Tune runs on a Ray started in ``worker_environment`` (``enabled``): Tune's
+    trial actors without ``TUNE_ACTOR_ENV`` as a runtime environment of their own, since
+    their workers have it already. Tune still passes on the variables it forwards from
+    this process when they are set (cloud credentials, its own settings); a trial then
+    starts in a fresh worker, as before."""
+    if not enabled:
+        yield
+        return
+    from ray.tune.execution import class_cache  # no public setting exists
+
+    before = dict(class_cache.DEFAULT_ENV_VARS)
+    for key in TUNE_ACTOR_ENV:
+        class_cache.DEFAULT_ENV_VARS.pop(key, None)
+    try:
+        yield
+    finally:
+        class_cache.DEFAULT_ENV_VARS.clear()
+        class_cache.DEFAULT_ENV_VARS.update(before)

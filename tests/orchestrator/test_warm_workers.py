@@ -1,0 +1,127 @@
+"""Warm workers: Tune's first trials start in the worker processes a local Ray started
+before Tune asked for them, with the trial code imported already."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray import tune
+
+from orchestrator.tune_driver import _result_files, connect, disconnect
+from orchestrator.warm_workers import (
+    PRELOAD,
+    PRELOAD_MB,
+    TUNE_ACTOR_ENV,
+    preload_config,
+    tune_actors_on_warm_workers,
+    worker_environment,
+)
+
+GIB = 2**30
+
+
+def test_a_node_preloads_while_its_workers_take_a_tenth_of_its_memory() -> None:
+    fits = int(16 * PRELOAD_MB * 2**20 / 0.1)  # 16 workers take exactly a tenth
+    assert preload_config(16, fits) == {"preload_python_modules": list(PRELOAD)}
+    assert preload_config(17, fits) == {}
+    assert preload_config(2, 24 * GIB) == {"preload_python_modules": list(PRELOAD)}
+    assert preload_config(128, 256 * GIB) == {}  # 43.75 GiB of idle workers
+
+
+def test_worker_environment_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:
+    (key,) = TUNE_ACTOR_ENV
+    monkeypatch.delenv(key, raising=False)
+    with worker_environment():
+        assert os.environ[key] == TUNE_ACTOR_ENV[key]
+    assert key not in os.environ
+    monkeypatch.setenv(key, "0")
+    with worker_environment():
+        assert os.environ[key] == TUNE_ACTOR_ENV[key]
+    assert os.environ[key] == "0"
+
+
+def _first_line(config: dict[str, Any]) -> None:
+    """A trial reporting, from its first line, its worker process and whether the trial
+    code was imported there already."""
+    tune.report(
+        {
+            "pid": os.getpid(),
+            "imported": all(m in sys.modules for m in config["modules"]),
+            "pl_disable_fork": os.environ.get("PL_DISABLE_FORK", ""),
+        }
+    )
+
+
+def _tune_trials(trials: int) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as out:
+        tuner = tune.Tuner(
+            tune.with_resources(_first_line, {"cpu": 1}),
+            param_space={"modules": list(PRELOAD), "i": tune.grid_search(list(range(trials)))},
+            tune_config=tune.TuneConfig(reuse_actors=False, max_concurrent_trials=trials),
+            run_config=tune.RunConfig(storage_path=out, verbose=0, callbacks=_result_files()),
+        )
+        return [r.metrics for r in tuner.fit()]
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_tune_trials_start_in_workers_started_before_tune(warm: bool) -> None:
+    """With warm workers, both trials run in processes that existed before Tune was built
+    and had the trial code imported; with Tune's own actor environment, in processes
+    started after it."""
+    assert connect().warm_workers  # a local Ray started here
+    try:
+        before_tune = _idle_ray_workers(2)
+        with tune_actors_on_warm_workers(warm):
+            metrics = _tune_trials(2)
+    finally:
+        disconnect()
+    pids = {m["pid"] for m in metrics}
+    assert all(m["pl_disable_fork"] == "1" for m in metrics)  # Tune's setting, either way
+    assert all(m["imported"] for m in metrics)  # every worker of this Ray preloads
+    assert len(pids) == 2 and len(before_tune) >= 2
+    if warm:
+        assert pids <= before_tune
+    else:
+        assert not pids & before_tune
+
+
+def _idle_ray_workers(count: int) -> set[int]:
+    """The idle worker processes of Ray on this machine (Ray titles them so once their
+    preloading is done), once there are ``count``."""
+    import psutil
+
+    deadline = time.monotonic() + 60
+    while True:
+        idle = {
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [""])[0] == "ray::IDLE"
+        }
+        if len(idle) >= count or time.monotonic() > deadline:
+            return idle
+        time.sleep(0.2)
+
+
+def test_tune_settings_come_back_after_the_run() -> None:
+    from ray.tune.execution import class_cache
+
+    before = dict(class_cache.DEFAULT_ENV_VARS)
+    with tune_actors_on_warm_workers(True):
+        assert not set(TUNE_ACTOR_ENV) & set(class_cache.DEFAULT_ENV_VARS)
+    assert class_cache.DEFAULT_ENV_VARS == before
+    assert set(TUNE_ACTOR_ENV) <= set(before)  # what Tune sets, checked against Tune itself
+
+
+def test_a_job_with_shipped_modules_starts_no_warm_workers(tmp_path: Path) -> None:
+    plugin = tmp_path / "warm_plugin.py"
+    plugin.write_text("X = 1\n")
+    try:
+        assert not connect(py_modules=[str(plugin)]).warm_workers
+    finally:
+        disconnect()
