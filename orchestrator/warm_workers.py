@@ -5,8 +5,8 @@ A local Ray starts one idle worker process per CPU before the first task. Left a
 Tune never uses them: it gives its trial actors a runtime environment of their own
 (``PL_DISABLE_FORK=1``, for PyTorch Lightning), and Ray only hands a worker to a task
 whose runtime environment matches the one the worker was started with, so every first
-trial waited for a fresh process and then for torch (about 2 s of CPU here;
-benchmarks/overhead.py). Here the workers get ``PL_DISABLE_FORK`` from the environment
+trial waited for a fresh process and then for torch and Ray Tune (about 2.5 s of CPU
+here; benchmarks/overhead.py). Here the workers get ``PL_DISABLE_FORK`` from the environment
 Ray starts with, Tune's actors none of their own, and Ray's ``preload_python_modules``
 imports ``PRELOAD`` in every worker as it starts. Importing it touches no GPU (CUDA
 reads ``CUDA_VISIBLE_DEVICES`` when a trial first uses it, after Ray has set it).
@@ -23,8 +23,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-PRELOAD = ("workers.trial",)  # torch and the trial code (not the plug-ins: the grid's own)
-PRELOAD_MB = 350  # private memory of a worker that imported PRELOAD (308 MiB measured)
+# torch and the trial code, Ray Tune and the trainable (not the plug-ins: the grid's own)
+PRELOAD = ("workers.trial", "orchestrator.tune_driver")
+PRELOAD_MB = 400  # private memory of a worker that imported PRELOAD (383 MiB measured)
 PRELOAD_SHARE = 0.1  # of the node's available memory, at most, for all idle warm workers
 TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}  # what Tune sets on its actors (its class cache)
 
