@@ -502,7 +502,7 @@ def connect(
     store_bytes = int(object_store_mb * MIB) if object_store_mb and not address else None
     local = not address and not ray.is_initialized()
     # warm workers: only where a worker can run a trial without a job runtime environment
-    warm = warm_workers and local and not py_modules
+    warm = warm_workers and not py_modules and starts_local_ray(address)
     with _loopback_node(local), worker_environment() if warm else contextlib.nullcontext():
         context = ray.init(
             address=address,
@@ -519,6 +519,17 @@ def connect(
     url = getattr(context, "dashboard_url", "") or ""
     url = f"http://{url}" if url and "://" not in url else url
     return Connection(ray.cluster_resources(), url, warm_workers=warm)
+
+
+def starts_local_ray(address: str | None) -> bool:
+    """Whether ``ray.init(address)`` in this process starts a Ray of its own: not
+    connected yet, and neither ``address``, ``RAY_ADDRESS`` nor a Ray started on this
+    machine by ``ray start`` names one to join (Ray's own lookup, which is private)."""
+    if address or ray.is_initialized():
+        return False
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(None) is None
 
 
 def disconnect() -> None:

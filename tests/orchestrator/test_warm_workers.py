@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from ray import tune
 
-from orchestrator.tune_driver import _result_files, connect, disconnect
+from orchestrator.tune_driver import _result_files, connect, disconnect, starts_local_ray
 from orchestrator.warm_workers import (
     PRELOAD,
     PRELOAD_MB,
@@ -125,3 +125,13 @@ def test_a_job_with_shipped_modules_starts_no_warm_workers(tmp_path: Path) -> No
         assert not connect(py_modules=[str(plugin)]).warm_workers
     finally:
         disconnect()
+
+
+def test_a_ray_to_join_gets_no_warm_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray refuses a system config when it joins a cluster (``RAY_ADDRESS``, ``ray
+    start`` on this machine): only a Ray that ``connect`` starts itself preloads."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert starts_local_ray(None)
+    assert not starts_local_ray("127.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not starts_local_ray(None)
