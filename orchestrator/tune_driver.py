@@ -40,9 +40,9 @@ from orchestrator.spec import TrialSpec
 from orchestrator.tracking import mlflow_environment, mlflow_uri, wandb_mode
 from orchestrator.tune_metrics import epoch_result, final_result, latest_line, stopped_record
 from orchestrator.warm_workers import (
+    TUNE_ACTOR_ENV,
     local_preload_config,
     tune_actors_on_warm_workers,
-    worker_environment,
 )
 
 log = logging.getLogger(__name__)
@@ -445,13 +445,18 @@ class _StopAll(tune.Stopper):
         return self.stop()
 
 
-@contextlib.contextmanager
-def _tune_environment(extra: dict[str, str] | None = None) -> Iterator[None]:
+def _tune_environment(extra: dict[str, str] | None = None) -> contextlib.AbstractContextManager:
     """``TUNE_ENV`` (and ``extra``: the trackers' settings) while Tune is built and runs
     (Tune and the trackers read it then), as it was after."""
-    env = {**TUNE_ENV, **(extra or {})}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    return _environment({**TUNE_ENV, **(extra or {})})
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment (and so in that of the processes it
+    starts) while the block runs, as it was after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -503,7 +508,8 @@ def connect(
     local = not address and not ray.is_initialized()
     # warm workers: only where a worker can run a trial without a job runtime environment
     warm = warm_workers and not py_modules and starts_local_ray(address)
-    with _loopback_node(local), worker_environment() if warm else contextlib.nullcontext():
+    # the workers' environment is the one Ray starts with: Tune's setting for its actors
+    with _loopback_node(local), _environment(TUNE_ACTOR_ENV if warm else {}):
         context = ray.init(
             address=address,
             runtime_env={"py_modules": list(py_modules)} if py_modules else None,

@@ -6,10 +6,11 @@ Tune never uses them: it gives its trial actors a runtime environment of their o
 (``PL_DISABLE_FORK=1``, for PyTorch Lightning), and Ray only hands a worker to a task
 whose runtime environment matches the one the worker was started with, so every first
 trial waited for a fresh process and then for torch and Ray Tune (about 2.5 s of CPU
-here; benchmarks/overhead.py). Here the workers get ``PL_DISABLE_FORK`` from the environment
-Ray starts with, Tune's actors none of their own, and Ray's ``preload_python_modules``
-imports ``PRELOAD`` in every worker as it starts. Importing it touches no GPU (CUDA
-reads ``CUDA_VISIBLE_DEVICES`` when a trial first uses it, after Ray has set it).
+here; benchmarks/overhead.py). Here the workers get ``PL_DISABLE_FORK`` from the
+environment Ray starts with (``orchestrator.tune_driver.connect``), Tune's actors none of
+their own, and Ray's ``preload_python_modules`` imports ``PRELOAD`` in every worker as
+it starts. Importing it asks nothing of CUDA, which reads ``CUDA_VISIBLE_DEVICES``
+once, when it is first asked: after Ray has set it for the trial (a test checks).
 
 Each warm worker holds about ``PRELOAD_MB`` of its own memory whether or not a trial
 comes, so a node preloads only while all of them together take at most
@@ -19,7 +20,6 @@ comes, so a node preloads only while all of them together take at most
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +28,12 @@ PRELOAD = ("workers.trial", "orchestrator.tune_driver")
 PRELOAD_MB = 400  # private memory of a worker that imported PRELOAD (383 MiB measured)
 PRELOAD_SHARE = 0.1  # of the node's available memory, at most, for all idle warm workers
 TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}  # what Tune sets on its actors (its class cache)
+# Ray stops idle workers beyond the node's free CPUs once they have idled a second: when
+# Tune's placement groups take the CPUs, a check in the few ms before Tune asks for its
+# actors stopped the warm workers and started fresh ones (1 sweep in 4 here). Idle
+# workers beyond the free CPUs now stay up to 10 minutes (within the CPUs, Ray keeps
+# them anyway).
+KEEP_IDLE = {"idle_worker_killing_time_threshold_ms": 600_000}
 
 
 def preload_config(cpus: int, available_bytes: int) -> dict[str, Any]:
@@ -36,7 +42,7 @@ def preload_config(cpus: int, available_bytes: int) -> dict[str, Any]:
     ``PRELOAD_SHARE`` of ``available_bytes``."""
     if cpus * PRELOAD_MB * 2**20 > PRELOAD_SHARE * available_bytes:
         return {}
-    return {"preload_python_modules": list(PRELOAD)}
+    return {"preload_python_modules": list(PRELOAD), **KEEP_IDLE}
 
 
 def local_preload_config() -> dict[str, Any]:
@@ -48,28 +54,12 @@ def local_preload_config() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def worker_environment() -> Iterator[None]:
-    """While a local Ray starts: ``TUNE_ACTOR_ENV`` in the environment it passes on to
-    every worker process, as it was after."""
-    before = {k: os.environ.get(k) for k in TUNE_ACTOR_ENV}
-    os.environ.update(TUNE_ACTOR_ENV)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextlib.contextmanager
 def tune_actors_on_warm_workers(enabled: bool) -> Iterator[None]:
-    """While Tune runs on a Ray started in ``worker_environment`` (``enabled``): Tune's
-    trial actors without ``TUNE_ACTOR_ENV`` as a runtime environment of their own, since
-    their workers have it already. Tune still passes on the variables it forwards from
-    this process when they are set (cloud credentials, its own settings); a trial then
-    starts in a fresh worker, as before."""
+    """While Tune runs on a Ray started with ``TUNE_ACTOR_ENV`` in its environment, which
+    its workers inherit (``enabled``): Tune's trial actors without ``TUNE_ACTOR_ENV`` as
+    a runtime environment of their own. Tune still passes on the variables it forwards
+    from this process when they are set (cloud credentials, its own settings); a trial
+    then starts in a fresh worker, as before."""
     if not enabled:
         yield
         return

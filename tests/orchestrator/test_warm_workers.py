@@ -3,6 +3,7 @@ before Tune asked for them, with the trial code imported already."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -13,14 +14,20 @@ from typing import Any
 import pytest
 from ray import tune
 
-from orchestrator.tune_driver import _result_files, connect, disconnect, starts_local_ray
+from orchestrator.tune_driver import (
+    _environment,
+    _result_files,
+    connect,
+    disconnect,
+    starts_local_ray,
+)
 from orchestrator.warm_workers import (
+    KEEP_IDLE,
     PRELOAD,
     PRELOAD_MB,
     TUNE_ACTOR_ENV,
     preload_config,
     tune_actors_on_warm_workers,
-    worker_environment,
 )
 
 GIB = 2**30
@@ -28,20 +35,21 @@ GIB = 2**30
 
 def test_a_node_preloads_while_its_workers_take_a_tenth_of_its_memory() -> None:
     fits = int(16 * PRELOAD_MB * 2**20 / 0.1)  # 16 workers take exactly a tenth
-    assert preload_config(16, fits) == {"preload_python_modules": list(PRELOAD)}
+    warm = {"preload_python_modules": list(PRELOAD), **KEEP_IDLE}
+    assert preload_config(16, fits) == warm
     assert preload_config(17, fits) == {}
-    assert preload_config(2, 24 * GIB) == {"preload_python_modules": list(PRELOAD)}
+    assert preload_config(2, 24 * GIB) == warm
     assert preload_config(128, 256 * GIB) == {}  # 43.75 GiB of idle workers
 
 
-def test_worker_environment_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_environment_ray_starts_with_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:
     (key,) = TUNE_ACTOR_ENV
     monkeypatch.delenv(key, raising=False)
-    with worker_environment():
+    with _environment(TUNE_ACTOR_ENV):
         assert os.environ[key] == TUNE_ACTOR_ENV[key]
     assert key not in os.environ
     monkeypatch.setenv(key, "0")
-    with worker_environment():
+    with _environment(TUNE_ACTOR_ENV):
         assert os.environ[key] == TUNE_ACTOR_ENV[key]
     assert os.environ[key] == "0"
 
@@ -92,20 +100,29 @@ def test_tune_trials_start_in_workers_started_before_tune(warm: bool) -> None:
 
 
 def _idle_ray_workers(count: int) -> set[int]:
-    """The idle worker processes of Ray on this machine (Ray titles them so once their
-    preloading is done), once there are ``count``."""
-    import psutil
-
+    """The worker processes of this process's Ray once ``count`` of them have connected
+    to it (Ray titles them idle then, before they preload), the ones still starting
+    included."""
     deadline = time.monotonic() + 60
     while True:
-        idle = {
-            p.pid
-            for p in psutil.process_iter(["cmdline"])
-            if (p.info["cmdline"] or [""])[0] == "ray::IDLE"
-        }
-        if len(idle) >= count or time.monotonic() > deadline:
-            return idle
+        workers = _ray_workers()
+        if len(workers["idle"]) >= count or time.monotonic() > deadline:
+            return workers["idle"] | workers["starting"]
         time.sleep(0.2)
+
+
+def _ray_workers() -> dict[str, set[int]]:
+    import psutil
+
+    workers: dict[str, set[int]] = {"idle": set(), "starting": set()}
+    for process in psutil.Process().children(recursive=True):  # the local Ray's processes
+        with contextlib.suppress(psutil.Error):
+            cmdline = process.cmdline() or [""]
+            if cmdline[0] == "ray::IDLE":
+                workers["idle"].add(process.pid)
+            elif any(part.endswith("default_worker.py") for part in cmdline):
+                workers["starting"].add(process.pid)
+    return workers
 
 
 def test_tune_settings_come_back_after_the_run() -> None:
@@ -135,3 +152,36 @@ def test_a_ray_to_join_gets_no_warm_workers(monkeypatch: pytest.MonkeyPatch) -> 
     assert not starts_local_ray("127.0.0.1:6379")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert not starts_local_ray(None)
+
+
+CUDA_SPY = """
+import importlib, sys, torch
+asked = []
+def spy(name, real):
+    def call(*args, **kwargs):
+        asked.append(name)
+        return real(*args, **kwargs)
+    return call
+torch._C._cuda_getDeviceCount = spy("device count", torch._C._cuda_getDeviceCount)
+torch.cuda._lazy_init = spy("init", torch.cuda._lazy_init)
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+print(",".join(asked) or "nothing")
+"""
+
+
+@pytest.mark.parametrize("modules", [PRELOAD, ("bitsandbytes",)])
+def test_preloading_asks_nothing_of_cuda(modules: tuple[str, ...]) -> None:
+    """A warm worker imports ``PRELOAD`` before Ray sets the GPUs of the trial it will
+    run: nothing in it may count or initialise devices then (bitsandbytes, which does,
+    shows that the check sees it)."""
+    import subprocess
+
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", CUDA_SPY, *modules], capture_output=True, text=True, check=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    assert (out == "nothing") == (modules == PRELOAD), out
