@@ -156,9 +156,10 @@ def warm_up() -> None:
 TRIAL_IMPORTS = ("workers.trial",)
 
 
-def compare(grid_path: str, context: bool) -> list[str]:
+def compare(grid_path: str, context: bool) -> tuple[list[str], tuple[float, float]]:
     """Both arms on one grid (and, with ``context``, Tune with trials that import what
-    ours import before they start); the printed lines."""
+    ours import before they start); the printed lines and the two ratios (wall/ideal,
+    first trial) vramsweep/Tune."""
     ours, df, conc, cpus = our_arm(grid_path)
     assert not ray.is_initialized()
     peer = tune_arm(ours.trial_s, conc, cpus)
@@ -190,7 +191,7 @@ def compare(grid_path: str, context: bool) -> list[str]:
             f"as ours do; first trial vramsweep/Tune+imp "
             f"{ours.first_trial_s / arms[2].first_trial_s:.2f}x"
         )
-    return lines
+    return lines, (ours.wall_s / peer.wall_s, ours.first_trial_s / peer.first_trial_s)
 
 
 def tiny_grid(trials: int, steps: int, folder: str) -> str:
@@ -215,9 +216,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         grids = [args.grid] if args.grid else [tiny_grid(n, args.steps, tmp) for n in args.sizes]
         warm_up()
+        ratios: dict[str, list[tuple[float, float]]] = {grid: [] for grid in grids}
         for _ in range(args.repeats):
             for i, grid in enumerate(grids):
-                print("\n".join(compare(grid, context=i == 0)), flush=True)
+                lines, ratio = compare(grid, context=i == 0)
+                ratios[grid].append(ratio)
+                print("\n".join(lines), flush=True)
+    if args.repeats > 1:  # Ray's own start varies by about a second from run to run
+        for grid, runs in ratios.items():
+            walls, firsts = zip(*runs, strict=True)
+            print(
+                f"{Path(grid).stem}, median of {len(runs)} runs: vramsweep/Tune wall/ideal "
+                f"{statistics.median(walls):.3f}x, first trial {statistics.median(firsts):.2f}x"
+            )
 
 
 if __name__ == "__main__":
