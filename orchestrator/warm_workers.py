@@ -30,7 +30,7 @@ PRELOAD_SHARE = 0.1  # of the node's available memory, at most, for all idle war
 TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}  # what Tune sets on its actors (its class cache)
 # Ray stops idle workers beyond the node's free CPUs once they have idled a second: when
 # Tune's placement groups take the CPUs, a check in the few ms before Tune asks for its
-# actors stopped the warm workers and started fresh ones (1 sweep in 4 here). Idle
+# actors stopped the warm workers and started fresh ones (3 sweeps in 5 here, loaded). Idle
 # workers beyond the free CPUs now stay up to 10 minutes (within the CPUs, Ray keeps
 # them anyway).
 KEEP_IDLE = {"idle_worker_killing_time_threshold_ms": 600_000}
@@ -38,10 +38,10 @@ KEEP_IDLE = {"idle_worker_killing_time_threshold_ms": 600_000}
 
 def preload_config(cpus: int, available_bytes: int) -> dict[str, Any]:
     """Ray's system config for a local node of ``cpus`` CPUs (one pre-started worker
-    each): the modules to preload, or nothing when they would take more than
+    each): ``KEEP_IDLE``, and the modules to preload unless they would take more than
     ``PRELOAD_SHARE`` of ``available_bytes``."""
     if cpus * PRELOAD_MB * 2**20 > PRELOAD_SHARE * available_bytes:
-        return {}
+        return dict(KEEP_IDLE)
     return {"preload_python_modules": list(PRELOAD), **KEEP_IDLE}
 
 

@@ -37,9 +37,9 @@ def test_a_node_preloads_while_its_workers_take_a_tenth_of_its_memory() -> None:
     fits = int(16 * PRELOAD_MB * 2**20 / 0.1)  # 16 workers take exactly a tenth
     warm = {"preload_python_modules": list(PRELOAD), **KEEP_IDLE}
     assert preload_config(16, fits) == warm
-    assert preload_config(17, fits) == {}
+    assert preload_config(17, fits) == KEEP_IDLE  # Tune's trials still take the workers
     assert preload_config(2, 24 * GIB) == warm
-    assert preload_config(128, 256 * GIB) == {}  # 43.75 GiB of idle workers
+    assert preload_config(128, 256 * GIB) == KEEP_IDLE  # 50 GiB of idle workers
 
 
 def test_the_environment_ray_starts_with_is_undone(monkeypatch: pytest.MonkeyPatch) -> None:
