@@ -192,11 +192,32 @@ def test_a_spent_budget_skips_every_part_and_still_writes_a_valid_report(
     assert "| cap | skipped |" in (tmp_path / "gpu_check.md").read_text()
 
 
-def test_a_part_is_killed_at_its_limit_with_its_process_group(tmp_path: Path) -> None:
+# A part that writes one figure, starts a worker that ignores SIGTERM, and never ends:
+# it outlives any limit whatever the machine's speed (a real part may finish first).
+STUCK_PART = """
+import json, subprocess, sys, time
+out = sys.argv[1]
+doc = {"status": "running", "figures": [{"name": "before", "value": 1}], "notes": []}
+open(out, "w").write(json.dumps(doc))
+code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+subprocess.Popen([sys.executable, "-c", code, out])
+time.sleep(600)
+"""
+
+
+def test_a_part_is_killed_at_its_limit_with_its_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        runner, "part_command", lambda p, out, *_: [sys.executable, "-c", STUCK_PART, str(out)]
+    )
     result = runner.run_part(BY_NAME["methods"], tmp_path, "cpu", True, limit_s=2.0)
     assert result["status"] == "timeout"
     assert "limit of 2 s" in result["reason"]
-    assert 2.0 <= result["wall_s"] < 2.0 + runner.TERM_GRACE_S + 5
+    assert result["figures"] == [{"name": "before", "value": 1}]  # measured before: kept
+    assert 2.0 <= result["wall_s"] < 2.0 + runner.TERM_GRACE_S
+    # The part ended at SIGTERM; its worker, which ignored it, went with the group's SIGKILL.
+    time.sleep(0.2)  # the killed worker, reparented, is reaped
     alive = [p for p in Path("/proc").glob("[0-9]*") if str(tmp_path) in _cmdline(p)]
     assert alive == []
 
