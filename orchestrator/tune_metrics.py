@@ -29,6 +29,8 @@ EPOCH_METRICS: dict[str, tuple[str, str]] = {
     "energy_j": ("min", "energy of the training loop so far, J (per-epoch validation excluded)"),
     "step_time_s": ("min", "wall time per optimizer step in the epoch, s (the first has warm-up)"),
 }
+# which meter measured the epoch's peak_mem_mb and energy_j (record columns, strings)
+EPOCH_SOURCES = ("mem_source", "energy_source")
 # record columns repeated as flat figures in the last result (trackers plot them)
 FINAL_METRICS = (
     "accuracy",
@@ -45,12 +47,13 @@ FINAL_METRICS = (
 )
 
 
-def epoch_result(figures: dict[str, float]) -> dict[str, float] | None:
+def epoch_result(figures: dict[str, Any]) -> dict[str, Any] | None:
     """The Tune result of a trial's live ``figures`` when they close an epoch, else None
     (the step reports in between go to the Ray gauges only)."""
     if EPOCH not in figures:
         return None
-    result = {k: float(figures[k]) for k in EPOCH_METRICS if k in figures}
+    result: dict[str, Any] = {k: float(figures[k]) for k in EPOCH_METRICS if k in figures}
+    result.update({k: str(figures[k]) for k in EPOCH_SOURCES if figures.get(k)})
     result[EPOCH] = int(figures[EPOCH])
     if "step" in figures:
         result["step"] = int(figures["step"])
@@ -82,6 +85,9 @@ def stopped_record(spec: TrialSpec, last: dict[str, Any], reason: str) -> TrialR
     for name in ("train_loss", "val_accuracy", "peak_mem_mb", "energy_j"):
         if isinstance(last.get(name), int | float):
             setattr(record, name, float(last[name]))
+    for name in EPOCH_SOURCES:
+        if isinstance(last.get(name), str):
+            setattr(record, name, last[name])
     if isinstance(last.get("step"), int | float):
         record.steps = int(last["step"])
     return record

@@ -72,8 +72,9 @@ MB = memory.MB
 # options) and says where it came from: the Ray object store, a cache, a decode.
 DataProvider = Callable[[], tuple[ImageData, str]]
 # Receives a trial's live figures (step, loss, peak_mem_mb, energy_j so far) about
-# once per PROGRESS_INTERVAL_S while it trains, and once more at the end.
-ProgressSink = Callable[[dict[str, float]], None]
+# once per PROGRESS_INTERVAL_S while it trains, and once more at the end; an epoch's
+# figures also name their meters (mem_source, energy_source: strings).
+ProgressSink = Callable[[dict[str, Any]], None]
 PROGRESS_INTERVAL_S = 2.0
 
 
@@ -309,6 +310,8 @@ def _finetune(
                     "epoch": epoch, "step": step, "train_loss": train_loss,
                     "peak_mem_mb": peak_so_far(), "energy_j": j_val - excluded_j,
                     "step_time_s": (t_val - t_epoch) / len(losses),
+                    # the meters of those figures (a stopped trial's record names them)
+                    "mem_source": record.mem_source, "energy_source": energy_meter.source,
                 }  # fmt: skip
                 if data.val_x is not None:
                     _begin(guard, "evaluation")

@@ -137,6 +137,10 @@ def test_asha_stops_the_hopeless_trial_and_it_is_recorded(sweep: Sweep) -> None:
     assert pd.isna(stopped["accuracy"]) and stopped["val_accuracy"] >= 0
     last_epoch = [r for r in sweep.results(sweep.hopeless) if "epoch" in r][-1]
     assert stopped["train_loss"] == pytest.approx(last_epoch["train_loss"])
+    # its memory and energy figures name their meters, as the finished trial's do
+    assert stopped["peak_mem_mb"] == pytest.approx(last_epoch["peak_mem_mb"])
+    for source in ("mem_source", "energy_source"):
+        assert stopped[source] == good[source] == last_epoch[source] != ""
     assert "record" not in sweep.results(sweep.hopeless)[-1]
 
     # two configurations (their learning rates differ): only the ok one has figures, the

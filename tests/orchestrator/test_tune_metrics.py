@@ -55,6 +55,12 @@ def test_every_epoch_reports_its_figures_and_the_record_agrees(tmp_path: Path) -
     epochs = [f for f in seen if "epoch" in f]
     assert [f["epoch"] for f in epochs] == [1, 2, 3]
     assert all(set(EPOCH_METRICS) <= set(f) for f in epochs)
+    # the meters are named, as in the record (a stopped trial's record takes them)
+    assert {(f["mem_source"], f["energy_source"]) for f in epochs} == {
+        (record.mem_source, record.energy_source)
+    }
+    assert record.mem_source == "accounted" and record.energy_source in ("rapl", "estimated")
+    assert {epoch_result(f)["mem_source"] for f in epochs} == {"accounted"}
     steps = [f["step"] for f in epochs]
     assert steps == sorted(steps) and steps[-1] == record.steps
     assert all(f["step_time_s"] > 0 and f["peak_mem_mb"] > 0 for f in epochs)
@@ -73,6 +79,8 @@ def test_epoch_result_keeps_epoch_figures_only() -> None:
     )
     assert result == {"epoch": 2, "step": 8, "train_loss": 0.5, "val_accuracy": 0.75}
     assert isinstance(result["epoch"], int)
+    named = epoch_result({"epoch": 1, "mem_source": "cuda_allocator", "energy_source": ""})
+    assert named == {"epoch": 1, "mem_source": "cuda_allocator"}  # an empty name is none
 
 
 def test_final_result_has_the_record_and_its_finite_figures(tmp_path: Path) -> None:
@@ -89,11 +97,15 @@ def test_final_result_has_the_record_and_its_finite_figures(tmp_path: Path) -> N
 def test_a_stopped_record_keeps_its_last_epoch_and_collects(tmp_path: Path) -> None:
     spec = _spec(tmp_path)
     last = {"epoch": 2, "step": 6, "train_loss": 1.25, "val_accuracy": 0.25, "energy_j": 3.0}
+    last |= {"peak_mem_mb": 40.0, "mem_source": "accounted", "energy_source": "rapl"}
     record = stopped_record(spec, last, "stopped early by the scheduler (asha on train_loss)")
     assert record.status == "stopped"
     assert f"after epoch 2 of {spec.train.epochs}" in record.error
     assert (record.steps, record.train_loss, record.val_accuracy) == (6, 1.25, 0.25)
     assert record.energy_j == 3.0 and record.accuracy is None
+    assert (record.peak_mem_mb, record.mem_source, record.energy_source) == (
+        40.0, "accounted", "rapl",
+    )  # fmt: skip
 
     store = RecordStore(tmp_path / "out")
     store.write(record)
