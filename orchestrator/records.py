@@ -165,7 +165,9 @@ class TrialRecord:
         "int", "images of infer_*_batch: train_batch_size halved to fit the budget with the copy"
     )
     deploy_batch_size_used: int | None = _col(
-        "int", "images of deploy_*_batch and per calibration forward, halved to fit the budget"
+        "int",
+        "images of deploy_*_batch and per calibration forward, halved to fit the budget "
+        "(a calibration stopped over budget anyway: its calibration_batch_size in deploy_results)",
     )
     baseline_batch_size_used: int | None = _col(
         "int",
@@ -268,7 +270,7 @@ class TrialRecord:
     deploy_results: str = _col(
         "str",
         "JSON: variant -> accuracy, latency_ms_b1/_batch, peak_mem_mb_b1/_batch, size_mb, "
-        "simulated, file, skipped (why a variant has no figures)",
+        "calibration_batch_size, simulated, file, skipped (why a variant has no figures)",
         "",
     )
     deploy_artifacts: str = _col(

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import tempfile
@@ -62,7 +63,7 @@ from torch import nn
 from orchestrator.records import write_file
 from orchestrator.spec import is_int, is_number
 from workers.backbones import MAMBA, family
-from workers.batch_fit import fit_batch
+from workers.batch_fit import fit_batch, with_halving
 from workers.cost import (
     inference_model,
     measure_inference,
@@ -145,6 +146,7 @@ class VariantResult:
     peak_mem_mb_b1: float | None = None  # stored weights + input + forward peak, batch 1
     peak_mem_mb_batch: float | None = None
     batch_size: int | None = None  # images of the *_batch figures (fitted to the budget)
+    calibration_batch_size: int | None = None  # images per calibration forward (halved on a stop)
     size_mb: float | None = None  # its safetensors file
     simulated: bool = False  # quantize-dequantize in float, no int8 kernel
     file: str = ""  # where its file was exported ("" = measured, not kept)
@@ -307,17 +309,11 @@ def _variant(variant: str, reference: nn.Module, ctx: _Context) -> VariantResult
         result.skipped = reason
         log.info("deploy: %s skipped: %s", variant, reason)
         return result
-    config = ctx.config
     try:
-        built = reference  # float: the merged copy itself; the others a quantized copy of it
+        # float: the merged copy itself; the others a quantized copy of it
+        built = reference
         if variant != "float":
-            built = quantize_model(
-                copy.deepcopy(reference),
-                variant,
-                ctx.calibration,
-                percentile=config.percentile,
-                bc_groups=config.bc_groups,
-            )
+            built, result.calibration_batch_size = _quantized(variant, reference, ctx)
         result.accuracy = ctx.evaluate(built)
         cost = measure_inference(
             built,
@@ -347,6 +343,34 @@ def _variant(variant: str, reference: nn.Module, ctx: _Context) -> VariantResult
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def _quantized(variant: str, reference: nn.Module, ctx: _Context) -> tuple[nn.Module, int]:
+    """A copy of ``reference`` quantized by ``variant``, calibrated on the phase's batches,
+    and the images per calibration forward: an over-budget stop or out-of-memory error
+    while calibrating halves the calibration batches and builds it again
+    (``workers.batch_fit.with_halving``)."""
+
+    def build(batch: int) -> nn.Module:
+        calibration = [part for xb in ctx.calibration for part in xb.split(batch)]
+        return quantize_model(
+            copy.deepcopy(reference),
+            variant,
+            calibration,
+            percentile=ctx.config.percentile,
+            bc_groups=ctx.config.bc_groups,
+        )
+
+    def free() -> None:
+        gc.collect()  # the failed try's copy
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    largest = max((len(xb) for xb in ctx.calibration), default=1)
+    built, batch = with_halving(build, largest, 1, f"deployment ({variant} calibration)", free)
+    if batch < largest:
+        log.warning("deploy: %s calibrated in batches of %d to fit the budget", variant, batch)
+    return built, batch
 
 
 def _publish(local: Path, target: str) -> str:

@@ -21,6 +21,7 @@ from orchestrator.grid import GridError, parse_grid
 from orchestrator.records import SCHEMA_VERSION, RecordStore, TrialRecord, schema_fields
 from orchestrator.spec import TrainConfig, TrialSpec
 from workers import deploy as deploy_module
+from workers import memory
 from workers.backbones import classifier_name, create_backbone
 from workers.cost import _adapter_layers, _four_bit_layers, inference_model
 from workers.data import ImageData
@@ -216,6 +217,45 @@ def test_quamba2_is_skipped_on_a_transformer_and_a_failing_variant_is_a_result(
     assert skipped["float"] == skipped["int8"] == ""
     assert out.variants["w8a8"].accuracy is None and out.shipped.accuracy == 0.5
     assert json.loads(out.to_json())["quamba2"]["skipped"] == skipped["quamba2"]
+
+
+def test_a_calibration_stopped_over_budget_is_halved_and_built_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The trial's memory guard checks before every block's forward (``RssGuard.watch``);
+    here it stops any calibration forward of more than 2 images: the batches of 8 are
+    split until one fits, and the variant is what a calibration in batches of 2 gives."""
+    _, model = adapted("lora", {"r": 4})
+    real = deploy_module.quantize_model
+    seen: list[int] = []
+
+    def guarded(model: nn.Module, recipe: str, calibration: Any, **kwargs: Any) -> nn.Module:
+        def check(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen.append(len(args[0]))
+            if len(args[0]) > 2:
+                raise memory.OverBudget(90.0, 64.0, "process memory growth in deployment:")
+
+        handles = [b.register_forward_pre_hook(check) for b in model.blocks]
+        built = real(model, recipe, calibration, **kwargs)
+        for handle in handles:
+            handle.remove()
+        return built
+
+    monkeypatch.setattr(deploy_module, "quantize_model", guarded)
+    out = run_deploy(model, str(tmp_path), variants=["w8a8"], ship="w8a8")
+    assert out.shipped.skipped == "" and out.shipped.accuracy == 0.5
+    assert out.shipped.peak_mem_mb_batch is not None
+    assert seen[0] == 8 and seen[1] == 4 and max(seen[2:]) == 2  # 8, then 4, then 2: it fits
+    assert "w8a8 calibrated in batches of 2 to fit the budget" in caplog.text
+    assert json.loads(out.to_json())["w8a8"]["calibration_batch_size"] == 2
+
+    reference, _ = inference_model(model, 32, CPU, dequantize=True)
+    halves = [part for xb in calibration_batches() for part in xb.split(2)]
+    direct = quantize_model(copy.deepcopy(reference), "w8a8", halves)
+    exported = safetensors.torch.load_file(tmp_path / "w8a8.safetensors")
+    expected = direct.state_dict()
+    assert exported.keys() == expected.keys()
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
 
 
 # ---------------------------------------------------------------- the trial
