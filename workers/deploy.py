@@ -71,7 +71,7 @@ from workers.cost import (
     weight_bytes,
 )
 from workers.memory import MB, OverBudget
-from workers.quantization import MAMBA_RECIPES, quantize_model, simulation_tensors
+from workers.quantization import MAMBA_RECIPES, calibrates, quantize_model, simulation_tensors
 
 log = logging.getLogger(__name__)
 
@@ -345,11 +345,11 @@ def _variant(variant: str, reference: nn.Module, ctx: _Context) -> VariantResult
     return result
 
 
-def _quantized(variant: str, reference: nn.Module, ctx: _Context) -> tuple[nn.Module, int]:
+def _quantized(variant: str, reference: nn.Module, ctx: _Context) -> tuple[nn.Module, int | None]:
     """A copy of ``reference`` quantized by ``variant``, calibrated on the phase's batches,
-    and the images per calibration forward: an over-budget stop or out-of-memory error
-    while calibrating halves the calibration batches and builds it again
-    (``workers.batch_fit.with_halving``)."""
+    and the images per calibration forward (None: weight-only, no calibration). An
+    over-budget stop or out-of-memory error while calibrating halves the calibration
+    batches and builds it again (``workers.batch_fit.with_halving``)."""
 
     def build(batch: int) -> nn.Module:
         calibration = [part for xb in ctx.calibration for part in xb.split(batch)]
@@ -370,7 +370,7 @@ def _quantized(variant: str, reference: nn.Module, ctx: _Context) -> tuple[nn.Mo
     built, batch = with_halving(build, largest, 1, f"deployment ({variant} calibration)", free)
     if batch < largest:
         log.warning("deploy: %s calibrated in batches of %d to fit the budget", variant, batch)
-    return built, batch
+    return built, batch if calibrates(variant) else None
 
 
 def _publish(local: Path, target: str) -> str:

@@ -408,6 +408,11 @@ def mamba_mixers(model: nn.Module) -> list[str]:
     return sorted(owners)
 
 
+def calibrates(recipe: str) -> bool:
+    """Whether ``recipe`` quantizes activations, from calibration (all but weight-only int8)."""
+    return recipe != "int8"
+
+
 def plan(model: nn.Module, recipe: str, percentile: float = 99.99, bc_groups: int = 4) -> Plan:
     """The sites of ``recipe`` (one of ``RECIPES``) on ``model``; see the module doc."""
     if recipe not in RECIPES:
@@ -416,7 +421,7 @@ def plan(model: nn.Module, recipe: str, percentile: float = 99.99, bc_groups: in
         raise ValueError(f"{recipe} needs a Mamba backbone: the model has no Mamba mixer")
     if recipe == "quamba":
         return _quamba_plan(model)
-    act = recipe != "int8"
+    act = calibrates(recipe)
     ssm = recipe in ("w8a8_ssm", "quamba2")
     prefix = [f"{m}." if m else "" for m in mamba_mixers(model)] if ssm else []
     rotated = {p + c for p in prefix for c in ("in_proj", "out_proj")}

@@ -242,12 +242,15 @@ def test_a_calibration_stopped_over_budget_is_halved_and_built_again(
         return built
 
     monkeypatch.setattr(deploy_module, "quantize_model", guarded)
-    out = run_deploy(model, str(tmp_path), variants=["w8a8"], ship="w8a8")
+    out = run_deploy(model, str(tmp_path), variants=["int8", "w8a8"], ship="w8a8")
     assert out.shipped.skipped == "" and out.shipped.accuracy == 0.5
     assert out.shipped.peak_mem_mb_batch is not None
     assert seen[0] == 8 and seen[1] == 4 and max(seen[2:]) == 2  # 8, then 4, then 2: it fits
     assert "w8a8 calibrated in batches of 2 to fit the budget" in caplog.text
-    assert json.loads(out.to_json())["w8a8"]["calibration_batch_size"] == 2
+    results = json.loads(out.to_json())
+    assert results["w8a8"]["calibration_batch_size"] == 2
+    assert results["int8"]["calibration_batch_size"] is None  # weight-only: no calibration
+    assert results["int8"]["skipped"] == ""
 
     reference, _ = inference_model(model, 32, CPU, dequantize=True)
     halves = [part for xb in calibration_batches() for part in xb.split(2)]
