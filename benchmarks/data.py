@@ -6,15 +6,15 @@
    224 px (DTD decoded), to 32 px (the shipped grids) and to 224 px:
 
    - ours: ``workers.data.batches`` (the whole dataset one uint8 tensor, every step a
-     batched tensor op), in the main process (on the CPU it makes batches on one
-     intra-op thread of the ``cpu_count`` it is given, each into the buffer of an earlier
-     batch that nothing holds any more);
+     batched tensor op), in the main process, by its ``cpu_count`` intra-op threads (on
+     the CPU each batch into the buffer of an earlier one that nothing holds any more);
+     beside it, for context, the same on one thread (``ours 1t``);
    - torchvision: a ``DataLoader`` (shuffled, 0, 2 and cpu_count worker processes,
      pinned memory when a GPU takes the batches) over the same uint8 images, per item
      either PIL (``RandomResizedCrop``, ``RandomHorizontalFlip``, ``ToTensor``,
      ``Normalize``) or ``transforms.v2`` on uint8 tensors (the same, bilinear without
      antialiasing as ours, ``ToDtype``), cast to the compute dtype in the worker;
-     without workers the transforms run on one thread (faster here than a team).
+     without workers the transforms run on the ``cpu_count`` threads, as ours.
 
    The best peer of each row is the arm with the highest median; the ratio is ours
    over it, median (and range) of the repeats, every arm of a repeat run back to back
@@ -78,14 +78,19 @@ def _rate(feed: Iterable, n_batches: int, device: torch.device) -> float:
 
 
 def ours(x: torch.Tensor, y: torch.Tensor, size: int, dtype: torch.dtype, n_batches: int,
-         device: torch.device) -> float:  # fmt: skip
-    """Images/s of our augmented batches."""
+         device: torch.device, threads: int | None = None) -> float:  # fmt: skip
+    """Images/s of our augmented batches (on ``threads`` intra-op threads if given)."""
     feed = batches(
         x, y, BATCH, size=size, mean=MEAN, std=STD, device=device,
         generator=torch.Generator().manual_seed(0), augment=Augment(SCALE, RATIO, True),
         drop_last=True, dtype=dtype,
     )  # fmt: skip
-    return _rate(feed, n_batches, device)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return _rate(feed, n_batches, device)
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Cast:
@@ -152,18 +157,12 @@ def peer_arms(device: torch.device) -> list[tuple[str, str, int, bool]]:
 
 def peer(dataset: _Items, workers: int, pin: bool, n_batches: int, device: torch.device) -> float:
     """Images/s of a torchvision DataLoader. Without workers its per-image transforms run
-    here on one thread: their small ops gain nothing from a thread team (workers run
-    one thread each anyway)."""
+    here on this process's threads (each worker runs one thread, as PyTorch sets it)."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
         pin_memory=pin,
     )  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if workers == 0 else threads)
-    try:
-        return _rate(loader, n_batches, device)
-    finally:
-        torch.set_num_threads(threads)
+    return _rate(loader, n_batches, device)
 
 
 def throughput(n_batches: int, repeats: int, device: torch.device) -> None:
@@ -181,6 +180,9 @@ def throughput(n_batches: int, repeats: int, device: torch.device) -> None:
                 resident = x.to(device)
                 rates.setdefault(row + ("ours",), []).append(
                     ours(resident, y, size, dtype, n_batches, device)
+                )
+                rates.setdefault(row + ("ours 1t",), []).append(
+                    ours(resident, y, size, dtype, n_batches, device, threads=1)
                 )
                 for label, kind, workers, pin in arms:
                     dataset = _Items(x, y, size, dtype, kind)
@@ -217,11 +219,11 @@ def _print_table(rates: dict[tuple, list[float]], labels: list[str], n_batches: 
         return statistics.median(rates[key])
 
     print(f"batches of {BATCH}, {n_batches} timed per arm, median of {repeats} repeats, "
-          f"{threads} cores, ours on {device} (on the CPU batches run on one thread); "
-          "images/s")  # fmt: skip
-    print("| stored -> out | dtype | ours | " + " | ".join(f"tv {lb}" for lb in labels)
+          f"{threads} cores and threads, ours on {device}; images/s")  # fmt: skip
+    print("| stored -> out | dtype | ours | ours 1t | "
+          + " | ".join(f"tv {lb}" for lb in labels)
           + " | best peer | ours / best (range) |")  # fmt: skip
-    print("|---|---|" + "---:|" * (len(labels) + 1) + "---|---:|")
+    print("|---|---|" + "---:|" * (len(labels) + 2) + "---|---:|")
     for side, size in CASES:
         for name in DTYPES:
             row = (side, size, name)
@@ -230,7 +232,8 @@ def _print_table(rates: dict[tuple, list[float]], labels: list[str], n_batches: 
                 a / b for a, b in zip(rates[row + ("ours",)], rates[row + (best,)], strict=True)
             ]
             cells = " | ".join(f"{med(row + (lb,)):.0f}" for lb in labels)
-            print(f"| {side} -> {size} | {name} | {med(row + ('ours',)):.0f} | {cells} | "
+            print(f"| {side} -> {size} | {name} | {med(row + ('ours',)):.0f} | "
+                  f"{med(row + ('ours 1t',)):.0f} | {cells} | "
                   f"{best} | {statistics.median(ratios):.2f}x "
                   f"({min(ratios):.2f}-{max(ratios):.2f}) |")  # fmt: skip
 

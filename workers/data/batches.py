@@ -4,7 +4,8 @@ Every step is one batched call on the trial's device: gather, then crop (with
 augmentation, a seeded random-resized crop and flip drawn for the whole batch at once),
 resize, normalise and convert in one ``resample`` (no PIL, no per-image transform). On
 the CPU a batch is written into a buffer of an earlier batch that nothing holds any more
-(``_Buffers``) rather than into new memory.
+(``_Buffers``) rather than into new memory, by the caller's intra-op threads (a trial's:
+its CPUs; ``benchmarks/data.py`` measures them against one thread).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -115,15 +115,14 @@ def batches(
             if order is not None
             else slice(start, start + batch_size)
         )
-        with _one_thread(device):
-            # index_select copies whole images, advanced indexing element by element
-            xb = x[idx] if isinstance(idx, slice) else x.index_select(0, idx)
-            xb = xb.to(device, non_blocking=True)
-            # no name keeps the buffer here: a batch its consumer dropped is free
-            shape = (len(xb), xb.shape[1], size, size)
-            out = buffers.take(shape, dtype) if buffers is not None else None
-            xb = _images(xb, size, scale, shift, dtype, augment, generator, out)
-            del out
+        # index_select copies whole images, advanced indexing element by element
+        xb = x[idx] if isinstance(idx, slice) else x.index_select(0, idx)
+        xb = xb.to(device, non_blocking=True)
+        # no name keeps the buffer here: a batch its consumer dropped is free
+        shape = (len(xb), xb.shape[1], size, size)
+        out = buffers.take(shape, dtype) if buffers is not None else None
+        xb = _images(xb, size, scale, shift, dtype, augment, generator, out)
+        del out
         yield xb, y[idx].to(device, non_blocking=True)
 
 
@@ -178,20 +177,3 @@ class _Buffers:
 def _holders(buffer: torch.Tensor) -> int:
     """References to ``buffer``'s memory: itself, and every tensor viewing it."""
     return _use_count(buffer.untyped_storage()._cdata)  # type: ignore[misc]
-
-
-@contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """Batches made on the CPU on one intra-op thread. Their ops are short passes over
-    memory, and a team of threads waits at each for its slowest member: a whole time
-    slice whenever other work holds a core. On the shared 2-core machine this measured
-    one thread faster at every size (`benchmarks/data.py`, docs/measurements.md)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
