@@ -228,6 +228,6 @@ def test_batches_are_made_by_the_callers_threads() -> None:
                 device=torch.device("cpu"), generator=torch.Generator(), augment=AUGMENT,
             ):  # fmt: skip
                 assert torch.get_num_threads() == 2  # the trial's step keeps its threads
-        assert seen == [2, 2]  # a trial's CPUs make its batches (one thread: 1.4-1.7x slower)
+        assert seen == [2, 2]  # a trial's CPUs make its batches (one: 1.1-1.8x slower)
     finally:
         torch.set_num_threads(threads)
