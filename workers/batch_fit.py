@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,11 +63,11 @@ def fit_batch(
 
 
 def with_halving(
-    run: Callable[[int], T], batch: int, floor: int, phase: str, on_retry: Callable[[], None]
+    run: Callable[[int], T], batch: int, floor: int, phase: str, device: torch.device
 ) -> tuple[T, int]:
     """``run(batch)``; an over-budget stop or out-of-memory error halves the batch and runs
-    again while it stays >= ``floor`` (``on_retry`` frees what the failed try left).
-    Returns the result and the batch that produced it."""
+    again while it stays >= ``floor``, once what the failed try left on ``device`` is
+    freed. Returns the result and the batch that produced it."""
     floor = max(1, min(floor, batch))
     while True:
         try:
@@ -75,5 +76,8 @@ def with_halving(
             if batch // 2 < floor:
                 raise
             log.warning("%s over budget at batch %d: halved", phase, batch)
-            on_retry()
-            batch //= 2
+        # out of the except: its traceback no longer holds the failed try's frames
+        gc.collect()  # what they held in reference cycles (a model copy's patched blocks)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        batch //= 2

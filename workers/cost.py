@@ -487,11 +487,7 @@ def measure_inference(
         latency = _median_ms(forward, device, repeats, warmup)
         return latency, (weights + forward_peak_bytes(forward, x, device)) / MB
 
-    def free() -> None:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    one, _ = with_halving(measure, 1, 1, phase, free)
+    one, _ = with_halving(measure, 1, 1, phase, device)
     batch = batch_size
     if budget_bytes is not None:
         per_image = one[1] * MB - weights  # the batch-1 forward, input included
@@ -503,7 +499,7 @@ def measure_inference(
             floor=1,
             phase=phase,
         ).batch_size
-    at_batch, batch = (one, 1) if batch == 1 else with_halving(measure, batch, 1, phase, free)
+    at_batch, batch = (one, 1) if batch == 1 else with_halving(measure, batch, 1, phase, device)
     return InferenceCost(
         latency_ms_b1=one[0],
         latency_ms_batch=at_batch[0],

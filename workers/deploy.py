@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import json
 import logging
 import tempfile
@@ -361,13 +360,9 @@ def _quantized(variant: str, reference: nn.Module, ctx: _Context) -> tuple[nn.Mo
             bc_groups=ctx.config.bc_groups,
         )
 
-    def free() -> None:
-        gc.collect()  # the failed try's copy
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     largest = max((len(xb) for xb in ctx.calibration), default=1)
-    built, batch = with_halving(build, largest, 1, f"deployment ({variant} calibration)", free)
+    phase = f"deployment ({variant} calibration)"
+    built, batch = with_halving(build, largest, 1, phase, ctx.device)
     if batch < largest:
         log.warning("deploy: %s calibrated in batches of %d to fit the budget", variant, batch)
     return built, batch if calibrates(variant) else None

@@ -45,10 +45,10 @@ def test_an_over_budget_stop_halves_and_runs_again_down_to_the_floor() -> None:
             raise memory.OverBudget(batch, 20, phase="inference")
         return f"ran {batch}"
 
-    assert with_halving(run, 64, 1, "inference", lambda: None) == ("ran 16", 16)
+    assert with_halving(run, 64, 1, "inference", torch.device("cpu")) == ("ran 16", 16)
     assert tried == [64, 32, 16]
     with pytest.raises(memory.OverBudget):
-        with_halving(run, 64, 40, "inference", lambda: None)  # 32 is below the floor
+        with_halving(run, 64, 40, "inference", torch.device("cpu"))  # 32 is below the floor
 
 
 def _finetune(budget_mb: float) -> TrialSpec:
