@@ -9,8 +9,9 @@ trial waited for a fresh process and then for torch and Ray Tune (about 2.5 s of
 here; benchmarks/overhead.py). Here the workers get ``PL_DISABLE_FORK`` from the
 environment Ray starts with (``orchestrator.tune_driver.connect``), Tune's actors none of
 their own, and Ray's ``preload_python_modules`` imports ``PRELOAD`` in every worker as
-it starts. Importing it asks nothing of CUDA, which reads ``CUDA_VISIBLE_DEVICES``
-once, when it is first asked: after Ray has set it for the trial (a test checks).
+it starts (``orchestrator.warm_import``: the trial code, ``TRIAL_MODULES``). Importing
+it asks nothing of CUDA, which reads ``CUDA_VISIBLE_DEVICES`` once, when it is first
+asked: after Ray has set it for the trial (a test checks).
 
 Each warm worker holds about ``PRELOAD_MB`` of its own memory whether or not a trial
 comes, so a node preloads only while all of them together take at most
@@ -24,7 +25,9 @@ from collections.abc import Iterator
 from typing import Any
 
 # torch and the trial code, Ray Tune and the trainable (not the plug-ins: the grid's own)
-PRELOAD = ("workers.trial", "orchestrator.tune_driver")
+TRIAL_MODULES = ("workers.trial", "orchestrator.tune_driver")
+# what Ray imports in a warm worker: TRIAL_MODULES, the collector paused meanwhile
+PRELOAD = ("orchestrator.warm_import",)
 PRELOAD_MB = 400  # private memory of a worker that imported PRELOAD (383 MiB measured)
 PRELOAD_SHARE = 0.1  # of the node's available memory, at most, for all idle warm workers
 TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}  # what Tune sets on its actors (its class cache)

@@ -25,6 +25,7 @@ from orchestrator.warm_workers import (
     KEEP_IDLE,
     PRELOAD,
     PRELOAD_MB,
+    TRIAL_MODULES,
     TUNE_ACTOR_ENV,
     preload_config,
     tune_actors_on_warm_workers,
@@ -70,7 +71,10 @@ def _tune_trials(trials: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as out:
         tuner = tune.Tuner(
             tune.with_resources(_first_line, {"cpu": 1}),
-            param_space={"modules": list(PRELOAD), "i": tune.grid_search(list(range(trials)))},
+            param_space={
+                "modules": [*PRELOAD, *TRIAL_MODULES],
+                "i": tune.grid_search(list(range(trials))),
+            },
             tune_config=tune.TuneConfig(reuse_actors=False, max_concurrent_trials=trials),
             run_config=tune.RunConfig(storage_path=out, verbose=0, callbacks=_result_files()),
         )
@@ -185,3 +189,34 @@ def test_preloading_asks_nothing_of_cuda(modules: tuple[str, ...]) -> None:
         .splitlines()[-1]
     )
     assert (out == "nothing") == (modules == PRELOAD), out
+
+
+GC_SPY = """
+import gc, importlib, sys
+import ray  # a Ray worker has imported it before it preloads
+collections = []
+gc.callbacks.append(lambda phase, info: phase == "start" and collections.append(info))
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+print(len(collections), gc.get_freeze_count(), gc.isenabled())
+"""
+
+
+@pytest.mark.parametrize("modules", [PRELOAD, TRIAL_MODULES])
+def test_a_warm_worker_imports_the_trial_code_without_collections(
+    modules: tuple[str, ...],
+) -> None:
+    """``PRELOAD`` imports ``TRIAL_MODULES`` with the cyclic collector paused and freezes
+    what they made, leaving the collector on; imported plainly, the same modules set it
+    off many times (so the check sees collections)."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", GC_SPY, *modules], capture_output=True, text=True, check=True
+    ).stdout.split()
+    collections, frozen, enabled = int(out[0]), int(out[1]), out[2]
+    assert enabled == "True"
+    if modules == PRELOAD:
+        assert collections == 0 and frozen > 100_000, out
+    else:
+        assert collections > 10 and frozen == 0, out
