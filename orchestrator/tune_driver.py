@@ -467,6 +467,16 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+# A local Ray's raylet connects to its own object store (and every worker to the raylet)
+# through a socket, and when it asks before the other side listens, Ray waits a second
+# before it asks again: 326 of 1,030 local starts here (Ray's logs), each a second
+# late. Asking every 10 ms, 1,000 times, gives up after the same 10 s.
+RAYLET_CONNECT = {
+    "raylet_client_connect_timeout_milliseconds": 10,
+    "raylet_client_num_connect_attempts": 1000,
+}
+
+
 @dataclass(frozen=True)
 class Connection:
     """The Ray cluster a sweep runs on."""
@@ -493,8 +503,9 @@ def connect(
     pre-started workers import the trial code and take Tune's trials
     (``orchestrator.warm_workers``; not where plug-ins are shipped).
 
-    A local Ray listens on 127.0.0.1 only (``_loopback_node``); a cluster of one's own
-    (``ray start --head``, joined with ``address``) listens where it was told to."""
+    A local Ray listens on 127.0.0.1 only (``_loopback_node``) and retries its sockets
+    every 10 ms (``RAYLET_CONNECT``); a cluster of one's own (``ray start --head``,
+    joined with ``address``) listens where it was told to."""
     if address and not ray.is_initialized():
         _use_token_if_available()
     if py_modules and ray.is_initialized():
@@ -506,8 +517,10 @@ def connect(
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     store_bytes = int(object_store_mb * MIB) if object_store_mb and not address else None
     local = not address and not ray.is_initialized()
+    starts = starts_local_ray(address)  # a Ray that joins refuses a system config
     # warm workers: only where a worker can run a trial without a job runtime environment
-    warm = warm_workers and not py_modules and starts_local_ray(address)
+    warm = warm_workers and not py_modules and starts
+    system = {**RAYLET_CONNECT, **(local_preload_config() if warm else {})}
     # the workers' environment is the one Ray starts with: Tune's setting for its actors
     with _loopback_node(local), _environment(TUNE_ACTOR_ENV if warm else {}):
         context = ray.init(
@@ -519,7 +532,7 @@ def connect(
             logging_level=logging.WARNING,
             configure_logging=False,
             ignore_reinit_error=True,  # already connected: the context of that connection
-            _system_config=local_preload_config() if warm else None,
+            _system_config=system if starts else None,
         )
     _reinstall(handlers)
     url = getattr(context, "dashboard_url", "") or ""

@@ -39,7 +39,6 @@ from orchestrator.records import TrialRecord
 from orchestrator.spec import TrialSpec
 from workers import eval_batch, memory
 from workers.backbones import classifier_name, create_backbone, input_size
-from workers.baselines import BaselineContext, run_baseline
 from workers.checkpoint_plan import Infeasible
 from workers.checkpointing import Checkpointer, block_modes, find_blocks
 from workers.cost import forward_macs, inference_cost, weight_bytes
@@ -52,7 +51,6 @@ from workers.data import (
     resident_on,
     select,
 )
-from workers.deploy import DeployConfig, deploy
 from workers.energy import (
     EnergyConfig,
     EnergyMeasurement,
@@ -633,6 +631,8 @@ def _baseline(
     CPU the accounted peak is the model, the largest input batch and the features,
     embeddings or key/value caches the baseline holds.
     """
+    from workers.baselines import BaselineContext, run_baseline  # a trial's own kind, not every
+
     _seed_everything(spec.seed)
     data = _data(spec, device, record, data)
     _apply_cap(spec, device, record)
@@ -800,6 +800,8 @@ def _deploy(
     trial's batch size; the shipped variant's figures in the flat deploy_* columns."""
     if not spec.deploy:
         return
+    from workers.deploy import DeployConfig, deploy  # with quantization: only when asked
+
     config = DeployConfig(**spec.deploy)
     batch_size = spec.train.batch_size
     order = torch.Generator().manual_seed(spec.seed)

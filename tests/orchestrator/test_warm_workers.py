@@ -15,6 +15,7 @@ import pytest
 from ray import tune
 
 from orchestrator.tune_driver import (
+    RAYLET_CONNECT,
     _environment,
     _result_files,
     connect,
@@ -127,6 +128,23 @@ def _ray_workers() -> dict[str, set[int]]:
             elif any(part.endswith("default_worker.py") for part in cmdline):
                 workers["starting"].add(process.pid)
     return workers
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_local_ray_asks_for_its_sockets_every_ten_milliseconds(warm: bool) -> None:
+    """Every Ray that ``connect`` starts retries its raylet's connections every 10 ms
+    (Ray's default, a second, made one start in two a second late); only a warm one
+    preloads."""
+    from ray._private.state import state
+
+    connection = connect(warm_workers=warm)
+    try:
+        config = state.get_system_config()  # what the node's processes were given
+    finally:
+        disconnect()
+    assert connection.warm_workers == warm
+    assert RAYLET_CONNECT.items() <= config.items()
+    assert ("preload_python_modules" in config) == warm
 
 
 def test_tune_settings_come_back_after_the_run() -> None:
