@@ -232,9 +232,10 @@ def main() -> None:
 
 def summary(name: str, pairs: list[tuple[Arm, Arm]]) -> str:
     """Each arm's median over the runs, and their ratios. Ray's own start takes a second
-    longer in about two runs in five, whichever arm starts it (its driver polls the
-    node's registration once a second): a ratio of one run compares two such draws, a
-    ratio of the medians the typical run of each."""
+    longer in about two starts in five here, whichever arm starts it (``ray.init`` polls
+    the node's registration once a second, and the node registers about 1.1 s after its
+    raylet starts): one run's ratio compares two such draws, the ratio of the medians
+    the typical run of each."""
     ours_wall = statistics.median(o.wall_s / o.ideal_s for o, _ in pairs)
     peer_wall = statistics.median(p.wall_s / p.ideal_s for _, p in pairs)
     ours_first = statistics.median(o.first_trial_s for o, _ in pairs)

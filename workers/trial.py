@@ -631,7 +631,7 @@ def _baseline(
     CPU the accounted peak is the model, the largest input batch and the features,
     embeddings or key/value caches the baseline holds.
     """
-    from workers.baselines import BaselineContext, run_baseline  # a trial's own kind, not every
+    from workers.baselines import BaselineContext, run_baseline  # not in every worker's start
 
     _seed_everything(spec.seed)
     data = _data(spec, device, record, data)
@@ -800,7 +800,7 @@ def _deploy(
     trial's batch size; the shipped variant's figures in the flat deploy_* columns."""
     if not spec.deploy:
         return
-    from workers.deploy import DeployConfig, deploy  # with quantization: only when asked
+    from workers.deploy import DeployConfig, deploy  # and quantization: only when asked for
 
     config = DeployConfig(**spec.deploy)
     batch_size = spec.train.batch_size
