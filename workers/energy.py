@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -392,29 +393,41 @@ class NvmlPowerMeter(EnergyMeter):
         self._samples: list[tuple[float, float]] = []
         self._counts: list[int | None] = []
         self._poller: _Poller | None = None
+        self._opened = 0.0  # clock of the opening reading
 
     def _sample(self) -> None:
         self._samples.append((self._clock(), self._gpu.power_w()))
 
     def _begin(self) -> None:
+        # the samples span the window's clock: the opening reading is the last thing
+        # before it starts, the closing one is stamped when it stops (a loaded machine
+        # takes milliseconds to start or join the poller's thread)
         self._gpu.open()
         try:
-            self._samples = []
-            self._sample()
             self._counts = [self._gpu.compute_processes()]
+            self._samples = []
+            self._poller = _Poller(self._sample, self._interval, name="nvml-power-poller")
+            opening = (self._clock(), self._gpu.power_w())
+            self._samples.append(opening)
+            self._opened = opening[0]
         except BaseException:
+            with contextlib.suppress(MeterError):
+                if self._poller is not None:
+                    self._poller.stop()
+            self._poller = None
             self._gpu.close()
             raise
-        self._poller = _Poller(self._sample, self._interval, name="nvml-power-poller")
 
     def _so_far(self) -> float:
         return trapezoid(list(self._samples))  # a copy: the poller appends meanwhile
 
     def _end(self) -> tuple[float, bool | None]:
         assert self._poller is not None
+        closed = self._clock()
         try:
             self._poller.stop()
-            self._sample()
+            window = [(t, w) for t, w in self._samples if self._opened <= t <= closed]
+            self._samples = [*window, (closed, self._gpu.power_w())]
             self._counts.append(self._gpu.compute_processes())
             mig = self._gpu.mig_enabled()
         finally:

@@ -266,6 +266,38 @@ def test_no_counter_falls_back_to_power_polling(
     assert nvml.inits == 0
 
 
+def test_polled_energy_spans_the_window_when_its_thread_is_slow(
+    nvml: types.ModuleType,
+    gpu: FakeGpu,
+    sync: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a loaded machine the poller's thread takes long to start and to join: the
+    energy still covers the window's own time, not those waits too (50 ms each here)."""
+    from workers import energy
+
+    real_init, real_stop = energy._Poller.__init__, energy._Poller.stop
+
+    def slow_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        time.sleep(0.05)
+
+    def slow_stop(self: Any) -> None:
+        time.sleep(0.05)
+        real_stop(self)
+
+    monkeypatch.setattr(energy._Poller, "__init__", slow_init)
+    monkeypatch.setattr(energy._Poller, "stop", slow_stop)
+    gpu.energy_mj = None
+    meter = select_meter(no_rapl(tmp_path, poll_hz=50.0), "cuda:0", sync=sync)
+    meter.begin_window()
+    time.sleep(0.2)
+    m = meter.end_window()
+    assert m.seconds < 0.24
+    assert m.joules == pytest.approx(150.0 * m.seconds, rel=0.02)
+
+
 def test_power_polling_failure_is_raised_and_cleaned_up(
     nvml: types.ModuleType, gpu: FakeGpu, sync: Any, tmp_path: Path
 ) -> None:
