@@ -39,6 +39,7 @@ from orchestrator.records import TrialRecord
 from orchestrator.spec import TrialSpec
 from workers import eval_batch, memory
 from workers.backbones import classifier_name, create_backbone, input_size
+from workers.batch_fit import with_halving
 from workers.checkpoint_plan import Infeasible
 from workers.checkpointing import Checkpointer, block_modes, find_blocks
 from workers.cost import forward_macs, inference_cost, weight_bytes
@@ -534,20 +535,14 @@ class _Evaluator:
         record = self.record
         if record.eval_batch_size_used is None:
             self._fit(x, y)
-        floor = self._floor()
-        while True:
-            batch = record.eval_batch_size_used
-            assert batch is not None
-            try:
-                return _evaluate(self.model, x, y, classes, self.feed, batch, self.autocast)
-            except (memory.OverBudget, torch.OutOfMemoryError):
-                if batch // 2 < floor:
-                    raise
-                log.warning("evaluation over budget at batch %d: halved", batch)
-                if self.device.type == "cuda":
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                record.eval_batch_size_used = batch // 2
+        batch = record.eval_batch_size_used
+        assert batch is not None
+
+        def evaluate(size: int) -> tuple[float, ...]:
+            record.eval_batch_size_used = size  # the batch of a stop, too
+            return _evaluate(self.model, x, y, classes, self.feed, size, self.autocast)
+
+        return with_halving(evaluate, batch, self._floor(), "evaluation", self.device)[0]
 
     def _floor(self) -> int:
         # a forward at the training batch size fits wherever the training step did
