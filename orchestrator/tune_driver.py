@@ -517,10 +517,11 @@ def connect(
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     store_bytes = int(object_store_mb * MIB) if object_store_mb and not address else None
     local = not address and not ray.is_initialized()
-    starts = starts_local_ray(address)  # a Ray that joins refuses a system config
+    starts = starts_local_ray(address)
     # warm workers: only where a worker can run a trial without a job runtime environment
     warm = warm_workers and not py_modules and starts
-    system = {**RAYLET_CONNECT, **(local_preload_config() if warm else {})}
+    # a Ray that joins refuses a system config
+    system = {**RAYLET_CONNECT, **(local_preload_config() if warm else {})} if starts else None
     # the workers' environment is the one Ray starts with: Tune's setting for its actors
     with _loopback_node(local), _environment(TUNE_ACTOR_ENV if warm else {}):
         context = ray.init(
@@ -532,7 +533,7 @@ def connect(
             logging_level=logging.WARNING,
             configure_logging=False,
             ignore_reinit_error=True,  # already connected: the context of that connection
-            _system_config=system if starts else None,
+            _system_config=system,
         )
     _reinstall(handlers)
     url = getattr(context, "dashboard_url", "") or ""
