@@ -79,7 +79,12 @@ class Arm:
     first_trial_s: float
     span_s: float  # first trial's start to last trial's end
     trial_s: list[float]  # in the order they started
-    ideal_s: float  # the sum of the trial times / the concurrency
+    concurrency: int
+
+    @property
+    def ideal_s(self) -> float:
+        """The sum of the trial times / the concurrency."""
+        return sum(self.trial_s) / self.concurrency
 
 
 def our_arm(grid_path: str) -> tuple[Arm, pd.DataFrame, int, float]:
@@ -104,7 +109,7 @@ def our_arm(grid_path: str) -> tuple[Arm, pd.DataFrame, int, float]:
     first = started.min().timestamp() - start_epoch
     span = (ended.max() - started.min()).total_seconds()
     conc = min(grid.resources.max_concurrent, len(specs))
-    arm = Arm("vramsweep", wall, first, span, list(trial_s), sum(trial_s) / conc)
+    arm = Arm("vramsweep", wall, first, span, list(trial_s), conc)
     return arm, df, conc, float(grid.resources.cpus_per_trial)
 
 
@@ -146,7 +151,7 @@ def tune_arm(
     span = max(r.metrics["end"] for r in results) - min(starts)
     name = "Tune+imp" if imports else "Tune"
     first = min(starts) - start_epoch
-    return Arm(name, wall, first, span, list(trial_s), sum(trial_s) / concurrency)
+    return Arm(name, wall, first, span, list(trial_s), concurrency)
 
 
 def warm_up() -> None:
