@@ -351,8 +351,12 @@ class _Recorder(tune.Callback):
         """What Tune pickles of this callback with its experiment state, again and again
         while it runs (for a ``Tuner.restore`` that the command never does): the counts,
         not the store (its cached tables, changed by the commit's thread meanwhile), the
-        commit or the bar."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("store", "commit", "bar")}
+        commit, the bar or ``should_stop`` (the caller's: the command's reaches the signal
+        handlers it replaced, which need not pickle, e.g. one a Tune run before it in the
+        same process left with a lock)."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
+
+    _UNPICKLED = ("store", "commit", "bar", "should_stop")
 
     @property
     def write_error(self) -> WriteError | None:

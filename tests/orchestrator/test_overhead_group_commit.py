@@ -126,18 +126,19 @@ def test_a_killed_driver_keeps_every_flushed_record_and_no_half_one(tmp_path: Pa
 
 def test_the_sweeps_recorder_pickles_light_while_its_commit_writes(tmp_path: Path) -> None:
     """Tune pickles its callbacks with its experiment state, from its own thread, while
-    records are being committed: neither the store (its cached tables change meanwhile)
-    nor the commit's thread go into that state."""
+    records are being committed: neither the store (its cached tables change meanwhile),
+    the commit's thread nor the caller's stop request go into that state."""
     from ray import cloudpickle
 
     from orchestrator.tune_driver import _Recorder
 
     store = _GatedStore(tmp_path / "out")
-    recorder = _Recorder(store, 3, show_progress=False)
+    lock = threading.Lock()  # e.g. in a signal handler that the stop request reaches
+    recorder = _Recorder(store, 3, show_progress=False, should_stop=lambda: lock.locked())
     recorder.commit.put(_record(0))
     assert store.entered.wait(30)  # a group is being written
     state = cloudpickle.loads(cloudpickle.dumps(recorder)).__dict__
-    assert not {"store", "commit", "bar"} & set(state)
+    assert not {"store", "commit", "bar", "should_stop"} & set(state)
     assert state["written"] == set() and state["done"] == 0
     store.gate.set()
     recorder.close()
