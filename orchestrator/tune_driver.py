@@ -527,7 +527,11 @@ def connect(
     # a Ray that joins refuses a system config
     system = {**RAYLET_CONNECT, **(local_preload_config() if warm else {})} if starts else None
     # the workers' environment is the one Ray starts with: Tune's setting for its actors
-    with _loopback_node(local), _environment(TUNE_ACTOR_ENV if warm else {}):
+    with (
+        _loopback_node(local),
+        _prompt_registration(starts),
+        _environment(TUNE_ACTOR_ENV if warm else {}),
+    ):
         context = ray.init(
             address=address,
             runtime_env={"py_modules": list(py_modules)} if py_modules else None,
@@ -586,6 +590,64 @@ def _loopback_node(local: bool) -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+REGISTRATION_POLL_S = 0.02  # how often a local Ray's start asks whether its node is up
+REGISTRATION_POLL_FOR_S = 10.0  # and for how long, before Ray's own asks take over
+
+
+@contextlib.contextmanager
+def _prompt_registration(local: bool) -> Iterator[None]:
+    """While a local Ray starts: ``ray.init`` learns that its node has registered within
+    ``REGISTRATION_POLL_S`` of it, not up to a second later.
+
+    ``ray.init`` asks the GCS for its new node 0.1 s after starting the raylet and then
+    once a second (Ray's ``GetNode`` sleeps a whole second between asks), and the raylet
+    registers when its dashboard agent is up, 1.1-1.4 s after it starts here: most starts
+    waited most of a second for nothing. Ray's private ``services.get_node`` (no public
+    setting exists), which ``ray.init`` calls for it, first waits here, asking every
+    ``REGISTRATION_POLL_S`` for up to ``REGISTRATION_POLL_FOR_S``; a node not up by then
+    is left to Ray's own wait (30 s) and error. tests/orchestrator/test_ray_start.py
+    fails if ``ray.init`` stops calling it."""
+    if not local:
+        yield
+        return
+    from ray._private import services
+
+    ray_get_node = services.get_node
+
+    def get_node(gcs_address: str, node_id: str) -> dict:
+        _await_registration(gcs_address, node_id)
+        return ray_get_node(gcs_address, node_id)
+
+    services.get_node = get_node
+    try:
+        yield
+    finally:
+        services.get_node = ray_get_node
+
+
+def _await_registration(
+    gcs_address: str, node_id: str, timeout_s: float = REGISTRATION_POLL_FOR_S
+) -> bool:
+    """Whether the node ``node_id`` is alive in the GCS at ``gcs_address`` within
+    ``timeout_s`` (asked every ``REGISTRATION_POLL_S``)."""
+    from ray._raylet import GcsClient, NodeID
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+    from ray.core.generated.gcs_service_pb2 import GetAllNodeInfoRequest
+
+    client = GcsClient(address=gcs_address)
+    selector = GetAllNodeInfoRequest.NodeSelector(node_id=NodeID.from_hex(node_id).binary())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # the GCS not answering yet: ask again
+            alive = client.get_all_node_info(
+                timeout=1, node_selectors=[selector], state_filter=GcsNodeInfo.ALIVE
+            )
+            if alive:
+                return True
+        time.sleep(REGISTRATION_POLL_S)
+    return False
 
 
 def _reinstall(handlers: dict[int, Any]) -> None:
