@@ -18,7 +18,7 @@ demo: $(VENV)/.installed bytecode
 # The packages' bytecode, written beforehand (only for files changed since): the editable
 # install leaves it to the first import, and where PYTHONDONTWRITEBYTECODE is set (as in
 # many container images) no import writes it, so every process, each Ray worker included,
-# would compile the trial code again as it starts (70-90 ms of CPU here).
+# would compile the trial code again as it starts (60-90 ms of CPU here).
 PACKAGES := orchestrator workers benchmarks
 bytecode:
 	$(BIN)/python -m compileall -q $(PACKAGES)

@@ -12,8 +12,8 @@ from orchestrator.tune_driver import _await_registration, connect, disconnect
 
 def test_a_local_start_waits_for_its_node_by_our_poll(monkeypatch: pytest.MonkeyPatch) -> None:
     """``ray.init`` asks through ``services.get_node`` (if Ray stops calling it, the poll
-    is dead code and this fails), the poll sees the node, and Ray's own ask then finds it
-    at once; afterwards Ray's function is back in place."""
+    is dead code and this fails) and the poll sees the node; afterwards Ray's function
+    is back in place."""
     from ray._private import services
 
     ray_get_node = services.get_node
