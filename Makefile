@@ -69,4 +69,4 @@ lint: $(VENV)/.installed
 # which holds the user's sweeps.
 clean:
 	rm -rf $(VENV) site .pytest_cache .ruff_cache
-	find $(PACKAGES) tests -name __pycache__ -prune -exec rm -rf {} +
+	$(if $(wildcard $(PACKAGES) tests),find $(wildcard $(PACKAGES) tests) -name __pycache__ -prune -exec rm -rf {} +)

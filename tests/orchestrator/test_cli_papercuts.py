@@ -171,10 +171,14 @@ def test_make_clean_keeps_results(tmp_path: Path) -> None:
     for folder in made + kept:
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "file").write_text("x")
+    bytecode = tmp_path / "orchestrator" / "report" / "__pycache__"  # `make bytecode`'s
+    bytecode.mkdir(parents=True)
+    (bytecode / "html.cpython-311.pyc").write_bytes(b"x")
     done = subprocess.run(["make", "clean"], cwd=tmp_path, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
     for folder in made:
         assert not (tmp_path / folder.split("/")[0]).exists(), folder
+    assert not bytecode.exists() and bytecode.parent.is_dir()
     for folder in kept:
         assert (tmp_path / folder / "file").read_text() == "x", folder
 
