@@ -115,9 +115,13 @@ def test_chunks_cover_the_batch_and_the_columns_each_crop_reads() -> None:
 
 
 @pytest.mark.parametrize(("side", "size"), [(224, 224), (64, 100), (50, 37)])
-def test_bands_of_columns_write_the_bits_of_one_matmul_per_image(
+def test_bands_of_columns_write_one_matmul_per_image_to_its_rounding(
     side: int, size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The columns a band leaves out have zero weights, so it adds the same products: the
+    same bits where the CPU's matmul adds in the same order whatever the matrices' width
+    (the machines of earlier runs), the last bit of 0.06-3 % of the outputs on others (an
+    AMD EPYC). A band reading wrong columns or missing a tap errs by ~0.1-1."""
     dtype = torch.float32  # bf16 images go in one matmul
     monkeypatch.setattr(resampling, "_CHUNK", 1)  # one image per chunk: its columns in bands
     gen = torch.Generator().manual_seed(size)
@@ -125,7 +129,9 @@ def test_bands_of_columns_write_the_bits_of_one_matmul_per_image(
     scale, shift = torch.full((1, 3, 1, 1), 1 / 60), torch.full((1, 3, 1, 1), -2.0)
     banded = resample(x, theta, size, dtype, scale, shift)
     monkeypatch.setattr(resampling, "_BAND", size)  # a whole row of outputs per matmul
-    assert torch.equal(banded, resample(x, theta, size, dtype, scale, shift))
+    whole = resample(x, theta, size, dtype, scale, shift)
+    last_bits = 2 * torch.finfo(dtype).eps * whole.abs().max()
+    torch.testing.assert_close(banded, whole, rtol=0, atol=float(last_bits))
 
 
 def test_bands_cover_the_outputs_and_read_both_taps_of_each() -> None:

@@ -94,7 +94,9 @@ def _bands(
     counted from ``start``. One image in fp32 goes in bands of ``_BAND`` output columns,
     each reading the columns of its two-tap tents only; several images, or bf16 (whose
     whole-row matmul the CPU's bf16 matrix units make cheaper than its bands), in one
-    matmul, as on a GPU. The same bits on the CPU: the columns left out have zero weights."""
+    matmul, as on a GPU. The same sums: the columns left out have zero weights (the same
+    bits where the CPU's matmul adds in the same order whatever its width, else the last
+    bit of a few outputs)."""
     n, size = across.shape
     if n > 1 or size <= _BAND or dtype != torch.float32 or across.device.type != "cpu":
         return [(0, size, 0, stop - start)]
