@@ -597,19 +597,19 @@ REGISTRATION_POLL_FOR_S = 10.0  # and for how long, before Ray's own asks take o
 
 
 @contextlib.contextmanager
-def _prompt_registration(local: bool) -> Iterator[None]:
-    """While a local Ray starts: ``ray.init`` learns that its node has registered within
-    ``REGISTRATION_POLL_S`` of it, not up to a second later.
+def _prompt_registration(starts: bool) -> Iterator[None]:
+    """While a local Ray starts (``starts``): ``ray.init`` learns that its node has
+    registered within ``REGISTRATION_POLL_S`` of it, not up to a second later.
 
     ``ray.init`` asks the GCS for its new node 0.1 s after starting the raylet and then
     once a second (Ray's ``GetNode`` sleeps a whole second between asks), and the raylet
-    registers when its dashboard agent is up, 1.1-1.4 s after it starts here: most starts
+    registers when its dashboard agent is up, 1.1-1.6 s after it starts here: most starts
     waited most of a second for nothing. Ray's private ``services.get_node`` (no public
     setting exists), which ``ray.init`` calls for it, first waits here, asking every
     ``REGISTRATION_POLL_S`` for up to ``REGISTRATION_POLL_FOR_S``; a node not up by then
     is left to Ray's own wait (30 s) and error. tests/orchestrator/test_ray_start.py
     fails if ``ray.init`` stops calling it."""
-    if not local:
+    if not starts:
         yield
         return
     from ray._private import services

@@ -14,7 +14,8 @@ from pathlib import Path
 from orchestrator.warm_workers import TRIAL_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("orchestrator", "workers", "benchmarks")
+# what `make bytecode` compiles: the Makefile's PACKAGES
+PACKAGES = re.search(r"^PACKAGES := (.+)$", (REPO / "Makefile").read_text(), re.M)[1].split()
 
 
 def _compiled_from(folder: Path) -> dict[str, str]:
