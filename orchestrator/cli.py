@@ -29,10 +29,11 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from orchestrator import pareto
+from orchestrator import early_ray, pareto
 from orchestrator.expansion import expand
 from orchestrator.grid import MAX_TRIALS, Grid, GridError, Search, load_grid
 from orchestrator.grid_errors import GridErrors, validate_grid
@@ -42,6 +43,9 @@ from orchestrator.report import front_display, front_summary, write_report
 from orchestrator.report.analysis import reported_columns
 from orchestrator.signals import Interrupted, StopSignals
 from orchestrator.spec import TrialSpec
+
+if TYPE_CHECKING:
+    from orchestrator.tune_driver import Connection
 
 log = logging.getLogger(__name__)
 
@@ -282,16 +286,55 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    grid, specs = _load(args.grid, args.max_trials)
     if args.dry_run:
+        grid, specs = _load(args.grid, args.max_trials)
         return _dry_run(grid, specs, args.retry_failed)
+    grid, specs, connection = _load_while_ray_starts(args)
     store = RecordStore(grid.output)
-    with _owned(store):
-        return _sweep(args, grid, specs, store)
+    try:
+        with _owned(store):
+            return _sweep(args, grid, specs, store, connection)
+    except OutputBusy:
+        if connection is not None:  # the Ray started for this sweep
+            _leave_ray()
+        raise
 
 
-def _sweep(args: argparse.Namespace, grid: Grid, specs: list[TrialSpec], store: RecordStore) -> int:
-    """``run`` once the output is this driver's: the trials without a record, the report."""
+def _load_while_ray_starts(
+    args: argparse.Namespace,
+) -> tuple[Grid, list[TrialSpec], Connection | None]:
+    """``_load``, and a local Ray started while the backbones are built where the grid
+    without them says how (``orchestrator.early_ray``); None where the sweep starts its
+    own."""
+    first = early_ray.checked_for_start(args.grid, args.max_trials, args.address)
+    if first is None:
+        return (*_load(args.grid, args.max_trials), None)
+    from orchestrator.tune_driver import start_ray
+
+    def same_start(loaded: tuple[Grid, list[TrialSpec]]) -> bool:
+        grid = loaded[0]
+        return (grid.plugins, grid.resources) == (first.plugins, first.resources)
+
+    signals: StopSignals = args.signals
+    with signals.held():  # a first Ctrl-C lets Ray finish starting, then stops it
+        (grid, specs), connection = early_ray.validate_while_starting(
+            lambda: _load(args.grid, args.max_trials),
+            lambda: start_ray(args.address, not args.no_dashboard, first.plugins, first.resources),
+            same_start,
+        )
+    signals.check()
+    return grid, specs, connection
+
+
+def _sweep(
+    args: argparse.Namespace,
+    grid: Grid,
+    specs: list[TrialSpec],
+    store: RecordStore,
+    connection: Connection | None = None,
+) -> int:
+    """``run`` once the output is this driver's: the trials without a record, the report
+    (on ``connection``'s Ray, when one was started for it)."""
     signals: StopSignals = args.signals
     done = store.existing_ids()
     if args.retry_failed:
@@ -321,6 +364,7 @@ def _sweep(args: argparse.Namespace, grid: Grid, specs: list[TrialSpec], store: 
                     should_stop=lambda: signals.requested,
                     scheduler=grid.scheduler,
                     tracking=grid.tracking,
+                    connection=connection,
                 )
         except ValueError as exc:  # resources the cluster cannot provide
             raise UsageError(str(exc)) from None
@@ -329,6 +373,8 @@ def _sweep(args: argparse.Namespace, grid: Grid, specs: list[TrialSpec], store: 
             print(f"stopped: recorded {ran} ({outcome.crashed} crashed); no report written")
             signals.check()
         print(f"ran {ran} ({outcome.crashed} crashed)")
+    elif connection is not None:  # recorded meanwhile by another driver: no trial left
+        _leave_ray()
     frame = store.collect()
     _print_quarantined(store)
     frame = frame[frame["trial_id"].isin({s.trial_id for s in specs})]

@@ -719,6 +719,7 @@ def run_sweep(
     should_stop: Callable[[], bool] = lambda: False,
     scheduler: Scheduler | None = None,
     tracking: dict[str, Any] | None = None,
+    connection: Connection | None = None,
 ) -> SweepOutcome:
     """Run ``specs`` through Ray Tune, writing one record per trial into ``store``.
 
@@ -729,12 +730,13 @@ def run_sweep(
     the outcome says ``interrupted``. A record that cannot be written stops the sweep
     the same way and is raised (``WriteError``) once it has stopped. ``scheduler`` and
     ``tracking`` are the grid's sections of those names (``orchestrator.scheduler``,
-    ``orchestrator.tracking``)."""
+    ``orchestrator.tracking``). ``connection``: the Ray started for this sweep already
+    (``orchestrator.early_ray``), with the sweep's settings; None: start or join it here."""
     if not specs:
         return SweepOutcome(0, 0, 0, 0.0)
     start = time.perf_counter()
-    census = _import_callback_census()
-    connection = connect(address, dashboard, _shipped(plugins), resources.object_store_mb)
+    if connection is None:
+        connection = start_ray(address, dashboard, plugins, resources)
     check_resources(resources, connection.resources)
     announce_dashboard(connection)
     energy = dict(energy or {})
@@ -745,7 +747,7 @@ def run_sweep(
     check_memory(requests, node_memory())
     shared = {} if should_stop() else share_datasets(specs)
     recorder = _Recorder(store, len(specs), show_progress, should_stop, scheduler)
-    census.join()
+    import_callback_census().join()
     try:
         trackers, tracker_env = tracker_callbacks(tracking or {}, store, name)
         if not should_stop():
@@ -766,6 +768,16 @@ def run_sweep(
     )
 
 
+def start_ray(
+    address: str | None, dashboard: bool, plugins: Sequence[str], resources: Resources
+) -> Connection:
+    """A sweep's Ray, as ``run_sweep`` starts or joins it (``connect``: the grid's
+    plug-ins shipped, its object store size), while Tune's callback census is imported
+    in a thread."""
+    import_callback_census()
+    return connect(address, dashboard, _shipped(plugins), resources.object_store_mb)
+
+
 # What Ray Tune imports to count a run's callbacks by class before its first trial (its
 # usage telemetry): its tracker integrations, MLflow's alone 1.0 s here when installed.
 _CALLBACK_CENSUS = (
@@ -776,18 +788,23 @@ _CALLBACK_CENSUS = (
 )
 
 
-def _import_callback_census() -> threading.Thread:
+_census: list[threading.Thread] = []  # the thread importing them, once started
+
+
+def import_callback_census() -> threading.Thread:
     """Import ``_CALLBACK_CENSUS`` in a thread while Ray starts (a start that mostly waits
-    on Ray's own processes), not on the way to the first trial; join it before Tune."""
+    on Ray's own processes), not on the way to the first trial; join it before Tune. The
+    thread of the first call (a process imports them once)."""
 
     def census() -> None:
         for module in _CALLBACK_CENSUS:
             with contextlib.suppress(Exception):  # not installed: Tune skips it too
                 importlib.import_module(module)
 
-    thread = threading.Thread(target=census, name="tune-callback-census", daemon=True)
-    thread.start()
-    return thread
+    if not _census:
+        _census.append(threading.Thread(target=census, name="tune-callback-census", daemon=True))
+        _census[0].start()
+    return _census[0]
 
 
 def _shipped(plugins: Sequence[str]) -> list[str]:

@@ -324,7 +324,7 @@ def test_orchestrate_run_hands_both_sections_to_the_driver(
 ) -> None:
     import yaml
 
-    from orchestrator import tune_driver
+    from orchestrator import early_ray, tune_driver
     from orchestrator.cli import main
 
     seen: dict[str, Any] = {}
@@ -334,6 +334,7 @@ def test_orchestrate_run_hands_both_sections_to_the_driver(
         return tune_driver.SweepOutcome(len(specs), 0, 0, 0.0, interrupted=True)
 
     monkeypatch.setattr(tune_driver, "run_sweep", fake_sweep)
+    monkeypatch.setattr(early_ray, "checked_for_start", lambda *args: None)  # no Ray at all
     raw = _grid(tmp_path, scheduler={"metric": "train_loss"}, tracking={"tensorboard": {}})
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(raw))
