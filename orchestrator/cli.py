@@ -315,14 +315,18 @@ def _load_while_ray_starts(
         grid = loaded[0]
         return (grid.plugins, grid.resources) == (first.plugins, first.resources)
 
-    signals: StopSignals = args.signals
-    with signals.held():  # a first Ctrl-C lets Ray finish starting, then stops it
-        (grid, specs), connection = early_ray.validate_while_starting(
-            lambda: _load(args.grid, args.max_trials),
-            lambda: start_ray(args.address, not args.no_dashboard, first.plugins, first.resources),
-            same_start,
-        )
-    signals.check()
+    def start() -> Connection:
+        signals: StopSignals = args.signals
+        with signals.held():  # a first Ctrl-C lets Ray finish starting, then stops it
+            connection = start_ray(
+                args.address, not args.no_dashboard, first.plugins, first.resources
+            )
+        signals.check()  # raises Interrupted, and _main stops the Ray
+        return connection
+
+    (grid, specs), connection = early_ray.validate_while_starting(
+        lambda: _load(args.grid, args.max_trials), start, same_start
+    )
     return grid, specs, connection
 
 

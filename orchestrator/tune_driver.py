@@ -530,6 +530,7 @@ def connect(
     with (
         _loopback_node(local),
         _prompt_registration(starts),
+        _sigterm_kept(handlers[signal.SIGTERM]),
         _environment(TUNE_ACTOR_ENV if warm else {}),
     ):
         context = ray.init(
@@ -648,6 +649,27 @@ def _await_registration(
                 return True
         time.sleep(REGISTRATION_POLL_S)
     return False
+
+
+@contextlib.contextmanager
+def _sigterm_kept(handler: Any) -> Iterator[None]:
+    """While ``ray.init`` runs in a process with a SIGTERM handler of its own (``handler``,
+    a Python function: the command's, ``orchestrator.signals``): Ray does not put its
+    own in its place (``sys.exit(15)`` on its first line), so a SIGTERM while Ray starts
+    is the command's clean stop (exit 143). The fatal-signal handler Ray's core worker
+    installs at the end is replaced right after (``_reinstall``). A process without one
+    keeps Ray's."""
+    if not callable(handler):
+        yield
+        return
+    from ray._private import utils  # no public setting exists
+
+    before = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda ray_handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = before
 
 
 def _reinstall(handlers: dict[int, Any]) -> None:

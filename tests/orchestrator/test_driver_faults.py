@@ -163,6 +163,39 @@ def _interrupt(proc: subprocess.Popen, signum: int, output: Path) -> float:
 # ---------------------------------------------------------------- signals
 
 
+def _gcs_of(marker: str) -> bool:
+    """Whether the marked run's Ray has begun to start: its GCS server is up."""
+    for pid in _processes_of(marker):
+        with contextlib.suppress(OSError):
+            if b"gcs_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_signal_while_ray_starts_beside_validation_stops_the_command_cleanly(
+    signum: int,
+    tiny_grid: dict[str, Any],
+    write_grid: Callable[[dict[str, Any]], Path],
+    tmp_path: Path,
+) -> None:
+    """Sent as soon as the command's Ray begins to start, while its grid is still
+    validated beside it (``orchestrator.early_ray``): the command's own stop (no exit
+    by Ray's SIGTERM handler, status 15), nothing written, nothing of it left."""
+    grid = _grid(tiny_grid)
+    with _driver(tmp_path, "run", str(write_grid(grid)), "--no-progress") as proc:
+        _wait_for(lambda: _gcs_of(proc.marker) or proc.poll() is not None, what="Ray's GCS")
+        assert proc.poll() is None, proc.err.read_text()[-3000:]
+        proc.send_signal(signum)
+        proc.wait(timeout=120)
+        gone = _wait_for(lambda: not _processes_of(proc.marker), 30, "the run's processes to end")
+    err = proc.err.read_text()
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert f"interrupted ({signal.Signals(signum).name})" in err and "Traceback" not in err
+    assert gone
+    assert not Path(grid["output"]).exists()
+
+
 def test_sigint_stops_the_sweep_and_the_saved_grid_resumes_it(
     tiny_grid: dict[str, Any], write_grid: Callable[[dict[str, Any]], Path], tmp_path: Path
 ) -> None:

@@ -1,13 +1,18 @@
 """A local Ray's start: ``ray.init`` learns that its node has registered as soon as it
-has (``_prompt_registration``), through Ray's private ``services.get_node``."""
+has (``_prompt_registration``), through Ray's private ``services.get_node``; a SIGTERM
+meanwhile reaches the process's own handler (``_sigterm_kept``)."""
 
 from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
 
 import pytest
 import ray
 
 from orchestrator import tune_driver
-from orchestrator.tune_driver import _await_registration, connect, disconnect
+from orchestrator.tune_driver import _await_registration, _sigterm_kept, connect, disconnect
 
 
 def test_a_local_start_waits_for_its_node_by_our_poll(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,3 +60,43 @@ def test_a_process_already_on_ray_does_not_poll(monkeypatch: pytest.MonkeyPatch)
     finally:
         disconnect()
     assert calls == []
+
+
+def test_a_sigterm_while_ray_starts_reaches_the_process_own_handler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real SIGTERM sent in the middle of ``ray.init`` (as it waits for its node): the
+    process's handler gets it, where Ray's own would have exited with status 15."""
+    received: list[int] = []
+
+    def own(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    handlers: list[object] = []
+
+    def spy(gcs_address: str, node_id: str, timeout_s: float = 10.0) -> bool:
+        handlers.append(signal.getsignal(signal.SIGTERM))
+        os.kill(os.getpid(), signal.SIGTERM)
+        return _await_registration(gcs_address, node_id, timeout_s)
+
+    monkeypatch.setattr(tune_driver, "_await_registration", spy)
+    before = signal.signal(signal.SIGTERM, own)
+    try:
+        connect(warm_workers=False)
+        assert signal.getsignal(signal.SIGTERM) is own  # and after the start
+    finally:
+        disconnect()
+        signal.signal(signal.SIGTERM, before)
+    assert handlers == [own]
+    assert received == [signal.SIGTERM]
+
+
+def test_a_process_without_a_sigterm_handler_keeps_ray_s() -> None:
+    from ray._private import utils
+
+    rays = utils.set_sigterm_handler
+    with _sigterm_kept(signal.SIG_DFL):
+        assert utils.set_sigterm_handler is rays
+    with _sigterm_kept(lambda signum, frame: None):
+        assert utils.set_sigterm_handler is not rays
+    assert utils.set_sigterm_handler is rays
