@@ -236,10 +236,9 @@ def main() -> None:
 
 
 def summary(name: str, pairs: list[tuple[Arm, Arm]]) -> str:
-    """Each arm's median over the runs, and their ratios. Ray's own start takes a second
-    longer in about two starts in five here, whichever arm starts it (``ray.init`` polls
-    the node's registration once a second, and the node registers about 1.1 s after its
-    raylet starts): one run's ratio compares two such draws, the ratio of the medians
+    """Each arm's median over the runs, and their ratios. A single run's ratio compares
+    two draws of Ray's start and of the first trial's wait for its worker (each varies
+    by a second or more here, whichever arm it is); the ratio of the medians compares
     the typical run of each."""
     ours_wall = statistics.median(o.wall_s / o.ideal_s for o, _ in pairs)
     peer_wall = statistics.median(p.wall_s / p.ideal_s for _, p in pairs)
