@@ -1,9 +1,9 @@
 """``orchestrate run``'s local Ray, started while its grid's backbones are built.
 
 Validating a grid builds every backbone on the meta device, after importing timm and
-torchvision: about 2 s of one core here, on top of the rest of validation. A local Ray's
-start is 3-4 s, much of it waiting on Ray's own processes. One after the other, they
-delayed the first trial by both. Here the grid is first checked without building
+torchvision: about 2 s of one core here, of the 3.7-3.9 s validation takes. A local
+Ray's start is 3.5-5 s (with its dashboard), much of it waiting on Ray's own processes.
+One after the other, they delayed the first trial by both (benchmarks/command_start.py). Here the grid is first checked without building
 backbones (``load_grid(build=False)``: every name, value and section, the plug-ins
 imported), which is all that decides how Ray starts; then the whole grid is validated
 in a thread while the main thread starts Ray (``ray.init`` installs signal handlers,
