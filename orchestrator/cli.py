@@ -294,7 +294,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with _owned(store):
             return _sweep(args, grid, specs, store, connection)
-    except OutputBusy:
+    except BaseException:  # OutputBusy, among others: the sweep never ran on it
         if connection is not None:  # the Ray started for this sweep
             _leave_ray()
         raise

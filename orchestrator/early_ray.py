@@ -3,11 +3,12 @@
 Validating a grid builds every backbone on the meta device, after importing timm and
 torchvision: about 2 s of one core here, of the 3.7-3.9 s validation takes. A local
 Ray's start is 3.5-5 s (with its dashboard), much of it waiting on Ray's own processes.
-One after the other, they delayed the first trial by both (benchmarks/command_start.py). Here the grid is first checked without building
-backbones (``load_grid(build=False)``: every name, value and section, the plug-ins
-imported), which is all that decides how Ray starts; then the whole grid is validated
-in a thread while the main thread starts Ray (``ray.init`` installs signal handlers,
-which only the main thread may do). So:
+One after the other, they delayed the first trial by both (benchmarks/command_start.py).
+Here the grid is first checked without building backbones (``load_grid(build=False)``:
+every name, value and section, the plug-ins imported; then expanded), which is all that
+decides how Ray starts; then the whole grid is validated in a thread while the main
+thread starts Ray (``ray.init`` installs signal handlers, which only the main thread may
+do). So:
 
 - a grid that fails a check that builds nothing starts no Ray: its errors show as soon
   as before;
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from orchestrator.expansion import expand
 from orchestrator.grid import Grid, GridError, load_grid
 
 if TYPE_CHECKING:
@@ -43,7 +45,9 @@ def checked_for_start(path: str, max_trials: int, address: str | None) -> Grid |
     error in it, an output folder with records, a cluster to join)."""
     try:
         grid = load_grid(path, max_trials, build=False)
-    except GridError:
+        if not expand(grid):
+            return None  # every trial excluded: refused before any Ray
+    except (GridError, ValueError):  # ValueError: trials that expand to the same one
         return None  # validated in full before any Ray: every error named, as always
     if "://" in grid.output or (Path(grid.output) / "records").exists():
         return None
@@ -87,7 +91,7 @@ def validate_while_starting(
 
     validation = Background(validate, "grid-validation")
     try:
-        connection = start()
+        connection = start()  # a stop request (a BaseException) leaves the thread behind
     except Exception as exc:  # noqa: BLE001 - the sweep starts Ray again, and says why not
         log.info("Ray did not start while the grid was validated: %s", exc)
         disconnect()

@@ -656,9 +656,9 @@ def _sigterm_kept(handler: Any) -> Iterator[None]:
     """While ``ray.init`` runs in a process with a SIGTERM handler of its own (``handler``,
     a Python function: the command's, ``orchestrator.signals``): Ray does not put its
     own in its place (``sys.exit(15)`` on its first line), so a SIGTERM while Ray starts
-    is the command's clean stop (exit 143). The fatal-signal handler Ray's core worker
-    installs at the end is replaced right after (``_reinstall``). A process without one
-    keeps Ray's."""
+    is the command's clean stop (exit 143), until Ray's core worker connects at its end:
+    the fatal-signal handler that installs is replaced right after (``_reinstall``). A
+    process without one keeps Ray's."""
     if not callable(handler):
         yield
         return
