@@ -183,11 +183,10 @@ def _main(argv: list[str]) -> int:
         # wind their trials down (args.signals); log lines go above a progress bar
         with StopSignals() as args.signals, _above_progress_bars():
             return COMMANDS[args.command](args)
-    except GridErrors as exc:
-        for line in exc.lines():
-            print(f"orchestrate: error: {line}", file=sys.stderr)
+    except GridError as exc:
+        _show_grid_error(exc)
         return 2
-    except (GridError, UsageError, OutputBusy) as exc:
+    except (UsageError, OutputBusy) as exc:
         print(f"orchestrate: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
@@ -216,6 +215,15 @@ def _main(argv: list[str]) -> int:
             log.exception("failed")
         print(f"orchestrate: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _show_grid_error(exc: GridError) -> None:
+    """Every error of a grid, one line each, once (shown: not again)."""
+    if exc.shown:
+        return
+    for line in exc.lines() if isinstance(exc, GridErrors) else [str(exc)]:
+        print(f"orchestrate: error: {line}", file=sys.stderr, flush=True)
+    exc.shown = True
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -324,9 +332,14 @@ def _load_while_ray_starts(
         signals.check()  # raises Interrupted, and _main stops the Ray
         return connection
 
-    (grid, specs), connection = early_ray.validate_while_starting(
-        lambda: _load(args.grid, args.max_trials), start, same_start
-    )
+    def validate() -> tuple[Grid, list[TrialSpec]]:
+        try:
+            return _load(args.grid, args.max_trials)
+        except GridError as exc:  # shown at once; the command ends once Ray has stopped
+            _show_grid_error(exc)
+            raise
+
+    (grid, specs), connection = early_ray.validate_while_starting(validate, start, same_start)
     return grid, specs, connection
 
 

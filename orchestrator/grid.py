@@ -69,6 +69,8 @@ class GridError(ValueError):
     """A grid that cannot run; the message names file, field and value (each shortened:
     a hostile 5 MB value is never echoed whole)."""
 
+    shown = False  # whether the command has shown it to the user already
+
     def __init__(self, source: str, where: str, message: str) -> None:
         where = shorten(where, MAX_SHOWN)
         super().__init__(f"{source}: {where}: {shorten(message, MAX_MESSAGE)}")
