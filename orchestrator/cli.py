@@ -314,14 +314,11 @@ def _load_while_ray_starts(
     """``_load``, and a local Ray started while the backbones are built where the grid
     without them says how (``orchestrator.early_ray``); None where the sweep starts its
     own."""
-    first = early_ray.checked_for_start(args.grid, args.max_trials, args.address)
-    if first is None:
+    checked = early_ray.checked_for_start(args.grid, args.max_trials, args.address)
+    if checked is None:
         return (*_load(args.grid, args.max_trials), None)
+    first, specs = checked
     from orchestrator.tune_driver import start_ray
-
-    def same_start(loaded: tuple[Grid, list[TrialSpec]]) -> bool:
-        grid = loaded[0]
-        return (grid.plugins, grid.resources) == (first.plugins, first.resources)
 
     def start() -> Connection:
         signals: StopSignals = args.signals
@@ -332,14 +329,18 @@ def _load_while_ray_starts(
         signals.check()  # raises Interrupted, and _main stops the Ray
         return connection
 
-    def validate() -> tuple[Grid, list[TrialSpec]]:
+    def validate() -> Grid:
         try:
-            return _load(args.grid, args.max_trials)
+            return validate_grid(args.grid, args.max_trials)
         except GridError as exc:  # shown at once; the command ends once Ray has stopped
             _show_grid_error(exc)
             raise
 
-    (grid, specs), connection = early_ray.validate_while_starting(validate, start, same_start)
+    grid, connection = early_ray.validate_while_starting(
+        validate, start, lambda grid: grid == first
+    )
+    if grid != first:  # the file changed since it was first read: its Ray is stopped
+        return (*_load(args.grid, args.max_trials), None)
     return grid, specs, connection
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from orchestrator.expansion import expand
 from orchestrator.grid import Grid, GridError, load_grid
+from orchestrator.spec import TrialSpec
 
 if TYPE_CHECKING:
     from orchestrator.tune_driver import Connection
@@ -40,21 +41,23 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def checked_for_start(path: str, max_trials: int, address: str | None) -> Grid | None:
-    """The grid at ``path`` checked without building its backbones, where a local Ray
-    may start while they are built; None where Ray must wait for the validated grid (an
-    error in it, an output folder with records, a cluster to join)."""
+def checked_for_start(
+    path: str, max_trials: int, address: str | None
+) -> tuple[Grid, list[TrialSpec]] | None:
+    """The grid at ``path`` checked without building its backbones, and its trials,
+    where a local Ray may start while they are built; None where Ray must wait for the
+    validated grid (an error in it, an output folder with records, a cluster to join).
+    Building adds no field to a grid: the validated one equals this one."""
     try:
         grid = load_grid(path, max_trials, build=False)
-        if not expand(grid):
-            return None  # every trial excluded: refused before any Ray
+        specs = expand(grid)
     except (GridError, ValueError):  # ValueError: trials that expand to the same one
         return None  # validated in full before any Ray: every error named, as always
-    if "://" in grid.output or (Path(grid.output) / "records").exists():
-        return None
+    if not specs or "://" in grid.output or (Path(grid.output) / "records").exists():
+        return None  # (no trial: every one excluded, refused before any Ray)
     from orchestrator.tune_driver import starts_local_ray
 
-    return grid if starts_local_ray(address) else None
+    return (grid, specs) if starts_local_ray(address) else None
 
 
 class Background:

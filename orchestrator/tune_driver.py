@@ -810,23 +810,19 @@ _CALLBACK_CENSUS = (
 )
 
 
-_census: list[threading.Thread] = []  # the thread importing them, once started
-
-
+@functools.cache  # a process imports them once: the thread of the first call
 def import_callback_census() -> threading.Thread:
     """Import ``_CALLBACK_CENSUS`` in a thread while Ray starts (a start that mostly waits
-    on Ray's own processes), not on the way to the first trial; join it before Tune. The
-    thread of the first call (a process imports them once)."""
+    on Ray's own processes), not on the way to the first trial; join it before Tune."""
 
     def census() -> None:
         for module in _CALLBACK_CENSUS:
             with contextlib.suppress(Exception):  # not installed: Tune skips it too
                 importlib.import_module(module)
 
-    if not _census:
-        _census.append(threading.Thread(target=census, name="tune-callback-census", daemon=True))
-        _census[0].start()
-    return _census[0]
+    thread = threading.Thread(target=census, name="tune-callback-census", daemon=True)
+    thread.start()
+    return thread
 
 
 def _shipped(plugins: Sequence[str]) -> list[str]:

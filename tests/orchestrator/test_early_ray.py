@@ -105,8 +105,8 @@ def test_a_fresh_local_sweep_is_checked_without_building_a_backbone(
     tiny_grid["backbones"] = {"vit_test": {"img_size": 16, "model_args": {"num_heads": 3}}}
     path = write_grid(tiny_grid)
     _checked.cache_clear()
-    grid = early_ray.checked_for_start(str(path), 100, None)
-    assert grid is not None and grid.output == tiny_grid["output"]
+    checked = early_ray.checked_for_start(str(path), 100, None)
+    assert checked is not None and checked[0].output == tiny_grid["output"]
     assert _checked.cache_info().currsize == 0  # nothing built: the error is not seen yet
     assert not Path(tiny_grid["output"]).exists()
 
