@@ -21,9 +21,10 @@ Both have the same ideal, the sum of the trial times / concurrency, and print
 and the ratios vramsweep / Tune (targets: wall/ideal <= 1.05x, first trial <= 1.2x).
 Before the first arm, one unmeasured Tune run of a single trial, so that neither arm pays
 the driver's first import of Ray's and Tune's lazily imported modules.
-The first trial's own time to its first training step and its wait for data are medians
-over the records. With ``--repeats``, each arm's medians over the runs and their ratios
-close the output (``summary``).
+The trials' time to their first training step and their wait for data are medians over
+the records; the first trials' own time to their first step (each a warm worker's first
+trial: it imports the method's libraries, peft for LoRA) follows. With ``--repeats``,
+each arm's medians over the runs and their ratios close the output (``summary``).
 
     .venv/bin/python benchmarks/overhead.py [--sizes 16 256] [--steps 4] [--repeats 1]
     .venv/bin/python benchmarks/overhead.py --grid GRID      # a grid of one's own
@@ -190,7 +191,9 @@ def compare(grid_path: str, context: bool) -> tuple[list[str], tuple[Arm, Arm]]:
     lines += [
         f"  ratio vramsweep/Tune: wall/ideal {ours.wall_s / peer.wall_s:.3f}x (target <= 1.05), "
         f"first trial {ours.first_trial_s / peer.first_trial_s:.2f}x (target <= 1.2)",
-        f"  median time to first training step {df['first_step_s'].median():.3f} s, "
+        f"  median time to first training step {df['first_step_s'].median():.3f} s "
+        f"(the first {conc} trials, each a worker's first: "
+        f"{', '.join(f'{s:.2f}' for s in df['first_step_s'][:conc])} s), "
         f"wait for data {df['data_wait_s'].median():.4f} s",
     ]
     if context:

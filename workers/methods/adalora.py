@@ -25,6 +25,7 @@ from workers.methods.lora import (
     effective_target,
     missing_targets,
 )
+from workers.methods.peft_import import import_peft
 from workers.structure import Structure
 
 
@@ -84,6 +85,7 @@ def orthogonality(model: nn.Module) -> torch.Tensor:
 @METHODS.register(config_cls=AdaloraArgs)
 def adalora(config: AdaloraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """AdaLoRA on the blocks' qkv/proj/fc1/fc2 (peft), rank budget over the trial's steps."""
+    import_peft()  # before `from peft`: its first import (workers.methods.peft_import)
     from peft import AdaLoraConfig, get_peft_model
 
     total = max(ctx.total_steps, 2)

@@ -21,6 +21,7 @@ from typing import ClassVar
 from torch import nn
 
 from workers.methods.base import METHODS, Adapted, MethodContext
+from workers.methods.peft_import import import_peft
 from workers.structure import Structure, describe
 
 # Every linear layer of the blocks. timm ViT: blocks.3.attn.qkv; TinyViT:
@@ -112,6 +113,7 @@ class LoraArgs:
 def lora(config: LoraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """LoRA on the blocks' linear layers (qkv/proj/fc1/fc2, Mamba projections; peft), head
     trained in full."""
+    import_peft()  # before `from peft`: its first import (workers.methods.peft_import)
     from peft import LoraConfig, get_peft_model
 
     peft_config = LoraConfig(

@@ -28,6 +28,7 @@ from workers.methods.lora import (
     effective_target,
     missing_targets,
 )
+from workers.methods.peft_import import import_peft
 from workers.structure import Structure
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
 @METHODS.register(config_cls=QloraArgs)
 def qlora(config: QloraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """4-bit NF4 block linears (bitsandbytes) + LoRA on them (peft), head trained in full."""
+    import_peft()  # before `from peft`: its first import (workers.methods.peft_import)
     from peft import LoraConfig, get_peft_model
 
     config = dataclasses.replace(config, target=effective_target(model, config.target))
