@@ -30,10 +30,9 @@ from orchestrator.warm_workers import TRIAL_MODULES
 for module in TRIAL_MODULES:
     importlib.import_module(module)
 if sys.argv[1] == "plain":  # peft imported as before workers.methods.peft_import
-    import workers.methods.peft_import as peft_import
-    peft_import.import_peft = lambda: importlib.import_module("peft")
     for name in ("lora", "adalora", "qlora"):
-        importlib.import_module("workers.methods." + name).import_peft = peft_import.import_peft
+        module = importlib.import_module("workers.methods." + name)
+        module.import_peft = lambda: importlib.import_module("peft")
 from orchestrator.expansion import expand
 from orchestrator.grid import load_grid
 from workers.trial import run_trial
@@ -44,14 +43,20 @@ print(json.dumps({"status": record.status, "trial_s": time.perf_counter() - star
                   "first_step_s": record.first_step_s}))
 """
 ARMS = ("deferred", "plain")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_trial(arm: str, grid: str) -> dict:
     """One fresh process's first trial (``arm``: "deferred" or "plain")."""
-    out = subprocess.run(
-        [sys.executable, "-c", TRIAL, arm, grid], capture_output=True, text=True, check=True
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(
+        [sys.executable, "-c", TRIAL, arm, grid], capture_output=True, text=True, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {arm} trial's process failed:\n{proc.stderr[-3000:]}")
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    if run["status"] != "ok":
+        raise RuntimeError(f"the {arm} trial ended {run['status']}: nothing to time")
+    return run
 
 
 def main() -> None:
@@ -81,11 +86,16 @@ def main() -> None:
         for arm, rs in runs.items()
     }
     ours, plain = medians["deferred"], medians["plain"]
+    spread = {
+        arm: (min(r["trial_s"] for r in rs), max(r["trial_s"] for r in rs))
+        for arm, rs in runs.items()
+    }
     print(
         f"medians of {args.repeats}: first trial {ours['trial_s']:.2f} s deferred, "
         f"{plain['trial_s']:.2f} s plain ({plain['trial_s'] / ours['trial_s']:.2f}x); "
         f"first step {ours['first_step_s']:.2f} s / {plain['first_step_s']:.2f} s "
-        f"({plain['first_step_s'] / ours['first_step_s']:.2f}x)"
+        f"({plain['first_step_s'] / ours['first_step_s']:.2f}x); first trial ranges "
+        + ", ".join(f"{arm} {low:.2f}-{high:.2f} s" for arm, (low, high) in spread.items())
     )
 
 

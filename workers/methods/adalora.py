@@ -85,13 +85,12 @@ def orthogonality(model: nn.Module) -> torch.Tensor:
 @METHODS.register(config_cls=AdaloraArgs)
 def adalora(config: AdaloraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """AdaLoRA on the blocks' qkv/proj/fc1/fc2 (peft), rank budget over the trial's steps."""
-    import_peft()  # before `from peft`: its first import (workers.methods.peft_import)
-    from peft import AdaLoraConfig, get_peft_model
+    peft = import_peft()
 
     total = max(ctx.total_steps, 2)
     tinit = int(config.warmup_fraction * total)
     tfinal = int(config.final_fraction * total)
-    peft_config = AdaLoraConfig(
+    peft_config = peft.AdaLoraConfig(
         init_r=config.init_r,
         target_r=config.target_r,
         lora_alpha=config.alpha,
@@ -106,7 +105,7 @@ def adalora(config: AdaloraArgs, model: nn.Module, ctx: MethodContext) -> Adapte
         target_modules=effective_target(model, config.target),
         modules_to_save=[ctx.classifier],
     )
-    peft_model = get_peft_model(model, peft_config)
+    peft_model = peft.get_peft_model(model, peft_config)
 
     def on_optimizer_step(step: int) -> None:
         # peft scores the triplets from .grad, which the trainer clears only before

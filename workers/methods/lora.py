@@ -113,14 +113,13 @@ class LoraArgs:
 def lora(config: LoraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """LoRA on the blocks' linear layers (qkv/proj/fc1/fc2, Mamba projections; peft), head
     trained in full."""
-    import_peft()  # before `from peft`: its first import (workers.methods.peft_import)
-    from peft import LoraConfig, get_peft_model
+    peft = import_peft()
 
-    peft_config = LoraConfig(
+    peft_config = peft.LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=effective_target(model, config.target, config.convs),
         modules_to_save=[ctx.classifier],
     )
-    return Adapted(get_peft_model(model, peft_config))
+    return Adapted(peft.get_peft_model(model, peft_config))

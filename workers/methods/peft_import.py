@@ -1,15 +1,12 @@
-"""peft, imported without compiling bitsandbytes' kernels as it loads.
+"""peft, imported with bitsandbytes' import-time ``torch.compile`` calls deferred to each
+kernel's first call.
 
-Importing peft imports bitsandbytes when it is installed, and bitsandbytes wraps its
-CPU kernels in ``torch.compile`` as its modules load. ``torch.compile`` itself compiles
-on a function's first call, but it imports Inductor (and with it Triton) right away to
-read Inductor's configuration: 2.5 s of the 5.5 s that importing peft took here, on
-the way to every worker's first LoRA, AdaLoRA or QLoRA trial, whether or not the trial
-ever calls those kernels (QLoRA's quantized layers may, by their backend; here on CPU
-they did not). While peft is first imported,
-``torch.compile`` is ``compile_on_first_call``: the same compile, with the same
-options, made when the function is first called (benchmarks/overhead.py prints each
-trial's time to its first step).
+bitsandbytes (which peft imports when it is installed) wraps its CPU kernels in
+``torch.compile`` as its modules load. ``torch.compile`` compiles nothing until a call,
+but it imports Inductor at once to read its configuration: 2.5 s here, on the way to
+every worker's first LoRA, AdaLoRA or QLoRA trial (docs/measurements.md,
+``benchmarks/first_trial.py``). bitsandbytes is therefore first imported under
+``compiles_deferred``, then peft.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -25,22 +23,27 @@ from typing import Any
 
 import torch
 
+_FIRST_IMPORT = threading.Lock()  # two threads importing at once would nest the patch
+
 
 def import_peft() -> ModuleType:
-    """``peft`` (imported under ``compiles_deferred`` the first time)."""
-    if "peft" in sys.modules:
-        return sys.modules["peft"]
-    with compiles_deferred():
+    """``peft``, with bitsandbytes first imported under ``compiles_deferred``."""
+    with _FIRST_IMPORT:
+        if "bitsandbytes" not in sys.modules and importlib.util.find_spec("bitsandbytes"):
+            with compiles_deferred():
+                importlib.import_module("bitsandbytes")
         return importlib.import_module("peft")
 
 
 @contextlib.contextmanager
 def compiles_deferred() -> Iterator[None]:
-    """While it lasts, ``torch.compile(fn, **options)`` is ``compile_on_first_call``."""
+    """While it lasts, ``torch.compile(fn, **options)`` (or ``torch.compile(**options)(fn)``)
+    is ``compile_on_first_call``: meant for bitsandbytes' kernels, whose wrapper runs
+    ``fn`` itself when compiling fails, at import or at a call."""
     real = torch.compile
 
     def deferred(model: Callable | None = None, **options: Any) -> Any:
-        if model is None:  # used as ``@torch.compile(**options)``
+        if model is None:
             return lambda fn: compile_on_first_call(real, fn, options)
         return compile_on_first_call(real, model, options)
 
@@ -48,16 +51,17 @@ def compiles_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        torch.compile = real
+        if torch.compile is deferred:  # what else replaced it meanwhile stays
+            torch.compile = real
 
 
 def compile_on_first_call(
-    compile: Callable[..., Callable], fn: Callable, options: dict[str, Any]
+    compiler: Callable[..., Callable], fn: Callable, options: dict[str, Any]
 ) -> Callable:
-    """``fn``, compiled by ``compile(fn, **options)`` when first called; ``fn`` itself from
+    """``fn``, compiled by ``compiler(fn, **options)`` when first called; ``fn`` itself from
     then on when that compile raises (as bitsandbytes falls back when it cannot compile)."""
     compiled: list[Callable] = []
-    lock = threading.Lock()
+    lock = threading.RLock()
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -65,7 +69,7 @@ def compile_on_first_call(
             with lock:
                 if not compiled:
                     try:
-                        compiled.append(compile(fn, **options))
+                        compiled.append(compiler(fn, **options))
                     except Exception:  # noqa: BLE001  (the function still runs, uncompiled)
                         compiled.append(fn)
         return compiled[0](*args, **kwargs)

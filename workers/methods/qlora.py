@@ -151,8 +151,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
 @METHODS.register(config_cls=QloraArgs)
 def qlora(config: QloraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     """4-bit NF4 block linears (bitsandbytes) + LoRA on them (peft), head trained in full."""
-    import_peft()  # before `from peft`: its first import (workers.methods.peft_import)
-    from peft import LoraConfig, get_peft_model
+    peft = import_peft()
 
     config = dataclasses.replace(config, target=effective_target(model, config.target))
     names = quantize_linears(model, config)
@@ -161,11 +160,11 @@ def qlora(config: QloraArgs, model: nn.Module, ctx: MethodContext) -> Adapted:
     log.info("qlora: %d linear layers quantized to %s", len(names), config.quant_type)
     # peft wraps Linear4bit layers with its 4-bit LoRA layer only when the model says so
     model.is_loaded_in_4bit = True
-    peft_config = LoraConfig(
+    peft_config = peft.LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=config.target,
         modules_to_save=[ctx.classifier],
     )
-    return Adapted(get_peft_model(model, peft_config))
+    return Adapted(peft.get_peft_model(model, peft_config))
