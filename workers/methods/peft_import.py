@@ -3,10 +3,9 @@ kernel's first call.
 
 bitsandbytes (which peft imports when it is installed) wraps its CPU kernels in
 ``torch.compile`` as its modules load. ``torch.compile`` compiles nothing until a call,
-but it imports Inductor at once to read its configuration: 2.5 s here, on the way to
-every worker's first LoRA, AdaLoRA or QLoRA trial (docs/measurements.md,
-``benchmarks/first_trial.py``). bitsandbytes is therefore first imported under
-``compiles_deferred``, then peft.
+but it imports Inductor at once to read its configuration: 1-2.5 s here, on the way to
+every worker's first LoRA, AdaLoRA or QLoRA trial (``benchmarks/first_trial.py``).
+bitsandbytes is therefore first imported under ``compiles_deferred``, then peft.
 """
 
 from __future__ import annotations
