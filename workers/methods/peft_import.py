@@ -27,6 +27,8 @@ _FIRST_IMPORT = threading.Lock()  # two threads importing at once would nest the
 
 def import_peft() -> ModuleType:
     """``peft``, with bitsandbytes first imported under ``compiles_deferred``."""
+    if "peft" in sys.modules:  # every later trial of the worker: no lock, no search
+        return sys.modules["peft"]
     with _FIRST_IMPORT:
         if "bitsandbytes" not in sys.modules and importlib.util.find_spec("bitsandbytes"):
             with compiles_deferred():
